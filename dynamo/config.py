@@ -1,0 +1,144 @@
+"""Structured-config schemas for every Hydra config group, registered in Hydra's ConfigStore.
+
+Each YAML under conf/<group>/ starts with `defaults: [<group>_schema, _self_]`, so a misspelt
+key or a value of the wrong type fails at start-up. The schemas mirror the code: a stage
+receives its own node (cfg.model, cfg.eval, ...), never the whole config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+
+
+class SourceKind(Enum):
+    embedded = "embedded"  # shipped under assets/data/<domain>/{calib,test}.jsonl
+    local = "local"        # a user's .jsonl / .txt file
+    hub = "hub"            # a Hugging Face dataset through `datasets`
+
+
+class LoggerBackend(Enum):
+    none = "none"
+    wandb = "wandb"
+
+
+class WandbMode(Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: str = MISSING                     # hub id or local directory
+    revision: Optional[str] = None
+    dtype: str = "auto"                     # auto | float32 | float16 | bfloat16
+    device: str = "auto"                    # auto | cpu | cuda | cuda:N
+    device_map: Optional[str] = None        # e.g. "auto" to spread a large model (accelerate)
+    trust_remote_code: bool = False         # only ever true when a config says so
+    attn_implementation: Optional[str] = None
+    max_length: Optional[int] = None        # context length; default: the model config's
+
+
+@dataclass
+class SourceConfig:
+    kind: SourceKind = SourceKind.embedded
+    path: Optional[str] = None              # hub dataset id, or local file; embedded: the domain
+    name: Optional[str] = None              # hub dataset config name
+    calib_split: str = "calib"
+    test_split: str = "test"
+    calib_data_files: Optional[str] = None  # hub: restrict a split to one shard (C4)
+    test_data_files: Optional[str] = None
+    calib_path: Optional[str] = None        # local: a separate calibration file
+    calib_fraction: float = 0.25            # local, no calib_path: leading share of documents
+    text_field: str = "text"
+    separator: str = "\n\n"                 # documents are joined with this before tokenising
+    max_documents: Optional[int] = None
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    known: list[str] = field(default_factory=list)  # DynaMo's known datasets (calibration)
+    path: Optional[str] = None              # a user's file, added as one more dataset
+
+
+@dataclass
+class QuantConfig:
+    name: str = MISSING
+    method: str = "none"                    # later issues: rtn, gptq, dynamo, ...
+
+
+@dataclass
+class LmEvalConfig:
+    enabled: bool = True
+    tasks: list[str] = field(default_factory=list)  # "suite": one rolling task per evaluated dataset
+    limit: Optional[float] = None           # documents per task (int) or a fraction
+    batch_size: int = 8
+
+
+@dataclass
+class EvalConfig:
+    name: str = MISSING
+    split: str = "test"
+    seqlen: int = 512
+    max_windows: Optional[int] = None       # per dataset; None = every full window
+    batch_size: int = 8
+    datasets: Optional[list[str]] = None    # which sources to evaluate; None = all of the suite
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    backend: LoggerBackend = LoggerBackend.none
+    project: str = "dynamo"
+    entity: Optional[str] = None
+    mode: WandbMode = WandbMode.offline
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    quant: QuantConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 0
+    tag: str = ""
+    results_dir: str = "results/runs"
+    hf_home: Optional[str] = None           # where lm-eval/datasets cache; default: HF_HOME
+
+
+SCHEMAS = {"model": ModelConfig, "dataset": DatasetConfig, "quant": QuantConfig,
+           "eval": EvalConfig, "logger": LoggerConfig}
+
+
+def register_hydra() -> None:
+    """Schemas and resolvers that conf/ refers to; call before composing a config."""
+    OmegaConf.register_new_resolver("dynamo.repo", lambda rel: str(REPO_ROOT / rel), replace=True)
+    OmegaConf.register_new_resolver("dynamo.suffix", lambda tag: f"_{tag}" if tag else "", replace=True)
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, schema in SCHEMAS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def to_container(cfg: Any) -> dict:
+    """Plain, JSON-ready dict of a config (enums as their names)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -1,0 +1,106 @@
+"""Text datasets as lists of documents: embedded domains, a user's files, or hub datasets.
+
+A dataset is configuration (conf/dataset/*.yaml), not code: each named source says where
+its calibration and test documents come from. Every loader returns plain strings, so
+evaluation and calibration never care where the text came from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import REPO_ROOT, SourceConfig, SourceKind
+from .errors import UserError
+
+EMBEDDED_DIR = REPO_ROOT / "assets" / "data"
+
+
+def sources_of(dataset_cfg) -> dict[str, SourceConfig]:
+    """The named sources of a dataset suite, plus the user's file if `dataset.path` is set."""
+    sources = dict(dataset_cfg.sources)
+    if dataset_cfg.path:
+        path = Path(dataset_cfg.path).expanduser()
+        name = path.stem if path.stem not in sources else f"local_{path.stem}"
+        sources[name] = SourceConfig(kind=SourceKind.local, path=str(path))
+    if not sources:
+        raise UserError(f"dataset '{dataset_cfg.name}' has no sources; give a file with dataset.path=/my/file.jsonl")
+    return sources
+
+
+def load_documents(source: SourceConfig, split: str) -> list[str]:
+    """Documents of one split ("calib" or "test" role, mapped to the source's own split names)."""
+    if split not in ("calib", "test"):
+        raise UserError(f"unknown split '{split}': use calib or test")
+    if source.kind == SourceKind.embedded:
+        docs = _read_file(EMBEDDED_DIR / str(source.path) / f"{split}.jsonl", source.text_field)
+    elif source.kind == SourceKind.local:
+        docs = _local_split(source, split)
+    else:
+        docs = _hub_split(source, split)
+    docs = [d for d in docs if d.strip()]
+    if source.max_documents is not None:
+        docs = docs[: source.max_documents]
+    if not docs:
+        raise UserError(f"{source.path}: no text in the {split} split; check the file or its text field "
+                        f"'{source.text_field}'")
+    return docs
+
+
+def _read_file(path: Path, text_field: str) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}; check the path (an embedded domain must be one of "
+                        f"{sorted(p.name for p in EMBEDDED_DIR.iterdir() if p.is_dir())})")
+    if path.suffix == ".jsonl":
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    docs.append(record[text_field])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object with a string field "
+                                    f"'{text_field}' (set the field name with text_field)") from None
+        return docs
+    if path.suffix in (".txt", ".md", ""):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return [block for block in text.split("\n\n") if block.strip()]
+    raise UserError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl (field 'text') or .txt")
+
+
+def _local_split(source: SourceConfig, split: str) -> list[str]:
+    if source.calib_path:
+        path = source.calib_path if split == "calib" else source.path
+        return _read_file(Path(path).expanduser(), source.text_field)
+    docs = [d for d in _read_file(Path(str(source.path)).expanduser(), source.text_field) if d.strip()]
+    if not docs:
+        raise UserError(f"{source.path}: no text in the file; check the file or its text field '{source.text_field}'")
+    if len(docs) < 2:
+        raise UserError(f"{source.path}: needs at least 2 documents to hold some for calibration "
+                        "(or give a separate calib_path)")
+    head = max(1, int(len(docs) * source.calib_fraction))
+    return docs[:head] if split == "calib" else docs[head:]
+
+
+def _hub_split(source: SourceConfig, split: str) -> list[str]:
+    import datasets
+
+    hub_split = source.calib_split if split == "calib" else source.test_split
+    data_files = source.calib_data_files if split == "calib" else source.test_data_files
+    kwargs = {"split": hub_split}
+    if data_files:
+        kwargs.update(data_files={hub_split: data_files})
+    try:
+        ds = datasets.load_dataset(source.path, source.name, **kwargs)
+    except Exception as err:  # the hub raises many types; the user needs the one line below
+        raise UserError(f"could not load hub dataset {source.path}"
+                        f"{'/' + source.name if source.name else ''} [{hub_split}]: "
+                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+                        "Is the Hugging Face hub reachable (HF_HUB_OFFLINE unset)? Offline, use an embedded "
+                        "domain or dataset.path=/my/file.jsonl") from None
+    if source.text_field not in ds.column_names:
+        raise UserError(f"hub dataset {source.path} has no column '{source.text_field}' "
+                        f"(columns: {ds.column_names}); set text_field")
+    return list(ds[source.text_field])

@@ -1,0 +1,1 @@
+"""Evaluation: token perplexity (the quantization papers' protocol) and lm-eval tasks."""

@@ -1,0 +1,85 @@
+"""Load a causal LM and its tokenizer from a model config (hub id or local directory)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    max_length: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"model.device={name} but no CUDA device is visible; use model.device=cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # CPUs have no fast half-precision matmul: evaluate the 16-bit checkpoint in fp32 there.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown model.dtype '{name}'; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per run, not one per weight shard
+
+    path = str(Path(cfg.path).expanduser()) if _looks_local(cfg.path) else cfg.path
+    if _looks_local(cfg.path) and not (Path(path) / "config.json").is_file():
+        raise UserError(f"model.path={cfg.path}: no checkpoint there (config.json missing); "
+                        "give a directory written by save_pretrained")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(dtype=dtype, **common)
+    if cfg.device_map and device.type == "cuda":
+        kwargs["device_map"] = cfg.device_map
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "trust_remote_code" in str(err):
+            raise UserError(f"{cfg.path} ships its own modelling code; if you trust it, re-run with "
+                            "model.trust_remote_code=true (and pin model.revision)") from None
+        raise UserError(f"could not load model {cfg.path}: {first}. Offline, use an embedded model "
+                        "(model=tiny-olmoe) or model=local model.path=<dir>") from None
+    if "device_map" not in kwargs:
+        model.to(device)
+    model.eval()
+    max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", None)
+    if max_length is None:
+        raise UserError(f"{cfg.path}: the model config has no max_position_embeddings; set model.max_length")
+    log.info("loaded %s (%s, %s, %.1f M params)", cfg.path, model.__class__.__name__, dtype,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, max_length=int(max_length))

@@ -1,0 +1,153 @@
+"""The one place that wires the stages: config -> data -> model -> [quantize] -> evaluate -> record.
+
+Stages receive their own config node; only this module and run.py see the whole config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .config import SourceKind, to_container
+from .data import load_documents, sources_of
+from .errors import UserError
+from .eval.perplexity import make_windows, token_perplexity, tokenize_corpus
+from .loggers import publish
+from .models import load_model
+from .records import RESULT_FILE, make_record, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SUITE_TASKS = "suite"  # in eval.lm_eval.tasks: one rolling-loglikelihood task per evaluated dataset
+MC_TASK = "dynamo_math_mc"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_required(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"missing required value(s): {', '.join(missing)}; set them on the command line, "
+                        f"e.g. {missing[0]}=...")
+
+
+def selected_sources(cfg: DictConfig) -> dict:
+    sources = sources_of(cfg.dataset)
+    wanted = cfg.eval.datasets
+    if wanted is None:
+        return sources
+    unknown = [name for name in wanted if name not in sources]
+    if unknown:
+        raise UserError(f"eval.datasets names {unknown}, not in dataset '{cfg.dataset.name}' "
+                        f"(available: {sorted(sources)})")
+    return {name: sources[name] for name in wanted}
+
+
+def evaluate_perplexity(loaded, documents: dict, sources: dict, eval_cfg) -> tuple[dict, dict]:
+    ppl, protocol = {}, {}
+    for name, docs in documents.items():
+        ids = tokenize_corpus(loaded.tokenizer, docs, sources[name].separator)
+        windows = make_windows(ids, eval_cfg.seqlen, eval_cfg.max_windows, name)
+        result = token_perplexity(loaded.model, windows, eval_cfg.batch_size,
+                                  available_windows=ids.numel() // eval_cfg.seqlen, corpus_tokens=ids.numel(),
+                                  desc=f"ppl {name}")
+        ppl[name] = result.ppl
+        protocol[name] = {**result.protocol(), "split": eval_cfg.split, "documents": len(docs),
+                          "separator": sources[name].separator,
+                          "tokenizer": getattr(loaded.tokenizer, "name_or_path", None)}
+        log.info("ppl %-12s %10.3f  (%d windows x %d tokens)", name, result.ppl, result.windows, result.seqlen)
+    return ppl, protocol
+
+
+def evaluate_lm_eval(loaded, documents: dict, eval_cfg) -> dict:
+    from .eval.harness import build_local_tasks, run_lm_eval
+
+    wanted = list(eval_cfg.lm_eval.tasks)
+    local, hub = [], []
+    with tempfile.TemporaryDirectory(prefix="dynamo-lm-eval-") as workdir:
+        rolling = documents if SUITE_TASKS in wanted else {}
+        math_docs = load_documents(_embedded("math"), "test") if MC_TASK in wanted else None
+        if rolling or math_docs:
+            local = build_local_tasks(rolling, Path(workdir), mc_source=math_docs)
+        hub = [t for t in wanted if t not in (SUITE_TASKS, MC_TASK)]
+        limit = eval_cfg.lm_eval.limit
+        if limit is not None and float(limit).is_integer():
+            limit = int(limit)
+        return run_lm_eval(loaded.model, loaded.tokenizer, local + hub, Path(workdir) if local else None,
+                           batch_size=eval_cfg.lm_eval.batch_size, max_length=min(loaded.max_length, eval_cfg.seqlen),
+                           limit=limit, device=str(loaded.device))
+
+
+def _embedded(domain: str):
+    from .config import SourceConfig
+
+    return SourceConfig(kind=SourceKind.embedded, path=domain)
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
+    """Evaluate one configuration and write its record to run_dir/result.json."""
+    t_start = time.perf_counter()
+    check_required(cfg)
+    seed_everything(cfg.seed)
+    if cfg.hf_home:
+        os.environ["HF_HOME"] = str(Path(cfg.hf_home).expanduser())
+    if cfg.quant.method != "none":
+        raise UserError(f"quant.method={cfg.quant.method} is not implemented yet; use quant=fp16")
+
+    timings = {}
+    t = time.perf_counter()
+    sources = selected_sources(cfg)
+    documents = {name: load_documents(src, cfg.eval.split) for name, src in sources.items()}
+    timings["load_data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    loaded = load_model(cfg.model)
+    timings["load_model_s"] = time.perf_counter() - t
+    if cfg.eval.seqlen > loaded.max_length:
+        raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {cfg.model.name} allows "
+                        f"({loaded.max_length} positions); use eval.seqlen<={loaded.max_length}")
+
+    t = time.perf_counter()
+    ppl, ppl_protocol = evaluate_perplexity(loaded, documents, sources, cfg.eval)
+    timings["eval_ppl_s"] = time.perf_counter() - t
+    metrics, protocol = {"ppl": ppl}, {"ppl": ppl_protocol}
+
+    if cfg.eval.lm_eval.enabled and cfg.eval.lm_eval.tasks:
+        t = time.perf_counter()
+        metrics["lm_eval"] = evaluate_lm_eval(loaded, documents, cfg.eval)
+        timings["lm_eval_s"] = time.perf_counter() - t
+        protocol["lm_eval"] = {"limit": cfg.eval.lm_eval.limit, "max_length": min(loaded.max_length, cfg.eval.seqlen),
+                               "split": cfg.eval.split}
+    timings["total_s"] = time.perf_counter() - t_start
+    timings = {k: round(v, 3) for k, v in timings.items()}
+
+    model = loaded.model
+    model_info = {"name": cfg.model.name, "path": cfg.model.path, "class": type(model).__name__,
+                  "model_type": getattr(model.config, "model_type", None),
+                  "params": sum(p.numel() for p in model.parameters()), "dtype": str(loaded.dtype).removeprefix("torch."),
+                  "max_length": loaded.max_length}
+    record = make_record(run_id=run_id_of(run_dir, cfg.results_dir), config=to_container(cfg), overrides=overrides,
+                         device=loaded.device, model_info=model_info, metrics=metrics, protocol=protocol,
+                         timings=timings)
+    write_json_atomic(run_dir / RESULT_FILE, record)
+    publish(record, cfg.logger, run_dir)
+    return record
+
+
+def run_id_of(run_dir: Path, results_dir: str) -> str:
+    try:
+        return str(Path(run_dir).resolve().relative_to(Path(results_dir).resolve()))
+    except ValueError:
+        return Path(run_dir).name

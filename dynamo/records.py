@@ -1,0 +1,112 @@
+"""Run records: results/runs/<run-id>/result.json, written atomically.
+
+The schema is documented in results/README.md. Metric names are stable across versions
+(`metrics.ppl.<dataset>`, `metrics.lm_eval.<task>.<metric>`, later `metrics.avg_bits.*`)
+because tables and users' scripts read them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .config import REPO_ROOT
+
+SCHEMA_VERSION = 1
+RESULT_FILE = "result.json"
+# Keys that say where or how a run is logged, not what it computes.
+UNHASHED_KEYS = ("logger", "results_dir", "hf_home", "tag")
+PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "lm_eval", "hydra-core", "omegaconf",
+            "accelerate", "safetensors", "numpy", "wandb", "bitsandbytes", "triton")
+
+
+def config_hash(config: dict) -> str:
+    """Stable hash of what a run computes: same hash, same metrics (on the same machine)."""
+    relevant = {k: v for k, v in config.items() if k not in UNHASHED_KEYS}
+    canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def git_state(root: Path = REPO_ROOT) -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def package_versions() -> dict:
+    versions = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"type": device.type, "threads": torch.get_num_threads(), "platform": platform.platform()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    else:
+        info["name"] = platform.processor() or platform.machine()
+    return info
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Readers see the old file or the complete new one, never a partial write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a record is meant to be read
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_record(*, run_id: str, config: dict, overrides: list[str], device: torch.device, model_info: dict,
+                metrics: dict, protocol: dict, timings: dict) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config_hash": config_hash(config),
+        "model": model_info,
+        "quant": config["quant"],
+        "dataset": {"name": config["dataset"]["name"], "known": config["dataset"]["known"]},
+        "seed": config["seed"],
+        "device": device_info(device),
+        "git": git_state(),
+        "versions": package_versions(),
+        "metrics": metrics,
+        "protocol": protocol,
+        "timings": timings,
+        "overrides": overrides,
+        "config": config,
+    }
+
+
+def read_record(run_dir: Path) -> dict:
+    with open(Path(run_dir) / RESULT_FILE, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,26 @@
+"""The short table a run prints at the end."""
+
+from __future__ import annotations
+
+
+def summary_table(record: dict, known: list[str]) -> str:
+    ppl = record["metrics"]["ppl"]
+    lm_eval = record["metrics"].get("lm_eval", {})
+    rows = [("dataset", "role", "token PPL", "windows", "bits/byte (lm-eval)")]
+    for name, value in ppl.items():
+        windows = record["protocol"]["ppl"][name]["windows"]
+        bpb = lm_eval.get(f"dynamo_{name}", {}).get("bits_per_byte")
+        rows.append((name, "known" if name in known else "novel", f"{value:.3f}", str(windows),
+                     "" if bpb is None else f"{bpb:.4f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    others = {task: m for task, m in lm_eval.items() if not any(task == f"dynamo_{n}" for n in ppl)}
+    for task, metrics in others.items():
+        lines.append(f"{task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    model, quant = record["model"], record["quant"]
+    seqlen = next(iter(record["protocol"]["ppl"].values()))["seqlen"]
+    head = (f"{model['name']} ({model['class']}, {model['dtype']}) quant={quant['name']}  "
+            f"seqlen={seqlen}  {record['timings']['total_s']:.1f} s")
+    return "\n".join([head, *lines])

@@ -1,0 +1,157 @@
+"""Evaluate the embedded models and write their model cards (assets/models/<name>/README.md).
+
+    python scripts/make_model_card.py [tiny-olmoe tiny-qwen-moe]
+
+Every number in a card comes from this script: token PPL per domain on the shipped test
+splits (the harness's own evaluator), a unigram baseline for scale, and the routing
+evidence that experts specialise: per layer, the Jensen-Shannon divergence between the
+expert-selection distributions of each pair of domains. Training facts come from the
+training log the training script wrote (<dir>/training.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dynamo.config import ModelConfig, SourceConfig, SourceKind  # noqa: E402
+from dynamo.data import load_documents  # noqa: E402
+from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
+from dynamo.models import load_model  # noqa: E402
+from dynamo.records import write_json_atomic  # noqa: E402
+
+DOMAINS = ["code", "docs", "speeches", "literature", "email", "legal", "math", "chat"]
+KNOWN = ["code", "docs", "speeches", "literature"]
+SEQLEN = 512
+SEPARATOR = "\n\n"
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen-Shannon divergence in bits (0 = same routing, 1 = disjoint experts)."""
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        mask = a > 0
+        return float((a[mask] * (a[mask] / b[mask]).log2()).sum())
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+@torch.no_grad()
+def routing_frequencies(model, windows: torch.Tensor, top_k: int, batch_size: int = 8) -> torch.Tensor:
+    """[layers, experts] share of top-k selections, from the routers' logits."""
+    counts = None
+    for start in range(0, len(windows), batch_size):
+        out = model(input_ids=windows[start:start + batch_size], output_router_logits=True, use_cache=False)
+        per_layer = torch.stack([torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(),
+                                                minlength=logits.shape[-1]) for logits in out.router_logits])
+        counts = per_layer if counts is None else counts + per_layer
+    return counts.double() / counts.sum(dim=1, keepdim=True)
+
+
+def unigram_ppl(train_ids: torch.Tensor, test_windows: torch.Tensor, vocab: int) -> float:
+    """Add-one unigram model fitted on the known domains' calib splits, scored like the LM."""
+    probs = (torch.bincount(train_ids, minlength=vocab).double() + 1) / (train_ids.numel() + vocab)
+    targets = test_windows[:, 1:].flatten()
+    return math.exp(float(-probs[targets].log().mean()))
+
+
+def evaluate(name: str) -> dict:
+    loaded = load_model(ModelConfig(name=name, path=str(REPO / "assets" / "models" / name)))
+    model, tok = loaded.model, loaded.tokenizer
+    source = {d: SourceConfig(kind=SourceKind.embedded, path=d) for d in DOMAINS}
+    unigram_train = torch.cat([tokenize_corpus(tok, load_documents(source[d], "calib"), SEPARATOR) for d in KNOWN])
+    rows, freqs = {}, {}
+    for domain in DOMAINS:
+        ids = tokenize_corpus(tok, load_documents(source[domain], "test"), SEPARATOR)
+        windows = make_windows(ids, SEQLEN, None, domain)
+        result = token_perplexity(model, windows, batch_size=8)
+        rows[domain] = {"role": "known" if domain in KNOWN else "novel", "token_ppl": round(result.ppl, 3),
+                        "unigram_ppl": round(unigram_ppl(unigram_train, windows, len(tok)), 3),
+                        "windows": result.windows, "predicted_tokens": result.predicted_tokens}
+        freqs[domain] = routing_frequencies(model, windows, model.config.num_experts_per_tok)
+        print(f"{name} {domain:>10}: ppl {result.ppl:9.2f}  unigram {rows[domain]['unigram_ppl']:9.2f}", flush=True)
+    n_layers = next(iter(freqs.values())).shape[0]
+    jsd = {f"{a}|{b}": [round(js_divergence(freqs[a][layer], freqs[b][layer]), 4) for layer in range(n_layers)]
+           for a, b in itertools.combinations(DOMAINS, 2)}
+    return {"model": name, "seqlen": SEQLEN, "split": "test", "domains": rows, "routing_jsd_bits": jsd,
+            "expert_share": {d: [[round(x, 4) for x in layer.tolist()] for layer in f] for d, f in freqs.items()}}
+
+
+def card(name: str, ev: dict, train: dict, config: dict) -> str:
+    arch = {k: config[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "num_experts", "num_experts_per_tok", "intermediate_size",
+                                   "moe_intermediate_size", "shared_expert_intermediate_size",
+                                   "max_position_embeddings", "vocab_size") if k in config}
+    lines = [f"# {name}", "",
+             f"A tiny `{train['architecture']}` trained from scratch by this project "
+             "(`scripts/train_embedded.py`) so that the harness has a real MoE language model that runs "
+             "offline on a laptop. It is a research fixture, not a useful language model.", "",
+             "Regenerate: `python scripts/train_embedded.py model " + name + "` (training), then "
+             "`python scripts/make_model_card.py " + name + "` (this card and `eval.json`).", "",
+             "## Configuration", "", "| field | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in arch.items()]
+    lines += [f"| parameters | {train['params'] / 1e6:.2f} M |", "| weights on disk | float16 safetensors |", "",
+              "## Training", "",
+              f"Seed {train['seed']}; one pass over {train['total_tokens'] / 1e6:.2f} M tokens in windows of "
+              f"{train['seqlen']}; AdamW, lr {train['train']['lr']} (cosine to {train['train']['min_lr']}, "
+              f"{train['train']['warmup_steps']} warm-up steps), batch {train['train']['batch_size']}, "
+              f"router load-balancing loss; {train['steps']} steps in {train['seconds'] / 60:.0f} min on "
+              f"{train['threads']} CPU thread(s), torch {train['torch']}.", "",
+              "Data mix (known domains, tokens): " + ", ".join(f"{d} {n / 1e6:.2f} M" for d, n in train["mix_tokens"].items())
+              + ". Tokenizer: byte-level BPE, 8192 tokens, trained on the same domains.", "",
+              "Training curve (held-out loss on the known domains' calib splits, nats/token):", "",
+              "| step | tokens | train loss | " + " | ".join(train["curve"][0]["held_out_loss"]) + " |",
+              "|---|---|---|" + "---|" * len(train["curve"][0]["held_out_loss"])]
+    for p in train["curve"]:
+        lines.append(f"| {p['step']} | {p['tokens'] / 1e6:.2f} M | {p['train_loss']:.3f} | "
+                     + " | ".join(f"{v:.3f}" for v in p["held_out_loss"].values()) + " |")
+    lines += ["", "## Token perplexity per domain", "",
+              f"Test splits of `assets/data`, non-overlapping windows of {ev['seqlen']} tokens, every full window "
+              "(the harness's evaluator). Unigram: add-one unigram over the same tokenizer, fitted on the known "
+              "domains' calib splits.", "",
+              "| domain | role | token PPL | unigram PPL | windows |", "|---|---|---|---|---|"]
+    for d, r in ev["domains"].items():
+        lines.append(f"| {d} | {r['role']} | {r['token_ppl']:.2f} | {r['unigram_ppl']:.2f} | {r['windows']} |")
+    known = [r["token_ppl"] for r in ev["domains"].values() if r["role"] == "known"]
+    novel = [r["token_ppl"] for r in ev["domains"].values() if r["role"] == "novel"]
+    lines += ["", f"Worst known domain {max(known):.2f} vs best novel domain {min(novel):.2f}.", "",
+              "## Experts specialise by domain", "",
+              "Jensen-Shannon divergence (bits; 0 = identical routing, 1 = disjoint) between the distributions "
+              "of top-k expert selections on two domains' test splits, per MoE layer:", "",
+              "| domains | " + " | ".join(f"layer {i}" for i in range(len(next(iter(ev['routing_jsd_bits'].values()))))) + " |",
+              "|---|" + "---|" * len(next(iter(ev["routing_jsd_bits"].values())))]
+    for pair, vals in sorted(ev["routing_jsd_bits"].items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"| {pair.replace('|', ' vs ')} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    lines += ["", "Per-domain expert shares are in `eval.json` (`expert_share`).", "",
+              "## Data and license", "", "Trained on the known domains of `assets/data` (see "
+              "`assets/data/PROVENANCE.md` for sources and licenses). Weights: Apache-2.0, like this repository.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", default=["tiny-olmoe", "tiny-qwen-moe"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for name in args.models:
+        model_dir = REPO / "assets" / "models" / name
+        ev = evaluate(name)
+        write_json_atomic(model_dir / "eval.json", ev)
+        train = json.loads((model_dir / "training.json").read_text())
+        config = json.loads((model_dir / "config.json").read_text())
+        (model_dir / "README.md").write_text(card(name, ev, train, config))
+        print(f"wrote {model_dir / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Shared fixtures. Tests never touch the network, W&B or the user's caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "assets" / "tokenizer"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_environment(tmp_path_factory):
+    hf_home = tmp_path_factory.mktemp("hf_home")
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE")}
+    os.environ.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def tiny_olmoe_config(vocab_size: int, **overrides):
+    from transformers import OlmoeConfig
+
+    fields = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                  max_position_embeddings=128, pad_token_id=1, eos_token_id=0, bos_token_id=0)
+    fields.update(overrides)
+    return OlmoeConfig(**fields)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A random tiny OLMoE saved like a hub checkpoint (seconds to build, no training)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-random-olmoe")
+    AutoModelForCausalLM.from_config(tiny_olmoe_config(len(tokenizer))).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,108 @@
+"""Datasets: shipped domains, users' files, hub failures, and the corpus split."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import REPO
+from dynamo.config import DatasetConfig, SourceConfig, SourceKind
+from dynamo.data import EMBEDDED_DIR, load_documents, sources_of
+from dynamo.errors import UserError
+
+DOMAINS = ["code", "docs", "speeches", "literature", "email", "legal", "math", "chat"]
+
+
+def _build_corpora():
+    spec = importlib.util.spec_from_file_location("build_corpora", REPO / "scripts" / "build_corpora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_every_domain_ships_disjoint_calib_and_test_splits(domain):
+    source = SourceConfig(kind=SourceKind.embedded, path=domain)
+    calib, test = load_documents(source, "calib"), load_documents(source, "test")
+    assert calib and test
+    assert not set(calib) & set(test), "a document is in both splits"
+    size = sum(len(d.encode()) for d in calib + test)
+    assert 50_000 < size < 600_000, "splits are meant to be a few hundred KB"
+
+
+def test_manifest_matches_the_shipped_files():
+    import hashlib
+
+    manifest = json.loads((EMBEDDED_DIR / "manifest.json").read_text())
+    assert sorted(manifest["domains"]) == sorted(DOMAINS)
+    for domain, entry in manifest["domains"].items():
+        for split in ("calib", "test"):
+            data = (EMBEDDED_DIR / domain / f"{split}.jsonl").read_bytes()
+            assert hashlib.sha256(data).hexdigest() == entry[split]["sha256"], f"{domain}/{split} changed"
+
+
+def test_split_is_by_document_and_deterministic():
+    build = _build_corpora()
+    docs = [f"document {i}\n" + "x" * (i % 50) for i in range(400)]
+    a, b = build.split_documents(docs), build.split_documents(docs)
+    assert a == b
+    assert not set(a["test"]) & set(a["calib"]) and not set(a["test"]) & set(a["train"])
+    assert len(a["test"]) + len(a["calib"]) + len(a["train"]) == len(docs)
+    assert build.split_documents(docs, seed=1) != a
+
+
+def test_local_jsonl_holds_the_head_for_calibration(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(8)))
+    source = SourceConfig(kind=SourceKind.local, path=str(path))
+    assert load_documents(source, "calib") == ["doc 0", "doc 1"]
+    assert load_documents(source, "test") == [f"doc {i}" for i in range(2, 8)]
+
+
+def test_local_txt_documents_are_paragraphs(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("first para\nstill first\n\nsecond\n\n\nthird\n")
+    source = SourceConfig(kind=SourceKind.local, path=str(path), calib_path=str(path))
+    assert load_documents(source, "test") == ["first para\nstill first", "second", "\nthird\n"]
+
+
+def test_dataset_path_adds_a_source_to_any_suite(tmp_path):
+    path = tmp_path / "extra.jsonl"
+    path.write_text(json.dumps({"text": "a"}) + "\n")
+    cfg = DatasetConfig(name="code", sources={"code": SourceConfig(path="code")}, path=str(path))
+    assert list(sources_of(cfg)) == ["code", "extra"]
+    assert sources_of(cfg)["extra"].kind == SourceKind.local
+
+
+@pytest.mark.parametrize("content,match", [
+    ("", "no text"),
+    ("\n\n", "no text"),
+    ('{"body": "x"}\n{"body": "y"}\n', "field 'text'"),
+    ("not json\n", "JSON object"),
+])
+def test_bad_local_files_get_one_clear_error(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=match):
+        load_documents(SourceConfig(kind=SourceKind.local, path=str(path), calib_path=str(path)), "test")
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_documents(SourceConfig(kind=SourceKind.local, path=str(tmp_path / "nope.jsonl")), "test")
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(UserError, match="unsupported file type"):
+        load_documents(SourceConfig(kind=SourceKind.local, path=str(tmp_path / "x.parquet"),
+                                    calib_path=str(tmp_path / "x.parquet")), "test")
+    with pytest.raises(UserError, match="embedded domain must be one of"):
+        load_documents(SourceConfig(kind=SourceKind.embedded, path="klingon"), "test")
+
+
+def test_unreachable_hub_dataset_is_one_line():
+    source = SourceConfig(kind=SourceKind.hub, path="Salesforce/wikitext", name="wikitext-2-raw-v1",
+                          calib_split="train", test_split="test")
+    with pytest.raises(UserError, match="hub") as err:
+        load_documents(source, "test")
+    assert "\n" not in str(err.value)

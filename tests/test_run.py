@@ -1,0 +1,69 @@
+"""End to end: `python run.py` on the embedded model, and the one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+DOMAINS = {"code", "docs", "speeches", "literature", "email", "legal", "math", "chat"}
+
+
+def run_py(*overrides: str, results_dir) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "run.py", f"results_dir={results_dir}", "logger=none", *overrides]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def records(results_dir):
+    return sorted(results_dir.rglob("result.json"))
+
+
+@pytest.mark.slow
+def test_smoke_run_on_the_embedded_model_writes_a_complete_record(tmp_path):
+    proc = run_py("experiment=smoke", results_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = records(tmp_path)
+    record = json.loads(path.read_text())
+    assert set(record["metrics"]["ppl"]) == DOMAINS
+    for name, ppl in record["metrics"]["ppl"].items():
+        assert math.isfinite(ppl) and 1 < ppl < 8192, name
+        assert f"{ppl:.3f}" in proc.stdout, "the printed table must show the recorded number"
+        protocol = record["protocol"]["ppl"][name]
+        assert protocol["seqlen"] == 512 and protocol["windows"] == 4 and protocol["split"] == "test"
+    lm_eval = record["metrics"]["lm_eval"]
+    assert {f"dynamo_{d}" for d in DOMAINS} | {"dynamo_math_mc"} == set(lm_eval)
+    assert 0.0 <= lm_eval["dynamo_math_mc"]["acc"] <= 1.0
+    assert record["model"]["class"] == "OlmoeForCausalLM"
+    assert record["config"]["model"]["name"] == "tiny-olmoe" and len(record["config_hash"]) == 16
+    assert record["versions"]["transformers"] and record["device"]["type"] == "cpu"
+    assert (path.parent / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,message", [
+    (["model=nope"], "unknown model 'nope'; choose one of:"),
+    (["dataset=wikitxt2"], "unknown dataset 'wikitxt2'"),
+    (["model=local", "model.path=/no/such/checkpoint"], "no checkpoint there"),
+    (["model=local"], "missing required value(s): model.path"),
+    (["dataset=local"], "dataset 'local' has no sources; give a file with dataset.path="),
+    (["dataset=local", "dataset.path=EMPTY"], "no text"),
+    (["eval.seqlen=4096", "eval.datasets=[chat]"], "longer than tiny-olmoe allows"),
+    (["dataset=wikitext2"], "could not load hub dataset"),
+    (["eval.datasets=[klingon]"], "not in dataset 'embedded'"),
+])
+def test_bad_input_is_one_line_nonzero_and_leaves_nothing(tmp_path, overrides, message):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    results = tmp_path / "runs"
+    proc = run_py(*[o.replace("EMPTY", str(empty)) for o in overrides], results_dir=results)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not records(results)
+    assert not results.exists() or not any(results.iterdir()), "a rejected run left a folder behind"
