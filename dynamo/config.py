@@ -25,6 +25,17 @@ class SourceKind(Enum):
     hub = "hub"            # a Hugging Face dataset through `datasets`
 
 
+class CoveragePolicy(Enum):
+    warn = "warn"                  # log the experts under calib.min_tokens
+    rtn_fallback = "rtn_fallback"  # mark them: quantizers use RTN instead of GPTQ there
+    route_all = "route_all"        # extra pass: every calibration token reaches them (statistics only)
+
+
+class HessianWeighting(Enum):
+    none = "none"                  # X^T X over routed tokens
+    router = "router"              # X^T diag(r) X, r = the token's router weight for the expert
+
+
 class LoggerBackend(Enum):
     none = "none"
     wandb = "wandb"
@@ -99,6 +110,21 @@ class EvalConfig:
 
 
 @dataclass
+class CalibConfig:
+    enabled: bool = False                   # quantizers turn it on; true alone records coverage
+    datasets: Optional[list[str]] = None    # sources of the suite to calibrate on; None = dataset.known
+    split: str = "calib"                    # never "test"
+    windows: int = 32                       # per dataset
+    seqlen: int = 512
+    batch_size: int = 8
+    min_tokens: int = 16
+    policy: CoveragePolicy = CoveragePolicy.warn
+    hessians: bool = True
+    hessian_weighting: HessianWeighting = HessianWeighting.none
+    sequential: bool = False                # layer by layer (models larger than memory)
+
+
+@dataclass
 class LoggerConfig:
     name: str = MISSING
     backend: LoggerBackend = LoggerBackend.none
@@ -115,6 +141,7 @@ class RunConfig:
     quant: QuantConfig = MISSING
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
+    calib: CalibConfig = field(default_factory=CalibConfig)
     seed: int = 0
     tag: str = ""
     results_dir: str = "results/runs"

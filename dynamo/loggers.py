@@ -38,6 +38,6 @@ def publish(record: dict, cfg: LoggerConfig, run_dir: Path) -> str | None:
     run.summary.update(flatten(record["timings"], "timings"))
     run.summary["config_hash"] = record["config_hash"]
     location = run.dir
-    run.finish(quiet=True)
+    run.finish()
     log.info("W&B (%s): %s", cfg.mode.value, location)
     return location

@@ -119,6 +119,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {cfg.model.name} allows "
                         f"({loaded.max_length} positions); use eval.seqlen<={loaded.max_length}")
 
+    calibration = None
+    if cfg.calib.enabled:
+        t = time.perf_counter()
+        calibration = run_calibration(loaded, cfg, run_dir)
+        timings["calibration_s"] = time.perf_counter() - t
+
     t = time.perf_counter()
     ppl, ppl_protocol = evaluate_perplexity(loaded, documents, sources, cfg.eval)
     timings["eval_ppl_s"] = time.perf_counter() - t
@@ -141,9 +147,25 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     record = make_record(run_id=run_id_of(run_dir, cfg.results_dir), config=to_container(cfg), overrides=overrides,
                          device=loaded.device, model_info=model_info, metrics=metrics, protocol=protocol,
                          timings=timings)
+    if calibration is not None:
+        record["calibration"] = calibration
     write_json_atomic(run_dir / RESULT_FILE, record)
     publish(record, cfg.logger, run_dir)
     return record
+
+
+def run_calibration(loaded, cfg: DictConfig, run_dir: Path) -> dict:
+    """Capture routed statistics; print and save the per-(layer, expert) coverage table."""
+    from .calibration import coverage_summary, coverage_table
+    from .calibration.stage import calibrate
+
+    stats = calibrate(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), list(cfg.dataset.known), cfg.calib)
+    summary = coverage_summary(stats)
+    table = coverage_table(stats)
+    print(table)
+    (run_dir / "coverage.txt").write_text(table + "\n")
+    write_json_atomic(run_dir / "coverage.json", summary)
+    return {"datasets": list(cfg.calib.datasets or cfg.dataset.known), **summary}
 
 
 def run_id_of(run_dir: Path, results_dir: str) -> str:

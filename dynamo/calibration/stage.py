@@ -1,0 +1,43 @@
+"""The calibration stage of a run: calibration windows from the configured datasets -> stats."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import CalibConfig
+from ..data import load_documents
+from ..errors import UserError
+from ..eval.perplexity import make_windows, tokenize_corpus
+from .capture import capture, capture_sequential
+from .stats import CalibrationStats
+
+log = logging.getLogger(__name__)
+
+
+def calibration_windows(tokenizer, sources: dict, names: list[str], cfg: CalibConfig) -> dict[str, torch.Tensor]:
+    if cfg.split == "test":
+        raise UserError("calib.split=test would calibrate on the evaluation data; use calib.split=calib")
+    unknown = [n for n in names if n not in sources]
+    if unknown:
+        raise UserError(f"calib.datasets names {unknown}, not in the dataset suite (available: {sorted(sources)})")
+    windows = {}
+    for name in names:
+        ids = tokenize_corpus(tokenizer, load_documents(sources[name], cfg.split), sources[name].separator)
+        windows[name] = make_windows(ids, cfg.seqlen, cfg.windows, name)
+    return windows
+
+
+def calibrate(model, tokenizer, sources: dict, known: list[str], cfg: CalibConfig) -> CalibrationStats:
+    """One capture over the calibration windows of every calibration dataset, concatenated."""
+    names = list(cfg.datasets) if cfg.datasets else list(known)
+    if not names:
+        raise UserError("no calibration datasets: the dataset suite declares no known datasets; "
+                        "set calib.datasets=[name, ...]")
+    windows = calibration_windows(tokenizer, sources, names, cfg)
+    all_windows = torch.cat(list(windows.values()))
+    log.info("calibration: %d windows x %d tokens from %s", len(all_windows), cfg.seqlen, ", ".join(names))
+    fn = capture_sequential if cfg.sequential else capture
+    return fn(model, all_windows, batch_size=cfg.batch_size, hessians=cfg.hessians,
+              hessian_weighting=cfg.hessian_weighting.value, min_tokens=cfg.min_tokens, policy=cfg.policy.value)
