@@ -47,7 +47,7 @@ def _looks_local(path: str) -> bool:
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line per run, not one per weight shard
@@ -65,8 +65,10 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
+        # The config first: it is where a checkpoint that needs remote code says so.
+        config = AutoConfig.from_pretrained(path, **common)
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "trust_remote_code" in str(err):

@@ -61,3 +61,19 @@ def test_run_dir_names_model_quant_and_tag():
     cfg = _compose(["tag=abl", "model=tiny-qwen-moe"], hydra_node=True)
     assert cfg.hydra.run.dir.endswith("_tiny-qwen-moe_fp16_abl")
     assert _compose([], hydra_node=True).hydra.run.dir.endswith("_tiny-olmoe_fp16")
+
+
+def test_unknown_group_option_is_caught_before_hydra_starts():
+    import importlib.util
+
+    from conftest import REPO
+    from dynamo.errors import UserError
+
+    spec = importlib.util.spec_from_file_location("run_entry", REPO / "run.py")
+    run_entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_entry)
+    run_entry.check_group_choices(["model=tiny-olmoe,tiny-qwen-moe", "eval.seqlen=5", "experiment=null"])
+    with pytest.raises(UserError, match="unknown quant 'gptq_3bit'; choose one of: fp16"):
+        run_entry.check_group_choices(["quant=gptq_3bit"])
+    with pytest.raises(UserError, match="unknown model 'olmo'"):
+        run_entry.check_group_choices(["-m", "model=tiny-olmoe,olmo"])

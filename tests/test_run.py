@@ -67,3 +67,31 @@ def test_bad_input_is_one_line_nonzero_and_leaves_nothing(tmp_path, overrides, m
     assert "Traceback" not in proc.stderr
     assert not records(results)
     assert not results.exists() or not any(results.iterdir()), "a rejected run left a folder behind"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,top_k,layers", [("tiny-olmoe", 4, 4), ("tiny-qwen-moe", 2, 4)])
+def test_calibration_stage_records_coverage_on_both_embedded_models(tmp_path, model, top_k, layers):
+    proc = run_py(f"model={model}", "experiment=smoke", "eval=ppl", "eval.datasets=[chat]", "calib.enabled=true",
+                  "calib.windows=2", "calib.seqlen=128", "calib.min_tokens=1000000", "calib.policy=rtn_fallback",
+                  results_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = records(tmp_path)
+    calibration = json.loads(path.read_text())["calibration"]
+    assert calibration["datasets"] == ["code", "docs", "speeches", "literature"]
+    assert len(calibration["layers"]) == layers
+    for layer in calibration["layers"].values():
+        # every calibration token reaches top_k experts: 4 datasets x 2 windows x 128 tokens
+        assert sum(layer["tokens"]) == 4 * 2 * 128 * top_k
+    # min_tokens above any count: every expert is marked for the RTN fallback
+    assert len(calibration["rtn_fallback"]) == layers * 16
+    coverage = (path.parent / "coverage.txt").read_text()
+    assert "routed calibration tokens per expert" in coverage and coverage.splitlines()[0] in proc.stdout
+    assert json.loads((path.parent / "coverage.json").read_text())["layers"] == calibration["layers"]
+
+
+@pytest.mark.slow
+def test_calibrating_on_the_test_split_is_refused(tmp_path):
+    proc = run_py("experiment=smoke", "calib.enabled=true", "calib.split=test", results_dir=tmp_path / "runs")
+    assert proc.returncode == 2 and "would calibrate on the evaluation data" in proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
