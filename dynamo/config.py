@@ -84,10 +84,23 @@ class DatasetConfig:
     path: Optional[str] = None              # a user's file, added as one more dataset
 
 
+class QuantMethod(Enum):
+    none = "none"      # the 16-bit reference
+    rtn = "rtn"
+    gptq = "gptq"
+
+
 @dataclass
 class QuantConfig:
     name: str = MISSING
-    method: str = "none"                    # later issues: rtn, gptq, dynamo, ...
+    method: QuantMethod = QuantMethod.none
+    bits: int = 16                          # routed experts (uniform plan)
+    group_size: int = 128                   # input columns per scale/zero; -1 = per row
+    sym: bool = False
+    shared_expert_bits: Optional[int] = None  # None: same as bits
+    act_order: bool = False                 # GPTQ: columns by decreasing Hessian diagonal (static groups)
+    damp: float = 0.01                      # GPTQ: fraction of the mean Hessian diagonal added
+    plan: Optional[str] = None              # a QuantPlan JSON to apply instead of the uniform plan
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import SourceKind, to_container
+from .config import QuantMethod, SourceKind, to_container
 from .data import load_documents, sources_of
 from .errors import UserError
 from .eval.perplexity import make_windows, token_perplexity, tokenize_corpus
@@ -103,8 +103,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     seed_everything(cfg.seed)
     if cfg.hf_home:
         os.environ["HF_HOME"] = str(Path(cfg.hf_home).expanduser())
-    if cfg.quant.method != "none":
-        raise UserError(f"quant.method={cfg.quant.method} is not implemented yet; use quant=fp16")
 
     timings = {}
     t = time.perf_counter()
@@ -119,16 +117,37 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {cfg.model.name} allows "
                         f"({loaded.max_length} positions); use eval.seqlen<={loaded.max_length}")
 
-    calibration = None
-    if cfg.calib.enabled:
+    calibration, quantization, stats = None, None, None
+    if cfg.quant.method != QuantMethod.none:
+        from .quant import bit_accounting
+        from .quant.stage import quantize
+
         t = time.perf_counter()
-        calibration = run_calibration(loaded, cfg, run_dir)
+        result = quantize(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), list(cfg.dataset.known), cfg.quant,
+                          cfg.calib, cfg.model.name)
+        timings["quantize_s"] = time.perf_counter() - t
+        stats = result.stats
+        result.plan.save(run_dir / "plan.json")
+        quantization = {"method": result.plan.method, "matrices": result.report.matrices,
+                        "rtn_fallback": [list(x) for x in result.report.rtn_fallback],
+                        "gptq_loss": result.report.gptq_loss, "bits": bit_accounting(loaded.model, result.plan)}
+    elif cfg.calib.enabled:
+        from .calibration.stage import calibrate
+
+        t = time.perf_counter()
+        stats = calibrate(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), list(cfg.dataset.known), cfg.calib)
         timings["calibration_s"] = time.perf_counter() - t
+    if stats is not None:
+        calibration = report_coverage(stats, list(cfg.calib.datasets or cfg.dataset.known), run_dir)
 
     t = time.perf_counter()
     ppl, ppl_protocol = evaluate_perplexity(loaded, documents, sources, cfg.eval)
     timings["eval_ppl_s"] = time.perf_counter() - t
     metrics, protocol = {"ppl": ppl}, {"ppl": ppl_protocol}
+    if quantization is not None:
+        bits = quantization["bits"]
+        metrics["avg_bits"] = {"experts": bits["experts"], "all": bits["all"],
+                               "experts_codes_only": bits["experts_codes_only"]}
 
     if cfg.eval.lm_eval.enabled and cfg.eval.lm_eval.tasks:
         t = time.perf_counter()
@@ -149,23 +168,23 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
                          timings=timings)
     if calibration is not None:
         record["calibration"] = calibration
+    if quantization is not None:
+        record["quantization"] = quantization
     write_json_atomic(run_dir / RESULT_FILE, record)
     publish(record, cfg.logger, run_dir)
     return record
 
 
-def run_calibration(loaded, cfg: DictConfig, run_dir: Path) -> dict:
-    """Capture routed statistics; print and save the per-(layer, expert) coverage table."""
+def report_coverage(stats, datasets: list[str], run_dir: Path) -> dict:
+    """Print and save the per-(layer, expert) coverage table of a calibration."""
     from .calibration import coverage_summary, coverage_table
-    from .calibration.stage import calibrate
 
-    stats = calibrate(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), list(cfg.dataset.known), cfg.calib)
     summary = coverage_summary(stats)
     table = coverage_table(stats)
     print(table)
     (run_dir / "coverage.txt").write_text(table + "\n")
     write_json_atomic(run_dir / "coverage.json", summary)
-    return {"datasets": list(cfg.calib.datasets or cfg.dataset.known), **summary}
+    return {"datasets": datasets, **summary}
 
 
 def run_id_of(run_dir: Path, results_dir: str) -> str:

@@ -23,4 +23,8 @@ def summary_table(record: dict, known: list[str]) -> str:
     seqlen = next(iter(record["protocol"]["ppl"].values()))["seqlen"]
     head = (f"{model['name']} ({model['class']}, {model['dtype']}) quant={quant['name']}  "
             f"seqlen={seqlen}  {record['timings']['total_s']:.1f} s")
+    bits = record["metrics"].get("avg_bits")
+    if bits:
+        lines.append(f"avg bits: routed experts {bits['experts']:.3f} ({bits['experts_codes_only']:.3f} without "
+                     f"group scales/zeros), all weights {bits['all']:.3f}")
     return "\n".join([head, *lines])

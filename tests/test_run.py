@@ -95,3 +95,18 @@ def test_calibrating_on_the_test_split_is_refused(tmp_path):
     proc = run_py("experiment=smoke", "calib.enabled=true", "calib.split=test", results_dir=tmp_path / "runs")
     assert proc.returncode == 2 and "would calibrate on the evaluation data" in proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+def test_rtn_run_records_bit_accounting_and_the_plan(tmp_path):
+    proc = run_py("experiment=smoke", "eval=ppl", "quant=rtn_4bit", "eval.datasets=[code]", results_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = records(tmp_path)
+    record = json.loads(path.read_text())
+    bits = record["metrics"]["avg_bits"]
+    assert bits["experts"] == pytest.approx(4 + (16 + 4) / 128) and bits["experts_codes_only"] == 4.0
+    assert 4 < bits["all"] < 16
+    assert record["quantization"]["method"] == "rtn" and record["quant"]["name"] == "rtn_4bit"
+    plan = json.loads((path.parent / "plan.json").read_text())
+    assert plan["defaults"] == {"method": "rtn", "bits": 4, "group_size": 128, "sym": False}
+    assert "avg bits: routed experts 4.156" in proc.stdout

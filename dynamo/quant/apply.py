@@ -1,0 +1,127 @@
+"""apply_plan: quantize a model's experts in place, as a plan says (torchao's quantize_ shape).
+
+The model ends up fake-quantized (each expert weight replaced by its dequantized value, what
+evaluation needs); with keep_codes=True the integer codes, scales and zeros are returned too
+(what the kernels pack). Attention, routers, embeddings and lm_head are left alone.
+GPTQ needs calibration statistics with Hessians. An expert falls back to RTN when it has no
+calibration signal at all (a zero Hessian: GPTQ would have nothing to work with) or when the
+calibration's `rtn_fallback` policy marked it; the report lists every fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..adapters import PROJECTIONS, MoELayer, moe_layers
+from ..calibration import CalibrationStats, LayerStats, capture_sequential
+from ..errors import UserError
+from .gptq import quantize_gptq
+from .plan import SHARED, QuantPlan
+from .rtn import QuantizedWeight, quantize_rtn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantReport:
+    matrices: int = 0
+    rtn_fallback: list[tuple[int, int | str]] = field(default_factory=list)
+    gptq_loss: float = 0.0
+    codes: dict[tuple[int, int | str, str], QuantizedWeight] = field(default_factory=dict)
+
+
+@dataclass
+class GPTQOptions:
+    damp: float = 0.01
+    act_order: bool = False
+    rtn_below_tokens: int = 0   # experts with fewer routed tokens use RTN (the rtn_fallback policy)
+
+
+def _expert_matrices(layer: MoELayer, stats: LayerStats | None):
+    """(expert, projection, weight view, Hessian or None, routed tokens) for routed and shared experts."""
+    for e in range(layer.n_experts):
+        tokens = int(stats.routed.tokens[e]) if stats is not None else 0
+        for projection in PROJECTIONS:
+            h = None
+            if stats is not None and stats.routed.hessian_in is not None:
+                h = stats.routed.hessian_in[e] if projection != "down" else stats.routed.hessian_mid[e]
+            yield e, projection, layer.weight(e, projection), h, tokens
+    shared = layer.shared_expert
+    if shared is not None:
+        tokens = int(stats.shared.tokens[0]) if stats is not None and stats.shared is not None else 0
+        for projection in PROJECTIONS:
+            h = None
+            if stats is not None and stats.shared is not None and stats.shared.hessian_in is not None:
+                h = stats.shared.hessian_in[0] if projection != "down" else stats.shared.hessian_mid[0]
+            yield SHARED, projection, getattr(shared, f"{projection}_proj").weight.data, h, tokens
+
+
+def quantize_layer(layer: MoELayer, plan: QuantPlan, stats: LayerStats | None, report: QuantReport,
+                   options: GPTQOptions, forced_rtn: set, keep_codes: bool) -> None:
+    for expert, projection, weight, hessian, tokens in _expert_matrices(layer, stats):
+        spec = plan.spec_for(layer.index, expert, projection)
+        if spec.is_float:
+            continue
+        use_rtn = (plan.method == "rtn" or hessian is None or not bool((torch.diag(hessian) > 0).any())
+                   or tokens < options.rtn_below_tokens or (layer.index, expert) in forced_rtn)
+        if use_rtn:
+            q = quantize_rtn(weight, spec)
+            if plan.method == "gptq" and (layer.index, expert) not in report.rtn_fallback:
+                report.rtn_fallback.append((layer.index, expert))
+        else:
+            q, loss = quantize_gptq(weight, hessian, spec, damp=options.damp, act_order=options.act_order)
+            report.gptq_loss += 0.0 if loss != loss else loss
+        weight.copy_(q.dequantize().to(weight.dtype))
+        report.matrices += 1
+        if keep_codes:
+            report.codes[(layer.index, expert, projection)] = q
+
+
+def _check_plan(model: nn.Module, plan: QuantPlan) -> list[MoELayer]:
+    layers = list(moe_layers(model))
+    plan.validate_against({layer.index: layer.n_experts for layer in layers},
+                          {layer.index for layer in layers if layer.shared_expert is not None})
+    return layers
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: QuantPlan, stats: CalibrationStats | None = None, *,
+               options: GPTQOptions | None = None, keep_codes: bool = False) -> QuantReport:
+    """One shot: every MoE layer quantized with the statistics given (RTN needs none)."""
+    options = options or GPTQOptions()
+    if plan.method == "gptq" and (stats is None or not stats.layers
+                                  or next(iter(stats.layers.values())).routed.hessian_in is None):
+        raise UserError("GPTQ needs calibration statistics with Hessians (calib.hessians=true)")
+    report = QuantReport()
+    forced = set(stats.rtn_fallback) if stats is not None else set()
+    for layer in _check_plan(model, plan):
+        quantize_layer(layer, plan, stats.layers.get(layer.index) if stats else None, report, options, forced,
+                       keep_codes)
+    return report
+
+
+@torch.no_grad()
+def quantize_sequential(model: nn.Module, plan: QuantPlan, windows: torch.Tensor, *, batch_size: int = 8,
+                        hessian_weighting: str = "none", min_tokens: int = 16, policy: str = "warn",
+                        options: GPTQOptions | None = None, keep_codes: bool = False
+                        ) -> tuple[QuantReport, CalibrationStats]:
+    """GPTQ's order: each layer is calibrated on the outputs of the already-quantized layers before it."""
+    options = options or GPTQOptions()
+    if policy == "rtn_fallback":  # the capture marks these experts; the quantizer applies the same rule
+        options.rtn_below_tokens = max(options.rtn_below_tokens, min_tokens)
+    layers = {layer.index: layer for layer in _check_plan(model, plan)}
+    report = QuantReport()
+
+    def on_layer(index: int, layer_stats: LayerStats | None) -> bool:
+        if index not in layers:
+            return False
+        quantize_layer(layers[index], plan, layer_stats, report, options, set(), keep_codes)
+        return True
+
+    stats = capture_sequential(model, windows, on_layer, batch_size=batch_size, hessians=True,
+                               hessian_weighting=hessian_weighting, min_tokens=min_tokens, policy=policy)
+    return report, stats
