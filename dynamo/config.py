@@ -88,6 +88,13 @@ class QuantMethod(Enum):
     none = "none"      # the 16-bit reference
     rtn = "rtn"
     gptq = "gptq"
+    bnb = "bnb"        # bitsandbytes NF4 / int8 on every expert (quant.bnb_format)
+
+
+class Allocation(Enum):
+    uniform = "uniform"  # every routed expert at quant.bits
+    moeptq = "moeptq"    # most-routed experts per layer at high_bits, the rest at low_bits
+    random = "random"    # as many high_bits experts per layer as moeptq, chosen at random
 
 
 @dataclass
@@ -101,6 +108,12 @@ class QuantConfig:
     act_order: bool = False                 # GPTQ: columns by decreasing Hessian diagonal (static groups)
     damp: float = 0.01                      # GPTQ: fraction of the mean Hessian diagonal added
     plan: Optional[str] = None              # a QuantPlan JSON to apply instead of the uniform plan
+    allocation: Allocation = Allocation.uniform
+    target_bits: float = 3.0                # moeptq / random: average code bits of routed experts
+    low_bits: int = 2
+    high_bits: int = 4
+    seed: int = 0                           # random allocation
+    bnb_format: str = "nf4"                 # nf4 | int8
 
 
 @dataclass

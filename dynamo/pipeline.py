@@ -119,18 +119,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
 
     calibration, quantization, stats = None, None, None
     if cfg.quant.method != QuantMethod.none:
-        from .quant import bit_accounting
         from .quant.stage import quantize
 
         t = time.perf_counter()
         result = quantize(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), list(cfg.dataset.known), cfg.quant,
                           cfg.calib, cfg.model.name)
         timings["quantize_s"] = time.perf_counter() - t
-        stats = result.stats
-        result.plan.save(run_dir / "plan.json")
-        quantization = {"method": result.plan.method, "matrices": result.report.matrices,
-                        "rtn_fallback": [list(x) for x in result.report.rtn_fallback],
-                        "gptq_loss": result.report.gptq_loss, "bits": bit_accounting(loaded.model, result.plan)}
+        stats, quantization = result.stats, result.summary
+        if result.plan is not None:
+            result.plan.save(run_dir / "plan.json")
     elif cfg.calib.enabled:
         from .calibration.stage import calibrate
 

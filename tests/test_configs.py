@@ -73,7 +73,7 @@ def test_unknown_group_option_is_caught_before_hydra_starts():
     run_entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_entry)
     run_entry.check_group_choices(["model=tiny-olmoe,tiny-qwen-moe", "eval.seqlen=5", "experiment=null"])
-    with pytest.raises(UserError, match="unknown quant 'gptq_3bit'; choose one of: fp16"):
-        run_entry.check_group_choices(["quant=gptq_3bit"])
+    with pytest.raises(UserError, match="unknown quant 'gptq_5bit'; choose one of: bnb_int8, bnb_nf4, fp16"):
+        run_entry.check_group_choices(["quant=gptq_5bit"])
     with pytest.raises(UserError, match="unknown model 'olmo'"):
         run_entry.check_group_choices(["-m", "model=tiny-olmoe,olmo"])

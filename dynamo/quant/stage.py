@@ -11,9 +11,13 @@ import torch
 from ..adapters import moe_layers
 from ..calibration import CalibrationStats
 from ..calibration.stage import calibration_windows
-from ..config import CalibConfig, QuantConfig, QuantMethod
+from ..config import Allocation, CalibConfig, QuantConfig, QuantMethod
 from ..errors import UserError
+from ..calibration import capture
+from .allocation import allocate
 from .apply import GPTQOptions, QuantReport, apply_plan, quantize_sequential
+from .bits import bit_accounting
+from .bnb import FORMATS, apply_bnb
 from .plan import QuantPlan
 from .spec import QSpec
 
@@ -22,9 +26,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QuantResult:
-    plan: QuantPlan
-    report: QuantReport
-    stats: CalibrationStats | None
+    summary: dict                     # what the run record keeps under "quantization"
+    plan: QuantPlan | None            # None for bitsandbytes (its formats are not plan widths)
+    stats: CalibrationStats | None   # the calibration GPTQ used, for the coverage table
 
 
 def plan_from_config(cfg: QuantConfig, model, model_name: str) -> QuantPlan:
@@ -47,19 +51,45 @@ def plan_from_config(cfg: QuantConfig, model, model_name: str) -> QuantPlan:
 
 def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig, calib: CalibConfig,
              model_name: str) -> QuantResult:
+    if cfg.method == QuantMethod.bnb:
+        if cfg.bnb_format not in FORMATS:
+            raise UserError(f"unknown quant.bnb_format '{cfg.bnb_format}'; choose one of {', '.join(FORMATS)}")
+        summary = apply_bnb(model, cfg.bnb_format)
+        return QuantResult({"method": "bnb", "format": cfg.bnb_format, **summary}, None, None)
     plan = plan_from_config(cfg, model, model_name)
     options = GPTQOptions(damp=cfg.damp, act_order=cfg.act_order)
+    needs_data = cfg.method == QuantMethod.gptq or cfg.allocation == Allocation.moeptq
+    windows = _calibration(tokenizer, sources, known, calib) if needs_data else None
+    if cfg.allocation != Allocation.uniform and not cfg.plan:
+        layers = list(moe_layers(model))
+        if cfg.allocation == Allocation.moeptq:  # routing frequency from a statistics-light pass
+            freq = capture(model, windows, batch_size=calib.batch_size, hessians=False)
+            counts = {i: s.routed.tokens.cpu() for i, s in freq.layers.items()}
+        else:
+            counts = {layer.index: torch.zeros(layer.n_experts) for layer in layers}
+        allocate(plan, counts, {layer.index for layer in layers if layer.shared_expert is not None},
+                 cfg.allocation.value, cfg.target_bits, cfg.low_bits, cfg.high_bits, cfg.seed)
     if cfg.method == QuantMethod.rtn:
-        return QuantResult(plan, apply_plan(model, plan, options=options), None)
-    names = list(calib.datasets) if calib.datasets else list(known)
-    if not names:
-        raise UserError("GPTQ needs calibration data: set calib.datasets=[name, ...]")
-    windows = torch.cat(list(calibration_windows(tokenizer, sources, names, calib).values()))
-    log.info("GPTQ: calibrating on %d windows x %d tokens from %s", len(windows), calib.seqlen, ", ".join(names))
+        return QuantResult(_summary(model, plan, apply_plan(model, plan, options=options)), plan, None)
     report, stats = quantize_sequential(model, plan, windows, batch_size=calib.batch_size,
                                         hessian_weighting=calib.hessian_weighting.value, min_tokens=calib.min_tokens,
                                         policy=calib.policy.value, options=options)
     if report.rtn_fallback:
         log.warning("GPTQ: %d expert(s) quantized with RTN (no calibration signal or rtn_fallback): %s",
                     len(report.rtn_fallback), ", ".join(f"L{i}.E{e}" for i, e in report.rtn_fallback[:20]))
-    return QuantResult(plan, report, stats)
+    return QuantResult(_summary(model, plan, report), plan, stats)
+
+
+def _summary(model, plan: QuantPlan, report: QuantReport) -> dict:
+    return {"method": plan.method, "allocation": plan.created_by.get("allocation", "uniform"),
+            "matrices": report.matrices, "rtn_fallback": [list(x) for x in report.rtn_fallback],
+            "gptq_loss": report.gptq_loss, "bits": bit_accounting(model, plan)}
+
+
+def _calibration(tokenizer, sources: dict, known: list[str], calib: CalibConfig) -> torch.Tensor:
+    names = list(calib.datasets) if calib.datasets else list(known)
+    if not names:
+        raise UserError("this quantization needs calibration data: set calib.datasets=[name, ...]")
+    windows = torch.cat(list(calibration_windows(tokenizer, sources, names, calib).values()))
+    log.info("calibrating on %d windows x %d tokens from %s", len(windows), calib.seqlen, ", ".join(names))
+    return windows
