@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import QuantMethod, SourceKind, to_container
+from .config import QuantMethod, SourceConfig, SourceKind, to_container
 from .data import load_documents, sources_of
 from .errors import UserError
 from .eval.perplexity import make_windows, token_perplexity, tokenize_corpus
@@ -78,7 +78,8 @@ def evaluate_lm_eval(loaded, documents: dict, eval_cfg) -> dict:
     local, hub = [], []
     with tempfile.TemporaryDirectory(prefix="dynamo-lm-eval-") as workdir:
         rolling = documents if SUITE_TASKS in wanted else {}
-        math_docs = load_documents(_embedded("math"), "test") if MC_TASK in wanted else None
+        math = SourceConfig(kind=SourceKind.embedded, path="math")
+        math_docs = load_documents(math, "test") if MC_TASK in wanted else None
         if rolling or math_docs:
             local = build_local_tasks(rolling, Path(workdir), mc_source=math_docs)
         hub = [t for t in wanted if t not in (SUITE_TASKS, MC_TASK)]
@@ -88,12 +89,6 @@ def evaluate_lm_eval(loaded, documents: dict, eval_cfg) -> dict:
         return run_lm_eval(loaded.model, loaded.tokenizer, local + hub, Path(workdir) if local else None,
                            batch_size=eval_cfg.lm_eval.batch_size, max_length=min(loaded.max_length, eval_cfg.seqlen),
                            limit=limit, device=str(loaded.device))
-
-
-def _embedded(domain: str):
-    from .config import SourceConfig
-
-    return SourceConfig(kind=SourceKind.embedded, path=domain)
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
@@ -117,25 +112,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {cfg.model.name} allows "
                         f"({loaded.max_length} positions); use eval.seqlen<={loaded.max_length}")
 
-    calibration, quantization, stats = None, None, None
-    if cfg.quant.method != QuantMethod.none:
-        from .quant.stage import quantize
-
-        t = time.perf_counter()
-        result = quantize(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), list(cfg.dataset.known), cfg.quant,
-                          cfg.calib, cfg.model.name)
-        timings["quantize_s"] = time.perf_counter() - t
-        stats, quantization = result.stats, result.summary
-        if result.plan is not None:
-            result.plan.save(run_dir / "plan.json")
-    elif cfg.calib.enabled:
-        from .calibration.stage import calibrate
-
-        t = time.perf_counter()
-        stats = calibrate(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), list(cfg.dataset.known), cfg.calib)
-        timings["calibration_s"] = time.perf_counter() - t
-    if stats is not None:
-        calibration = report_coverage(stats, list(cfg.calib.datasets or cfg.dataset.known), run_dir)
+    calibration, quantization = quantize_or_calibrate(loaded, cfg, run_dir, timings)
 
     t = time.perf_counter()
     ppl, ppl_protocol = evaluate_perplexity(loaded, documents, sources, cfg.eval)
@@ -170,6 +147,29 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     write_json_atomic(run_dir / RESULT_FILE, record)
     publish(record, cfg.logger, run_dir)
     return record
+
+
+def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict) -> tuple[dict | None, dict | None]:
+    """The quantization stage (which calibrates when its method needs it), or calibration alone."""
+    stats, quantization = None, None
+    known = list(cfg.dataset.known)
+    t = time.perf_counter()
+    if cfg.quant.method != QuantMethod.none:
+        from .quant.stage import quantize
+
+        result = quantize(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), known, cfg.quant, cfg.calib,
+                          cfg.model.name)
+        timings["quantize_s"] = time.perf_counter() - t
+        stats, quantization = result.stats, result.summary
+        if result.plan is not None:
+            result.plan.save(run_dir / "plan.json")
+    elif cfg.calib.enabled:
+        from .calibration.stage import calibrate
+
+        stats = calibrate(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), known, cfg.calib)
+        timings["calibration_s"] = time.perf_counter() - t
+    calibration = report_coverage(stats, list(cfg.calib.datasets or known), run_dir) if stats is not None else None
+    return calibration, quantization
 
 
 def report_coverage(stats, datasets: list[str], run_dir: Path) -> dict:

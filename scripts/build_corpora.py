@@ -117,6 +117,12 @@ def _tar_members(tar: tarfile.TarFile, regex: str) -> list[tuple[str, bytes]]:
     return sorted(out)
 
 
+def _zip_members(wheel: Path, regex: str) -> list[tuple[str, bytes]]:
+    pattern = re.compile(regex)
+    with zipfile.ZipFile(wheel) as zf:
+        return [(n, zf.read(n)) for n in sorted(zf.namelist()) if pattern.search(n)]
+
+
 def read_speeches(downloads: Path) -> list[str]:
     with _stdlib_tarball(downloads) as tar:
         return [json.loads(raw)["text"] for _, raw in _tar_members(tar, r"sotu/data/\d{4}_.*\.json$")]
@@ -141,29 +147,27 @@ def read_email(downloads: Path) -> list[str]:
 def read_legal(downloads: Path) -> list[str]:
     wheel = _pip_download(downloads, SCANCODE, "scancode_toolkit-*.whl")
     docs = []
-    with zipfile.ZipFile(wheel) as zf:
-        for name in sorted(n for n in zf.namelist() if re.search(r"licensedcode/data/licenses/[^/]+\.LICENSE$", n)):
-            text = zf.read(name).decode("utf-8", errors="replace")
-            if text.startswith("---"):  # YAML front matter: metadata, not license text
-                text = text.split("\n---", 1)[-1].lstrip("-\n")
-            if text.strip():
-                docs.append(text.strip() + "\n")
+    for _, raw in _zip_members(wheel, r"licensedcode/data/licenses/[^/]+\.LICENSE$"):
+        text = raw.decode("utf-8", errors="replace")
+        if text.startswith("---"):  # YAML front matter: metadata, not license text
+            text = text.split("\n---", 1)[-1].lstrip("-\n")
+        if text.strip():
+            docs.append(text.strip() + "\n")
     return docs
 
 
 def read_chat(downloads: Path) -> list[str]:
     wheel = _pip_download(downloads, CHATTERBOT, "chatterbot_corpus-*.whl")
     docs = []
-    with zipfile.ZipFile(wheel) as zf:
-        for name in sorted(n for n in zf.namelist() if re.search(r"data/english/[^/]+\.yml$", n)):
-            conversations = yaml.safe_load(zf.read(name)).get("conversations") or []
-            # A conversation is two or three lines; eight of them make a document.
-            for i in range(0, len(conversations), 8):
-                turns = []
-                for conv in conversations[i:i + 8]:
-                    turns += [f"{'AB'[j % 2]}: {str(t).strip()}" for j, t in enumerate(conv)]
-                    turns.append("")
-                docs.append("\n".join(turns))
+    for _, raw in _zip_members(wheel, r"data/english/[^/]+\.yml$"):
+        conversations = yaml.safe_load(raw).get("conversations") or []
+        # A conversation is two or three lines; eight of them make a document.
+        for i in range(0, len(conversations), 8):
+            turns = []
+            for conv in conversations[i:i + 8]:
+                turns += [f"{'AB'[j % 2]}: {str(t).strip()}" for j, t in enumerate(conv)]
+                turns.append("")
+            docs.append("\n".join(turns))
     return docs
 
 
