@@ -39,6 +39,10 @@ def mlp_outputs(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act, x
 
 
 def _expert_outputs(layer: MoELayer, e: int, x: torch.Tensor) -> dict:
+    if layer.adapter.storage == "fused_3d":  # gate and up in one matrix product, as the model does
+        g, u = (x @ layer.experts.gate_up_proj.data[e].T).chunk(2, dim=-1)
+        h = layer.activation()(g) * u
+        return {"gate": g, "up": u, "neuron": h, "down": h @ layer.weight(e, "down").T}
     return mlp_outputs(layer.weight(e, "gate"), layer.weight(e, "up"), layer.weight(e, "down"), layer.activation(), x)
 
 

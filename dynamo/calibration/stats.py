@@ -51,21 +51,26 @@ class ExpertGroupStats:
             self.router_weight_sum[e] += r.double().sum()
         acc = self.channels["gate"]["sq"].dtype
         r = r.to(acc)
-        ones = torch.ones_like(r)
-        for unit, y in outputs.items():
-            y = y.to(acc)
-            sq, ab = y.square(), y.abs()
+        # Every unit's plain and router-weighted column sums in one matrix product:
+        # [1; r] (2 x m) @ [y^2 | |y|] (m x 2C) -> [sq | abs] and [wsq | wabs].
+        y = torch.cat([outputs[u].to(acc) for u in CHANNEL_UNITS], dim=1)
+        sums = torch.stack([torch.ones_like(r), r]) @ torch.cat([y.square(), y.abs()], dim=1)
+        start, width = 0, y.shape[1]
+        for unit in CHANNEL_UNITS:
+            n = outputs[unit].shape[1]
             stats = self.channels[unit]
-            # Column sums as matrix-vector products: one kernel each, no broadcast temporaries.
-            stats["sq"][e] += ones @ sq
-            stats["abs"][e] += ones @ ab
-            stats["wsq"][e] += r @ sq
-            stats["wabs"][e] += r @ ab
+            stats["sq"][e] += sums[0, start:start + n]
+            stats["abs"][e] += sums[0, width + start:width + start + n]
+            stats["wsq"][e] += sums[1, start:start + n]
+            stats["wabs"][e] += sums[1, width + start:width + start + n]
+            start += n
         if self.hessian_in is not None:
-            scale = hessian_weights.to(acc).sqrt()[:, None] if hessian_weights is not None else 1.0
-            xs, hs = x.to(acc) * scale, outputs["neuron"].to(acc) * scale
-            self.hessian_in[e] += xs.T @ xs
-            self.hessian_mid[e] += hs.T @ hs
+            xs, hs = x.to(acc), outputs["neuron"].to(acc)
+            if hessian_weights is not None:
+                scale = hessian_weights.to(acc).sqrt()[:, None]
+                xs, hs = xs * scale, hs * scale
+            self.hessian_in[e].addmm_(xs.T, xs)  # in place: no [H, H] temporary per expert and batch
+            self.hessian_mid[e].addmm_(hs.T, hs)
 
     def replace(self, e: int, other: "ExpertGroupStats") -> None:
         """Take expert e's channel statistics and Hessians from `other` (route_all), keeping its counts."""
