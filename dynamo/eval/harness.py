@@ -10,7 +10,7 @@ import json
 import logging
 import random
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 
 import yaml
