@@ -1,0 +1,34 @@
+"""The benchmark scripts run and write the JSON they promise (tiny settings, temporary output)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_script(name: str, *args: str) -> None:
+    proc = subprocess.run([sys.executable, f"scripts/{name}", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_eval_throughput_benchmark(tmp_path):
+    out = tmp_path / "eval.json"
+    run_script("bench_eval_throughput.py", "--windows", "8", "--rounds", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["windows"] == 8 and report["ratio_of_medians"] > 0
+    assert report["ours_nll"] == pytest.approx(report["plain_nll"], rel=1e-4), "both loops must score the same tokens"
+
+
+@pytest.mark.slow
+def test_calibration_overhead_benchmark(tmp_path):
+    out = tmp_path / "calib.json"
+    run_script("bench_calibration.py", "--windows", "4", "--rounds", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["ratio_of_medians"] > 0 and report["stats_bytes"] > 0 and report["hessians"] is True
