@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import UserError
 
 PROJECTIONS = ("gate", "up", "down")
+SHARED = "shared"  # the expert key of a layer's shared expert
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,15 @@ class MoELayer:
             raise ValueError(f"layer {self.index} expert {expert} {projection}: shape {tuple(value.shape)} "
                              f"!= {tuple(target.shape)}")
         target.copy_(value)
+
+    def matrices(self) -> Iterator[tuple[int | str, str, torch.Tensor]]:
+        """(expert, projection, [out, in] weight view) for every routed expert, then the shared one."""
+        for e in range(self.n_experts):
+            for projection in PROJECTIONS:
+                yield e, projection, self.weight(e, projection)
+        if self.shared_expert is not None:
+            for projection in PROJECTIONS:
+                yield SHARED, projection, getattr(self.shared_expert, f"{projection}_proj").weight.data
 
     def activation(self):
         experts = self.experts

@@ -31,18 +31,21 @@ log = logging.getLogger(__name__)
 POLICIES = ("warn", "rtn_fallback", "route_all")
 
 
-def mlp_outputs(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act, x: torch.Tensor) -> dict:
-    """A SwiGLU expert on x [m, H]: pre-activation gate/up outputs, the neuron h, the down output."""
-    g, u = x @ gate.T, x @ up.T
+def _swiglu(g: torch.Tensor, u: torch.Tensor, act, down: torch.Tensor) -> dict:
+    """Pre-activation gate/up outputs, the neuron h = act(g) * u, and the down output."""
     h = act(g) * u
     return {"gate": g, "up": u, "neuron": h, "down": h @ down.T}
+
+
+def mlp_outputs(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act, x: torch.Tensor) -> dict:
+    """A SwiGLU expert on x [m, H]."""
+    return _swiglu(x @ gate.T, x @ up.T, act, down)
 
 
 def _expert_outputs(layer: MoELayer, e: int, x: torch.Tensor) -> dict:
     if layer.adapter.storage == "fused_3d":  # gate and up in one matrix product, as the model does
         g, u = (x @ layer.experts.gate_up_proj.data[e].T).chunk(2, dim=-1)
-        h = layer.activation()(g) * u
-        return {"gate": g, "up": u, "neuron": h, "down": h @ layer.weight(e, "down").T}
+        return _swiglu(g, u, layer.activation(), layer.weight(e, "down"))
     return mlp_outputs(layer.weight(e, "gate"), layer.weight(e, "up"), layer.weight(e, "down"), layer.activation(), x)
 
 

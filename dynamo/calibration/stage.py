@@ -29,15 +29,20 @@ def calibration_windows(tokenizer, sources: dict, names: list[str], cfg: CalibCo
     return windows
 
 
-def calibrate(model, tokenizer, sources: dict, known: list[str], cfg: CalibConfig) -> CalibrationStats:
-    """One capture over the calibration windows of every calibration dataset, concatenated."""
+def all_calibration_windows(tokenizer, sources: dict, known: list[str], cfg: CalibConfig) -> torch.Tensor:
+    """The windows of every calibration dataset (calib.datasets, else the known ones), concatenated."""
     names = list(cfg.datasets) if cfg.datasets else list(known)
     if not names:
         raise UserError("no calibration datasets: the dataset suite declares no known datasets; "
                         "set calib.datasets=[name, ...]")
-    windows = calibration_windows(tokenizer, sources, names, cfg)
-    all_windows = torch.cat(list(windows.values()))
-    log.info("calibration: %d windows x %d tokens from %s", len(all_windows), cfg.seqlen, ", ".join(names))
+    windows = torch.cat(list(calibration_windows(tokenizer, sources, names, cfg).values()))
+    log.info("calibration: %d windows x %d tokens from %s", len(windows), cfg.seqlen, ", ".join(names))
+    return windows
+
+
+def calibrate(model, tokenizer, sources: dict, known: list[str], cfg: CalibConfig) -> CalibrationStats:
+    """One capture over the calibration windows of every calibration dataset, concatenated."""
+    all_windows = all_calibration_windows(tokenizer, sources, known, cfg)
     fn = capture_sequential if cfg.sequential else capture
     return fn(model, all_windows, batch_size=cfg.batch_size, hessians=cfg.hessians,
               hessian_weighting=cfg.hessian_weighting.value, min_tokens=cfg.min_tokens, policy=cfg.policy.value)

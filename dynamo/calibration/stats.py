@@ -115,14 +115,6 @@ class CalibrationStats:
     rtn_fallback: list[tuple[int, int]] = field(default_factory=list)  # experts to quantize with RTN
     min_tokens: int = 0
 
-    @property
-    def total_tokens(self) -> int:
-        return self.windows * self.seqlen
-
-    def token_counts(self) -> torch.Tensor:
-        """[moe_layers, experts] routed-token counts, in layer order."""
-        return torch.stack([self.layers[i].routed.tokens.cpu() for i in sorted(self.layers)])
-
     def under_covered(self, min_tokens: int) -> list[tuple[int, int]]:
         return [(i, e) for i in sorted(self.layers) for e, n in enumerate(self.layers[i].routed.tokens.tolist())
                 if n < min_tokens]

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .plan import SHARED, QuantPlan
+from ..adapters import SHARED
+from .plan import QuantPlan
 
 
 def high_count(n_experts: int, target_bits: float, low: int, high: int) -> int:

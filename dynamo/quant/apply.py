@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters import PROJECTIONS, MoELayer, moe_layers
+from ..adapters import SHARED, MoELayer, moe_layers
 from ..calibration import CalibrationStats, LayerStats, capture_sequential
 from ..errors import UserError
 from .gptq import quantize_gptq
-from .plan import SHARED, QuantPlan
+from .plan import QuantPlan
 from .rtn import QuantizedWeight, quantize_rtn
 
 log = logging.getLogger(__name__)
@@ -43,21 +43,13 @@ class GPTQOptions:
 
 def _expert_matrices(layer: MoELayer, stats: LayerStats | None):
     """(expert, projection, weight view, Hessian or None, routed tokens) for routed and shared experts."""
-    for e in range(layer.n_experts):
-        tokens = int(stats.routed.tokens[e]) if stats is not None else 0
-        for projection in PROJECTIONS:
-            h = None
-            if stats is not None and stats.routed.hessian_in is not None:
-                h = stats.routed.hessian_in[e] if projection != "down" else stats.routed.hessian_mid[e]
-            yield e, projection, layer.weight(e, projection), h, tokens
-    shared = layer.shared_expert
-    if shared is not None:
-        tokens = int(stats.shared.tokens[0]) if stats is not None and stats.shared is not None else 0
-        for projection in PROJECTIONS:
-            h = None
-            if stats is not None and stats.shared is not None and stats.shared.hessian_in is not None:
-                h = stats.shared.hessian_in[0] if projection != "down" else stats.shared.hessian_mid[0]
-            yield SHARED, projection, getattr(shared, f"{projection}_proj").weight.data, h, tokens
+    for expert, projection, weight in layer.matrices():
+        group, i = (None, 0) if stats is None else (stats.shared, 0) if expert == SHARED else (stats.routed, expert)
+        if group is None:
+            yield expert, projection, weight, None, 0
+            continue
+        hessians = group.hessian_in if projection != "down" else group.hessian_mid
+        yield expert, projection, weight, None if hessians is None else hessians[i], int(group.tokens[i])
 
 
 def quantize_layer(layer: MoELayer, plan: QuantPlan, stats: LayerStats | None, report: QuantReport,

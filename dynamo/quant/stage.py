@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 
 from ..adapters import moe_layers
-from ..calibration import CalibrationStats
-from ..calibration.stage import calibration_windows
+from ..calibration import CalibrationStats, capture
+from ..calibration.stage import all_calibration_windows
 from ..config import Allocation, CalibConfig, QuantConfig, QuantMethod
 from ..errors import UserError
-from ..calibration import capture
 from .allocation import allocate
 from .apply import GPTQOptions, QuantReport, apply_plan, quantize_sequential
 from .bits import bit_accounting
@@ -59,7 +58,7 @@ def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig
     plan = plan_from_config(cfg, model, model_name)
     options = GPTQOptions(damp=cfg.damp, act_order=cfg.act_order)
     needs_data = cfg.method == QuantMethod.gptq or cfg.allocation == Allocation.moeptq
-    windows = _calibration(tokenizer, sources, known, calib) if needs_data else None
+    windows = all_calibration_windows(tokenizer, sources, known, calib) if needs_data else None
     if cfg.allocation != Allocation.uniform and not cfg.plan:
         layers = list(moe_layers(model))
         if cfg.allocation == Allocation.moeptq:  # routing frequency from a statistics-light pass
@@ -83,13 +82,5 @@ def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig
 def _summary(model, plan: QuantPlan, report: QuantReport) -> dict:
     return {"method": plan.method, "allocation": plan.created_by.get("allocation", "uniform"),
             "matrices": report.matrices, "rtn_fallback": [list(x) for x in report.rtn_fallback],
-            "gptq_loss": report.gptq_loss, "bits": bit_accounting(model, plan)}
+            "gptq_loss": report.gptq_loss, "bits": bit_accounting(model, plan.spec_for)}
 
-
-def _calibration(tokenizer, sources: dict, known: list[str], calib: CalibConfig) -> torch.Tensor:
-    names = list(calib.datasets) if calib.datasets else list(known)
-    if not names:
-        raise UserError("this quantization needs calibration data: set calib.datasets=[name, ...]")
-    windows = torch.cat(list(calibration_windows(tokenizer, sources, names, calib).values()))
-    log.info("calibrating on %d windows x %d tokens from %s", len(windows), calib.seqlen, ", ".join(names))
-    return windows

@@ -123,7 +123,7 @@ def test_bit_accounting_matches_a_hand_computed_example():
     model = build("olmoe")  # 3 MoE layers x 4 experts; gate/up [8, 16], down [16, 8]
     plan = QuantPlan(method="rtn", default=QSpec(4, group_size=8))
     plan.set_expert_bits(0, 0, 2)
-    acct = bit_accounting(model, plan)
+    acct = bit_accounting(model, plan.spec_for)
     # int4, g8, asym: a [8,16] matrix has 8*16 codes of 4 bits and 8*2 groups of (16 + 4) bits
     gate_up_4 = 8 * 16 * 4 + 16 * 20       # 832
     down_4 = 16 * 8 * 4 + 16 * 1 * 20      # 832
