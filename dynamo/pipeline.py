@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SUITE_TASKS = "suite"  # in eval.lm_eval.tasks: one rolling-loglikelihood task per evaluated dataset
 MC_TASK = "dynamo_math_mc"
+WINDOW_NLL_FILE = "window_nll.json"  # beside result.json: {dataset: [mean loss of each window]}
 
 
 def seed_everything(seed: int) -> None:
@@ -55,8 +56,9 @@ def selected_sources(cfg: DictConfig) -> dict:
     return {name: sources[name] for name in wanted}
 
 
-def evaluate_perplexity(loaded, documents: dict, sources: dict, eval_cfg) -> tuple[dict, dict]:
-    ppl, protocol = {}, {}
+def evaluate_perplexity(loaded, documents: dict, sources: dict, eval_cfg) -> tuple[dict, dict, dict]:
+    """PPL per dataset, its protocol, and each window's mean loss (for paired comparisons of runs)."""
+    ppl, protocol, window_nll = {}, {}, {}
     for name, docs in documents.items():
         ids = tokenize_corpus(loaded.tokenizer, docs, sources[name].separator)
         windows = make_windows(ids, eval_cfg.seqlen, eval_cfg.max_windows, name)
@@ -64,11 +66,12 @@ def evaluate_perplexity(loaded, documents: dict, sources: dict, eval_cfg) -> tup
                                   available_windows=ids.numel() // eval_cfg.seqlen, corpus_tokens=ids.numel(),
                                   desc=f"ppl {name}")
         ppl[name] = result.ppl
+        window_nll[name] = result.window_nll
         protocol[name] = {**result.protocol(), "split": eval_cfg.split, "documents": len(docs),
                           "separator": sources[name].separator,
                           "tokenizer": getattr(loaded.tokenizer, "name_or_path", None)}
         log.info("ppl %-12s %10.3f  (%d windows x %d tokens)", name, result.ppl, result.windows, result.seqlen)
-    return ppl, protocol
+    return ppl, protocol, window_nll
 
 
 def evaluate_lm_eval(loaded, documents: dict, eval_cfg) -> dict:
@@ -115,7 +118,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     calibration, quantization = quantize_or_calibrate(loaded, cfg, run_dir, timings)
 
     t = time.perf_counter()
-    ppl, ppl_protocol = evaluate_perplexity(loaded, documents, sources, cfg.eval)
+    ppl, ppl_protocol, window_nll = evaluate_perplexity(loaded, documents, sources, cfg.eval)
+    write_json_atomic(run_dir / WINDOW_NLL_FILE, window_nll)
     timings["eval_ppl_s"] = time.perf_counter() - t
     metrics, protocol = {"ppl": ppl}, {"ppl": ppl_protocol}
     if quantization is not None:

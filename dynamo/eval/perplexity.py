@@ -9,7 +9,7 @@ context carried across windows). This is not lm-eval's `word_perplexity`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,11 @@ class PerplexityResult:
     available_windows: int     # full windows in the split; `windows` may be capped
     seqlen: int
     corpus_tokens: int
+    window_nll: list[float] = field(default_factory=list)  # mean loss of each window: paired comparisons
 
     def protocol(self) -> dict:
         out = asdict(self)
-        del out["ppl"], out["nll"]
+        del out["ppl"], out["nll"], out["window_nll"]
         return out
 
 
@@ -58,16 +59,18 @@ def token_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: 
                      available_windows: int | None = None, corpus_tokens: int | None = None,
                      desc: str = "ppl") -> PerplexityResult:
     device = input_device(model)
-    total_nll, predicted = 0.0, 0
+    total_nll, predicted, window_nll = 0.0, 0, []
     batches = range(0, len(windows), batch_size)
     for start in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
         batch = windows[start:start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         # fp32 loss: bf16 logits lose ~0.5% of PPL on large vocabularies
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        total_nll += loss.item()
+        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                     reduction="none").view(len(batch), -1)
+        total_nll += token_loss.sum().item()
+        window_nll += token_loss.mean(dim=1).tolist()
         predicted += batch[:, 1:].numel()
     nll = total_nll / predicted
     return PerplexityResult(ppl=math.exp(nll), nll=nll, predicted_tokens=predicted, windows=len(windows),
                             available_windows=available_windows or len(windows), seqlen=windows.shape[1],
-                            corpus_tokens=corpus_tokens or windows.numel())
+                            corpus_tokens=corpus_tokens or windows.numel(), window_nll=window_nll)
