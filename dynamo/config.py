@@ -95,6 +95,48 @@ class Allocation(Enum):
     uniform = "uniform"  # every routed expert at quant.bits
     moeptq = "moeptq"    # most-routed experts per layer at high_bits, the rest at low_bits
     random = "random"    # as many high_bits experts per layer as moeptq, chosen at random
+    fcm = "fcm"          # DynaMo (paper Algorithm 1): fuzzy c-means over fused expert significance
+    budget = "budget"    # DynaMo, ours: the least expected error at exactly target_bits per layer
+
+
+class Fuse(Enum):
+    """Paper Eq. 2: how the per-dataset expert significances become one (spec Step 2)."""
+    mean = "mean"
+    max = "max"
+    geomean = "geomean"
+    gaussian = "gaussian"  # diagonal Gaussian: its mean allocates, its std is kept as the dynamics
+
+
+class ChannelMetric(Enum):
+    act_l2 = "act_l2"    # sum over routed tokens of router weight * y_c^2
+    act_abs = "act_abs"  # sum over routed tokens of router weight * |y_c|
+    wanda = "wanda"      # sum_j |W_cj| * ||x_j|| (Wanda's score, summed over the row)
+    freq = "freq"        # routed-token count only
+
+
+class ChannelUnit(Enum):
+    row = "row"          # an output row of each projection (gate, up, down)
+    neuron = "neuron"    # an intermediate neuron: gate row c, up row c and down column c together
+
+
+@dataclass
+class FcmConfig:
+    m: float = 2.0                          # fuzzifier
+    eps: float = 1e-5                       # stop when no membership moves more than this
+    max_iter: int = 300
+    overlap_margin: float = 0.1             # top-two memberships closer than this: the lower precision
+
+
+@dataclass
+class AllocationConfig:
+    method: Allocation = Allocation.uniform
+    target_bits: float = 3.0                # moeptq / random / budget: average code bits of routed experts
+    low_bits: int = 2                       # moeptq / random
+    high_bits: int = 4
+    widths: list[int] = field(default_factory=lambda: [8, 6, 4, 2])  # fcm (one per cluster) / budget choices
+    fuse: Fuse = Fuse.mean
+    fcm: FcmConfig = field(default_factory=FcmConfig)
+    seed: int = 0                           # random allocation
 
 
 @dataclass
@@ -108,12 +150,24 @@ class QuantConfig:
     act_order: bool = False                 # GPTQ: columns by decreasing Hessian diagonal (static groups)
     damp: float = 0.01                      # GPTQ: fraction of the mean Hessian diagonal added
     plan: Optional[str] = None              # a QuantPlan JSON to apply instead of the uniform plan
-    allocation: Allocation = Allocation.uniform
-    target_bits: float = 3.0                # moeptq / random: average code bits of routed experts
-    low_bits: int = 2
-    high_bits: int = 4
-    seed: int = 0                           # random allocation
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
     bnb_format: str = "nf4"                 # nf4 | int8
+
+
+@dataclass
+class AnalysisConfig:
+    """DynaMo's multi-level analysis (spec Step 1): per-dataset channel and expert significance."""
+    datasets: Optional[list[str]] = None    # None = dataset.known
+    split: str = "calib"                    # never "test"
+    windows: int = 32                       # per dataset
+    seqlen: int = 512
+    batch_size: int = 8
+    channel_metric: ChannelMetric = ChannelMetric.act_l2
+    channel_unit: ChannelUnit = ChannelUnit.row
+    dynamic_channel_frac: float = 0.01      # per expert and unit: the channels that move most across datasets
+    cache: bool = True                      # reuse per-dataset captures across runs (keyed, see analysis/cache.py)
+    cache_dir: str = "${oc.env:DYNAMO_CACHE,'~/.cache/dynamo'}/analysis"
+    figures: bool = True                    # heatmaps and bit map into the run folder (and W&B)
 
 
 @dataclass
@@ -130,6 +184,7 @@ class EvalConfig:
     split: str = "test"
     seqlen: int = 512
     max_windows: Optional[int] = None       # per dataset; None = every full window
+    reference: bool = False                 # quantized runs: also the 16-bit model's PPL, before quantizing
     batch_size: int = 8
     datasets: Optional[list[str]] = None    # which sources to evaluate; None = all of the suite
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
@@ -168,6 +223,7 @@ class RunConfig:
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
     calib: CalibConfig = field(default_factory=CalibConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     seed: int = 0
     tag: str = ""
     results_dir: str = "results/runs"

@@ -37,6 +37,9 @@ def publish(record: dict, cfg: LoggerConfig, run_dir: Path) -> str | None:
     run.summary.update(flatten(record["metrics"], "metrics"))
     run.summary.update(flatten(record["timings"], "timings"))
     run.summary["config_hash"] = record["config_hash"]
+    figures = sorted((Path(run_dir) / "figures").glob("*.png"))
+    if figures:
+        run.log({f"figures/{path.stem}": wandb.Image(str(path)) for path in figures})
     location = run.dir
     run.finish()
     log.info("W&B (%s): %s", cfg.mode.value, location)

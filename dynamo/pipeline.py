@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SUITE_TASKS = "suite"  # in eval.lm_eval.tasks: one rolling-loglikelihood task per evaluated dataset
 MC_TASK = "dynamo_math_mc"
 WINDOW_NLL_FILE = "window_nll.json"  # beside result.json: {dataset: [mean loss of each window]}
+WINDOW_NLL_FP16_FILE = "window_nll_fp16.json"  # the same for the eval.reference pass
 
 
 def seed_everything(seed: int) -> None:
@@ -115,13 +116,22 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {cfg.model.name} allows "
                         f"({loaded.max_length} positions); use eval.seqlen<={loaded.max_length}")
 
-    calibration, quantization = quantize_or_calibrate(loaded, cfg, run_dir, timings)
+    metrics, window_nll = {}, {}
+    if cfg.eval.reference and cfg.quant.method != QuantMethod.none:
+        t = time.perf_counter()
+        metrics["ppl_fp16"], _, window_nll["fp16"] = evaluate_perplexity(loaded, documents, sources, cfg.eval)
+        timings["eval_ppl_fp16_s"] = time.perf_counter() - t
+
+    calibration, quantization, analysis = quantize_or_calibrate(loaded, cfg, run_dir, timings)
 
     t = time.perf_counter()
-    ppl, ppl_protocol, window_nll = evaluate_perplexity(loaded, documents, sources, cfg.eval)
-    write_json_atomic(run_dir / WINDOW_NLL_FILE, window_nll)
+    ppl, ppl_protocol, window_nll["run"] = evaluate_perplexity(loaded, documents, sources, cfg.eval)
+    write_json_atomic(run_dir / WINDOW_NLL_FILE, window_nll["run"])
+    if "fp16" in window_nll:
+        write_json_atomic(run_dir / WINDOW_NLL_FP16_FILE, window_nll["fp16"])
     timings["eval_ppl_s"] = time.perf_counter() - t
-    metrics, protocol = {"ppl": ppl}, {"ppl": ppl_protocol}
+    metrics = {"ppl": ppl, **metrics}
+    protocol = {"ppl": ppl_protocol}
     if quantization is not None:
         bits = quantization["bits"]
         metrics["avg_bits"] = {"experts": bits["experts"], "all": bits["all"],
@@ -146,6 +156,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
                          timings=timings)
     if calibration is not None:
         record["calibration"] = calibration
+    if analysis is not None:
+        record["analysis"] = analysis
     if quantization is not None:
         record["quantization"] = quantization
     write_json_atomic(run_dir / RESULT_FILE, record)
@@ -153,27 +165,63 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     return record
 
 
-def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict) -> tuple[dict | None, dict | None]:
-    """The quantization stage (which calibrates when its method needs it), or calibration alone."""
-    stats, quantization = None, None
+def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict
+                          ) -> tuple[dict | None, dict | None, dict | None]:
+    """The quantization stage (after DynaMo's analysis when its allocation needs it, and with the
+    calibration its method needs), or calibration alone. Returns the record's calibration,
+    quantization and analysis sections."""
+    stats, quantization, analysis = None, None, None
     known = list(cfg.dataset.known)
-    t = time.perf_counter()
     if cfg.quant.method != QuantMethod.none:
-        from .quant.stage import quantize
+        from .quant.stage import needs_analysis, quantize
 
+        significance = None
+        if needs_analysis(cfg.quant):
+            significance, analysis = run_analysis(loaded, cfg, run_dir, timings)
+        t = time.perf_counter()
         result = quantize(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), known, cfg.quant, cfg.calib,
-                          cfg.model.name)
+                          cfg.model.name, significance=significance)
         timings["quantize_s"] = time.perf_counter() - t
         stats, quantization = result.stats, result.summary
         if result.plan is not None:
             result.plan.save(run_dir / "plan.json")
+        if analysis is not None:
+            # the paper's overhead: analysis as a share of the offline stage (analysis + quantization);
+            # with a cache hit, the share uses the seconds the cached captures took when computed
+            offline = analysis["capture_s"] + timings["quantize_s"]
+            analysis["share_of_offline"] = round(analysis["capture_s"] / offline, 4) if offline > 0 else None
+            write_dynamo_figures(cfg, run_dir, significance, result.plan)
     elif cfg.calib.enabled:
         from .calibration.stage import calibrate
 
+        t = time.perf_counter()
         stats = calibrate(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), known, cfg.calib)
         timings["calibration_s"] = time.perf_counter() - t
     calibration = report_coverage(stats, list(cfg.calib.datasets or known), run_dir) if stats is not None else None
-    return calibration, quantization
+    return calibration, quantization, analysis
+
+
+def run_analysis(loaded, cfg: DictConfig, run_dir: Path, timings: dict):
+    """DynaMo Step 1 on the FP16 model; the significance artifact lands in the run folder."""
+    from .analysis import analysis_datasets, analyze
+
+    t = time.perf_counter()
+    significance, report = analyze(loaded.model, loaded.tokenizer, sources_of(cfg.dataset),
+                                   analysis_datasets(cfg.analysis, list(cfg.dataset.known)), cfg.analysis,
+                                   model_path=cfg.model.path, revision=cfg.model.revision, seed=cfg.seed)
+    timings["analysis_s"] = time.perf_counter() - t
+    significance.save(run_dir / "significance")
+    return significance, {**report, **significance.summary(), "artifact": "significance.safetensors"}
+
+
+def write_dynamo_figures(cfg: DictConfig, run_dir: Path, significance, plan) -> None:
+    if not cfg.analysis.figures:
+        return
+    from .analysis.figures import write_figures
+
+    experts = {i: len(t) for i, t in significance.tokens[significance.datasets[0]].items()}
+    write_figures(run_dir, significance, {i: [plan.spec_for(i, e, "gate").bits for e in range(n)]
+                                          for i, n in experts.items()})
 
 
 def report_coverage(stats, datasets: list[str], run_dir: Path) -> dict:

@@ -6,11 +6,13 @@ from __future__ import annotations
 def summary_table(record: dict, known: list[str]) -> str:
     ppl = record["metrics"]["ppl"]
     lm_eval = record["metrics"].get("lm_eval", {})
-    rows = [("dataset", "role", "token PPL", "windows", "bits/byte (lm-eval)")]
+    reference = record["metrics"].get("ppl_fp16")
+    rows = [("dataset", "role", "token PPL", *(("FP16 PPL",) if reference else ()), "windows", "bits/byte (lm-eval)")]
     for name, value in ppl.items():
         windows = record["protocol"]["ppl"][name]["windows"]
         bpb = lm_eval.get(f"dynamo_{name}", {}).get("bits_per_byte")
-        rows.append((name, "known" if name in known else "novel", f"{value:.3f}", str(windows),
+        rows.append((name, "known" if name in known else "novel", f"{value:.3f}",
+                     *((f"{reference[name]:.3f}",) if reference else ()), str(windows),
                      "" if bpb is None else f"{bpb:.4f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
@@ -27,4 +29,8 @@ def summary_table(record: dict, known: list[str]) -> str:
     if bits:
         lines.append(f"avg bits: routed experts {bits['experts']:.3f} ({bits['experts_codes_only']:.3f} without "
                      f"group scales/zeros), all weights {bits['all']:.3f}")
+    analysis = record.get("analysis")
+    if analysis:
+        lines.append(f"analysis: {analysis['metric']} on {', '.join(analysis['datasets'])}, "
+                     f"{analysis['share_of_offline']:.1%} of the offline stage")
     return "\n".join([head, *lines])

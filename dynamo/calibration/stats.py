@@ -18,7 +18,7 @@ from ..records import write_json_atomic
 # Per output channel of each projection, and per intermediate neuron (SwiGLU output h = act(g) * u):
 #   sq = sum y^2, abs = sum |y|, wsq = sum r*y^2, wabs = sum r*|y|, with r the token's router weight.
 CHANNEL_STATS = ("sq", "abs", "wsq", "wabs")
-CHANNEL_UNITS = ("gate", "up", "down", "neuron")
+CHANNEL_UNITS = ("gate", "up", "down", "neuron", "input")  # input: the tokens x (Wanda's ||x_j||)
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ExpertGroupStats:
 
     @classmethod
     def zeros(cls, n: int, hidden: int, inter: int, hessians: bool, device, dtype=torch.float32):
-        width = {"gate": inter, "up": inter, "neuron": inter, "down": hidden}
+        width = {"gate": inter, "up": inter, "neuron": inter, "down": hidden, "input": hidden}
         return cls(
             tokens=torch.zeros(n, dtype=torch.int64, device=device),
             router_weight_sum=torch.zeros(n, dtype=torch.float64, device=device),
@@ -51,6 +51,7 @@ class ExpertGroupStats:
             self.router_weight_sum[e] += r.double().sum()
         acc = self.channels["gate"]["sq"].dtype
         r = r.to(acc)
+        outputs = {**outputs, "input": x}
         # Every unit's plain and router-weighted column sums in one matrix product:
         # [1; r] (2 x m) @ [y^2 | |y|] (m x 2C) -> [sq | abs] and [wsq | wabs].
         y = torch.cat([outputs[u].to(acc) for u in CHANNEL_UNITS], dim=1)

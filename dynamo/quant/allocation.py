@@ -1,4 +1,4 @@
-"""Expert bit allocations of the baselines: uniform, MoEPTQ-style frequency, and random.
+"""Expert bit allocations: the baselines (uniform, MoEPTQ-style frequency, random) and DynaMo's.
 
 MoEPTQ ("Examining Post-Training Quantization for Mixture-of-Experts", arXiv 2406.08155)
 gives the most-routed experts of each layer the high width and the rest the low width, with
@@ -13,17 +13,22 @@ the control every allocation rule must beat.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import UserError
 from ..adapters import SHARED
+from .budget import layer_budget, relative_error, solve_budget
+from .fcm import fcm_widths
+from .fusion import fuse
 from .plan import QuantPlan
+from .spec import QSpec
 
 
 def high_count(n_experts: int, target_bits: float, low: int, high: int) -> int:
     """Experts per layer at `high` bits so the layer's average code width is closest to target."""
     if not low <= target_bits <= high:
-        raise UserError(f"quant.target_bits={target_bits} is outside [{low}, {high}] (low_bits, high_bits)")
+        raise UserError(f"quant.allocation.target_bits={target_bits} is outside [{low}, {high}] (low_bits, high_bits)")
     return int(round(n_experts * (target_bits - low) / (high - low)))
 
 
@@ -39,7 +44,7 @@ def allocate(plan: QuantPlan, token_counts: dict[int, torch.Tensor], shared_laye
         elif rule == "random":
             order = torch.randperm(len(counts), generator=generator).tolist()
         else:
-            raise UserError(f"unknown quant.allocation '{rule}'; choose uniform, moeptq or random")
+            raise UserError(f"allocate handles moeptq and random, not '{rule}'")
         chosen = set(order[:n])
         for e in range(len(counts)):
             plan.set_expert_bits(layer, e, high if e in chosen else low)
@@ -47,3 +52,38 @@ def allocate(plan: QuantPlan, token_counts: dict[int, torch.Tensor], shared_laye
             plan.set_expert_bits(layer, SHARED, high)
     plan.created_by.update(allocation=rule, target_bits=target_bits, low_bits=low, high_bits=high, seed=seed)
     return plan
+
+
+def allocate_dynamo(plan: QuantPlan, significance, layers: list, cfg) -> dict:
+    """DynaMo's expert widths (spec Step 2) into `plan`, in place: per MoE layer, fuse the per-dataset
+    expert significance (Eq. 2), then `fcm` (paper Algorithm 1) or `budget` (exact, ours).
+    `cfg` is the quant.allocation node. Returns the fused significance and spread per layer."""
+    method, widths = cfg.method.value, list(cfg.widths)
+    try:
+        specs = {w: QSpec(w, plan.default.group_size, plan.default.sym) for w in widths}
+    except ValueError as err:
+        raise UserError(f"quant.allocation.widths: {err}") from None
+    if any(s.is_float for s in specs.values()) or len(set(widths)) != len(widths):
+        raise UserError(f"quant.allocation.widths={widths}: distinct integer widths only (16 is not a width)")
+    fused_by_layer = {}
+    for layer in layers:
+        fused, spread = fuse(significance.expert_matrix(layer.index), cfg.fuse.value)
+        if method == "fcm":
+            if sorted(widths, reverse=True) != widths:
+                raise UserError(f"fcm maps clusters ranked by centre to widths from high to low; "
+                                f"list quant.allocation.widths descending, got {widths}")
+            bits, _ = fcm_widths(fused, widths, cfg.fcm.m, cfg.fcm.eps, cfg.fcm.max_iter, cfg.fcm.overlap_margin)
+        elif method == "budget":
+            errors = [[relative_error([layer.weight(e, p) for p in ("gate", "up", "down")], specs[w])
+                       for w in widths] for e in range(layer.n_experts)]
+            costs = fused.numpy()[:, None] * np.asarray(errors)
+            bits = solve_budget(costs, widths, layer_budget(layer.n_experts, cfg.target_bits))
+        else:
+            raise UserError(f"allocate_dynamo handles fcm and budget, not '{method}'")
+        for e, b in enumerate(bits):
+            plan.set_expert_bits(layer.index, e, b)
+        fused_by_layer[layer.index] = {"fused": fused, "spread": spread, "bits": bits}
+    plan.created_by.update(allocation=method, fuse=cfg.fuse.value, widths=widths, metric=significance.metric,
+                           unit=significance.unit, datasets=significance.datasets,
+                           **({"target_bits": cfg.target_bits} if method == "budget" else {}))
+    return fused_by_layer

@@ -13,7 +13,7 @@ from ..calibration import CalibrationStats, capture
 from ..calibration.stage import all_calibration_windows
 from ..config import Allocation, CalibConfig, QuantConfig, QuantMethod
 from ..errors import UserError
-from .allocation import allocate
+from .allocation import allocate, allocate_dynamo
 from .apply import GPTQOptions, QuantReport, apply_plan, quantize_sequential
 from .bits import bit_accounting
 from .bnb import FORMATS, apply_bnb
@@ -48,8 +48,18 @@ def plan_from_config(cfg: QuantConfig, model, model_name: str) -> QuantPlan:
                      created_by={"allocation": "uniform", "quant": cfg.name})
 
 
+DYNAMO_ALLOCATIONS = (Allocation.fcm, Allocation.budget)
+
+
+def needs_analysis(cfg: QuantConfig) -> bool:
+    """DynaMo's allocations need the per-dataset significance of the analysis stage."""
+    return cfg.method in (QuantMethod.rtn, QuantMethod.gptq) and cfg.allocation.method in DYNAMO_ALLOCATIONS \
+        and not cfg.plan
+
+
 def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig, calib: CalibConfig,
-             model_name: str) -> QuantResult:
+             model_name: str, significance=None) -> QuantResult:
+    """`significance` (dynamo.analysis.Significance) is required by the fcm and budget allocations."""
     if cfg.method == QuantMethod.bnb:
         if cfg.bnb_format not in FORMATS:
             raise UserError(f"unknown quant.bnb_format '{cfg.bnb_format}'; choose one of {', '.join(FORMATS)}")
@@ -57,17 +67,23 @@ def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig
         return QuantResult({"method": "bnb", "format": cfg.bnb_format, **summary}, None, None)
     plan = plan_from_config(cfg, model, model_name)
     options = GPTQOptions(damp=cfg.damp, act_order=cfg.act_order)
-    needs_data = cfg.method == QuantMethod.gptq or cfg.allocation == Allocation.moeptq
+    alloc = cfg.allocation
+    needs_data = cfg.method == QuantMethod.gptq or alloc.method == Allocation.moeptq
     windows = all_calibration_windows(tokenizer, sources, known, calib) if needs_data else None
-    if cfg.allocation != Allocation.uniform and not cfg.plan:
+    if alloc.method != Allocation.uniform and not cfg.plan:
         layers = list(moe_layers(model))
-        if cfg.allocation == Allocation.moeptq:  # routing frequency from a statistics-light pass
-            freq = capture(model, windows, batch_size=calib.batch_size, hessians=False)
-            counts = {i: s.routed.tokens.cpu() for i, s in freq.layers.items()}
+        if alloc.method in DYNAMO_ALLOCATIONS:
+            if significance is None:
+                raise UserError(f"quant.allocation.method={alloc.method.value} needs the analysis stage's significance")
+            allocate_dynamo(plan, significance, layers, alloc)
         else:
-            counts = {layer.index: torch.zeros(layer.n_experts) for layer in layers}
-        allocate(plan, counts, {layer.index for layer in layers if layer.shared_expert is not None},
-                 cfg.allocation.value, cfg.target_bits, cfg.low_bits, cfg.high_bits, cfg.seed)
+            if alloc.method == Allocation.moeptq:  # routing frequency from a statistics-light pass
+                freq = capture(model, windows, batch_size=calib.batch_size, hessians=False)
+                counts = {i: s.routed.tokens.cpu() for i, s in freq.layers.items()}
+            else:
+                counts = {layer.index: torch.zeros(layer.n_experts) for layer in layers}
+            allocate(plan, counts, {layer.index for layer in layers if layer.shared_expert is not None},
+                     alloc.method.value, alloc.target_bits, alloc.low_bits, alloc.high_bits, alloc.seed)
     if cfg.method == QuantMethod.rtn:
         return QuantResult(_summary(model, plan, apply_plan(model, plan, options=options)), plan, None)
     report, stats = quantize_sequential(model, plan, windows, batch_size=calib.batch_size,

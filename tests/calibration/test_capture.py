@@ -52,7 +52,7 @@ def reference_expert_stats(layer, records, weighting):
     n, hid, inter = layer.n_experts, layer.hidden_size, layer.intermediate_size
     ref = {"tokens": torch.zeros(n, dtype=torch.int64), "rsum": torch.zeros(n, dtype=d),
            "hin": torch.zeros(n, hid, hid, dtype=d), "hmid": torch.zeros(n, inter, inter, dtype=d),
-           "ch": {u: {s: torch.zeros(n, hid if u == "down" else inter, dtype=d) for s in ("sq", "abs", "wsq", "wabs")}
+           "ch": {u: {s: torch.zeros(n, hid if u in ("down", "input") else inter, dtype=d) for s in ("sq", "abs", "wsq", "wabs")}
                   for u in CHANNEL_UNITS}}
     act = layer.activation()
     for hidden, idx, w in records:
@@ -61,7 +61,7 @@ def reference_expert_stats(layer, records, weighting):
                 e, r = int(idx[t, j]), float(w[t, j])
                 x = hidden[t:t + 1].double()
                 weights = {p: layer.weight(e, p).double() for p in ("gate", "up", "down")}
-                outs = swiglu(weights, act, x)
+                outs = {**swiglu(weights, act, x), "input": x}
                 ref["tokens"][e] += 1
                 ref["rsum"][e] += r
                 scale = r if weighting == "router" else 1.0

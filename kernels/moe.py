@@ -1,0 +1,47 @@
+"""A whole MoE layer's routed experts on packed weights: one grouped launch per WeightStack.
+
+    gate_up [T*k, 2I] = x[token] @ W^T for each stack of stage "gate_up" (gate -> [:I], up -> [I:])
+    h       [T*k, I]  = act(gate_up[:, :I]) * gate_up[:, I:]                        (torch)
+    y       [T*k, H]  = h @ W^T for each stack of stage "down"
+    out     [T, H]    = sum_j top_k_weights[t, j] * y[t * k + j], in fp32           (torch)
+
+Row t * k + j is token t's j-th routed expert. A layer costs one launch per stack (per distinct
+bit-width and stage: 2 x the number of widths when each expert has one width) plus the torch
+glue: routing sort, block tables, SwiGLU and the weighted sum. This is the per-projection
+building block with a torch composition; gate, up and down are not fused into one kernel
+(a fused SwiGLU kernel would save the gate_up round trip, [T*k, 2I] values, small next to the
+weights at decode sizes). 16-bit (dense) stacks run through torch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .experts import PackedExperts, Routing, WeightStack
+from .reference import grouped_dequant_matmul_ref
+
+GroupedMatmul = Callable[[torch.Tensor, WeightStack, Routing, int, torch.Tensor], torch.Tensor]
+
+
+def _run_stage(stacks: list[WeightStack], x: torch.Tensor, routing: Routing, in_div: int, out: torch.Tensor,
+               grouped: GroupedMatmul) -> None:
+    for stack in stacks:
+        (grouped_dequant_matmul_ref if stack.is_dense else grouped)(x, stack, routing, in_div, out)
+
+
+def moe_experts(experts: PackedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor, grouped: GroupedMatmul) -> torch.Tensor:
+    """hidden [T, H], top_k_index / top_k_weights [T, k] -> the routed experts' output [T, H]."""
+    tokens, k = top_k_index.shape
+    if hidden.shape != (tokens, experts.hidden_size):
+        raise ValueError(f"hidden must be [{tokens}, {experts.hidden_size}], got {tuple(hidden.shape)}")
+    routing = Routing.build(top_k_index, experts.n_experts)
+    inter = experts.intermediate_size
+    gate_up = torch.empty(tokens * k, 2 * inter, dtype=hidden.dtype, device=hidden.device)
+    _run_stage(experts.stages["gate_up"], hidden, routing, k, gate_up, grouped)
+    h = experts.act(gate_up[:, :inter]) * gate_up[:, inter:]
+    y = torch.empty(tokens * k, experts.hidden_size, dtype=hidden.dtype, device=hidden.device)
+    _run_stage(experts.stages["down"], h.contiguous(), routing, 1, y, grouped)
+    return (y.view(tokens, k, -1).float() * top_k_weights.float()[..., None]).sum(1).to(hidden.dtype)

@@ -1,0 +1,56 @@
+"""A packed model (routed experts from PackedWeight) gives the fake-quantized model's logits."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
+
+from dynamo.adapters import moe_layers  # noqa: E402
+from dynamo.quant import QSpec, QuantPlan, apply_plan  # noqa: E402
+from kernels.packed_model import pack_experts, packed_forward, release_dense_experts, write_dequantized  # noqa: E402
+from kernels.packing import PackedWeight  # noqa: E402
+from tiny_families import EXPERTS, build  # noqa: E402
+
+WIDTHS = (2, 3, 16, 6)  # expert e gets WIDTHS[e]; 16 stays dense
+
+
+def mixed_plan(model) -> QuantPlan:
+    plan = QuantPlan(method="rtn", default=QSpec(4, group_size=8))
+    for layer in moe_layers(model):
+        for expert in range(EXPERTS):
+            plan.set_expert_bits(layer.index, expert, WIDTHS[expert])
+    plan.bits[(next(iter(moe_layers(model))).index, 0, "down")] = 8  # one projection differs from its expert
+    return plan
+
+
+def packed_and_fake(family: str):
+    """(model with dense weights released, its packed experts, fake-quant logits, input ids)."""
+    model = build(family)
+    report = apply_plan(model, mixed_plan(model), keep_codes=True)
+    packed = pack_experts(model, report.codes)
+    write_dequantized(model, packed)  # fake-quant with the packed values (fp16 scales)
+    ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fake = model(ids).logits
+    assert release_dense_experts(model) > 0
+    return model, packed, fake, ids
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "deepseek"])  # fused with/without shared, ModuleList
+def test_packed_model_logits_equal_fake_quant_logits(family):
+    model, packed, fake, ids = packed_and_fake(family)
+    first = packed[min(packed)]
+    widths = sorted({s.bits for s in first.stages["gate_up"]})
+    assert widths == [2, 3, 6, 16] and isinstance(first.weight(1, "up"), PackedWeight)
+    assert first.weight(0, "down").bits == 8
+    with torch.no_grad(), packed_forward(model, packed, backend="torch"):
+        logits = model(ids).logits
+    assert torch.allclose(logits, fake, rtol=0, atol=1e-5 * float(fake.abs().max()))
+    with pytest.raises((RuntimeError, IndexError)):  # the dense experts are gone: only the packed path runs
+        with torch.no_grad():
+            model(ids)
