@@ -22,7 +22,7 @@ negative int32 values; unpacking masks after the (arithmetic) shift, which makes
 Group parameters: scales [N, groups] fp16 and zeros [N, groups] fp16 (integer values, not
 packed: fp16 holds every integer up to 2048 exactly, and the kernel then computes
 w = scale * (q - zero) with no unpacking of zeros; a group of 128 pays 16 instead of b bits
-for its zero, 0.1 bit per weight at most). A group is `group_size` consecutive input columns,
+for its zero, about 0.1 bit per weight). A group is `group_size` consecutive input columns,
 -1 = one group per row, as in `dynamo.quant.rtn`. Act-order weights whose groups are not
 consecutive columns (a non-trivial `g_idx`) are refused: our GPTQ keeps static groups
 (g_idx is None), so that case never arises from this repository's quantizers.

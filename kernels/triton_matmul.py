@@ -131,9 +131,10 @@ def _block_k(group_size: int, cols: int) -> int:
     block = min(128, max(MIN_DOT, _pow2_at_least(cols)))
     if group_size == -1:
         return block
-    while block > MIN_DOT and group_size % block:
-        block //= 2
-    return block if group_size % block == 0 else 64  # odd group sizes: per-element scales, any tile
+    aligned = block
+    while aligned > MIN_DOT and group_size % aligned:
+        aligned //= 2
+    return aligned if group_size % aligned == 0 else min(block, 64)  # else per-element scales, any tile
 
 
 def default_config(rows: int, w: PackedWeight | WeightStack, device: torch.device) -> TileConfig:

@@ -24,6 +24,7 @@ import os
 import re
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -129,7 +130,7 @@ def bench(device: torch.device, args: argparse.Namespace) -> dict:
             for batch in args.batches:
                 x = torch.randn(batch, k, generator=gen, device=device).half()
                 io_bytes = 2 * batch * (k + n)
-                fp16_ms = median_ms(lambda: F.linear(x, w16), flush, args.warmup, args.reps)
+                fp16_ms = median_ms(partial(F.linear, x, w16), flush, args.warmup, args.reps)
                 fp16_bytes = w16.numel() * 2 + io_bytes
                 for bits, w in packed.items():
                     err = rel_err(dequant_matmul_triton(x, w), dequant_matmul_ref(x, w))
@@ -137,7 +138,7 @@ def bench(device: torch.device, args: argparse.Namespace) -> dict:
                         raise SystemExit(f"bench_kernels: int{bits} {model} {projection} batch {batch}: fused "
                                          f"kernel disagrees with the reference (max rel err {err:.2e}); not timing it")
                     out = torch.empty(batch, n, dtype=torch.float16, device=device)
-                    fused_ms = median_ms(lambda: dequant_matmul_triton(x, w, out=out), flush, args.warmup, args.reps)
+                    fused_ms = median_ms(partial(dequant_matmul_triton, x, w, out=out), flush, args.warmup, args.reps)
                     fused_bytes = w.nbytes + io_bytes
                     row = {"model": model, "projection": projection, "shape": [n, k], "bits": bits, "batch": batch,
                            "fused_ms": fused_ms, "fp16_ms": fp16_ms, "speedup": fp16_ms / fused_ms,

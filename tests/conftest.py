@@ -15,8 +15,10 @@ TOKENIZER_DIR = REPO / "assets" / "tokenizer"
 @pytest.fixture(autouse=True, scope="session")
 def _offline_environment(tmp_path_factory):
     hf_home = tmp_path_factory.mktemp("hf_home")
-    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE")}
-    os.environ.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE",
+                                            "DYNAMO_CACHE")}
+    os.environ.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled",
+                      DYNAMO_CACHE=str(tmp_path_factory.mktemp("dynamo_cache")))
     yield
     for key, value in saved.items():
         if value is None:

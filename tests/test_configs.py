@@ -21,7 +21,7 @@ def _compose(overrides, hydra_node=False):
 
 def test_default_config_is_the_embedded_default():
     cfg = _compose([])
-    assert (cfg.model.name, cfg.dataset.name, cfg.quant.name, cfg.eval.name) == ("tiny-olmoe", "embedded", "fp16",
+    assert (cfg.model.name, cfg.dataset.name, cfg.quant.name, cfg.eval.name) == ("tiny-olmoe", "embedded", "dynamo_3bit",
                                                                                    "default")
     assert cfg.model.trust_remote_code is False
     assert cfg.model.path.endswith("assets/models/tiny-olmoe")
@@ -59,8 +59,8 @@ def test_unknown_enum_value_lists_the_valid_ones():
 
 def test_run_dir_names_model_quant_and_tag():
     cfg = _compose(["tag=abl", "model=tiny-qwen-moe"], hydra_node=True)
-    assert cfg.hydra.run.dir.endswith("_tiny-qwen-moe_fp16_abl")
-    assert _compose([], hydra_node=True).hydra.run.dir.endswith("_tiny-olmoe_fp16")
+    assert cfg.hydra.run.dir.endswith("_tiny-qwen-moe_dynamo_3bit_abl")
+    assert _compose([], hydra_node=True).hydra.run.dir.endswith("_tiny-olmoe_dynamo_3bit")
 
 
 def test_unknown_group_option_is_caught_before_hydra_starts():
@@ -73,7 +73,7 @@ def test_unknown_group_option_is_caught_before_hydra_starts():
     run_entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_entry)
     run_entry.check_group_choices(["model=tiny-olmoe,tiny-qwen-moe", "eval.seqlen=5", "experiment=null"])
-    with pytest.raises(UserError, match="unknown quant 'gptq_5bit'; choose one of: bnb_int8, bnb_nf4, fp16"):
+    with pytest.raises(UserError, match="unknown quant 'gptq_5bit'; choose one of: bnb_int8, bnb_nf4, dynamo_3bit"):
         run_entry.check_group_choices(["quant=gptq_5bit"])
     with pytest.raises(UserError, match="unknown model 'olmo'"):
         run_entry.check_group_choices(["-m", "model=tiny-olmoe,olmo"])

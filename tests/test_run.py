@@ -42,6 +42,14 @@ def test_smoke_run_on_the_embedded_model_writes_a_complete_record(tmp_path):
     assert record["config"]["model"]["name"] == "tiny-olmoe" and len(record["config_hash"]) == 16
     assert record["versions"]["transformers"] and record["device"]["type"] == "cpu"
     assert (path.parent / ".hydra" / "config.yaml").is_file()
+    # the default is DynaMo BQ: analysis, a 3.0-bit budget plan, the FP16 reference alongside
+    assert record["quant"]["name"] == "dynamo_3bit" and record["metrics"]["avg_bits"]["experts_codes_only"] <= 3.0
+    assert set(record["metrics"]["ppl_fp16"]) == DOMAINS
+    assert record["analysis"]["datasets"] == ["code", "docs", "speeches", "literature"]
+    assert 0 < record["analysis"]["share_of_offline"] < 1
+    for name in ("plan.json", "significance.safetensors", "window_nll.json", "window_nll_fp16.json",
+                 "figures/significance.png", "figures/expert_change.png", "figures/bit_map.png"):
+        assert (path.parent / name).is_file(), name
 
 
 @pytest.mark.slow

@@ -49,4 +49,4 @@ def analyze(model, tokenizer, sources: dict, names: list[str], cfg: AnalysisConf
         log.info("analysis %-12s %s (%d windows, capture %.1f s)", name, report[name]["cache"], w.shape[0], seconds)
     meta = {"model": model_path, "fingerprint": fingerprint, "seed": seed, "datasets": report}
     sig = Significance.from_captures(captures, layers, cfg.channel_metric.value, cfg.channel_unit.value, meta)
-    return sig, {"datasets": report, "capture_s": round(sum(r["capture_s"] for r in report.values()), 3)}
+    return sig, {"captures": report, "capture_s": round(sum(r["capture_s"] for r in report.values()), 3)}
