@@ -42,11 +42,21 @@ def check_group_choices(argv: list[str]) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    import torch
+
     from dynamo.pipeline import run
     from dynamo.report import summary_table
+    from dynamo.resume import discard_run_dir, reusable_record
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    reused = reusable_record(cfg)
+    if reused is not None:
+        # A re-launched sweep recomputes only what has no record yet; its reused jobs leave no folder.
+        print(f"reusing {reused} (same config_hash; force=true recomputes)")
+        logging.shutdown()
+        discard_run_dir(run_dir, reused)
+        return
     try:
         record = run(cfg, run_dir, list(hydra_cfg.overrides.task))
     except UserError as err:
@@ -56,7 +66,11 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:
-        gc.collect()  # multirun jobs share this process: free the model before the next one
+        # Multirun jobs share this process: free the model before the next one, on the GPU too
+        # (only where this process has used CUDA; asking otherwise would start a CUDA context).
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
     print(summary_table(record, list(cfg.dataset.known)))
     print(f"record: {run_dir / 'result.json'}")
 

@@ -226,6 +226,7 @@ class RunConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     seed: int = 0
     tag: str = ""
+    force: bool = False                     # recompute even when results_dir holds a record of this config
     results_dir: str = "results/runs"
     hf_home: Optional[str] = None           # where lm-eval/datasets cache; default: HF_HOME
 

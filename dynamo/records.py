@@ -24,8 +24,10 @@ from .config import REPO_ROOT
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
-# Keys that say where or how a run is logged, not what it computes.
-UNHASHED_KEYS = ("logger", "results_dir", "hf_home", "tag")
+# Keys that say where or how a run is logged (or whether to redo it), not what it computes.
+# Resuming (resume.py) matches stored hashes: a change here must keep config_hash(record["config"])
+# equal to each existing record's config_hash (excluding a key that old configs lack does).
+UNHASHED_KEYS = ("logger", "results_dir", "hf_home", "tag", "force")
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "lm_eval", "hydra-core", "omegaconf",
             "accelerate", "safetensors", "numpy", "wandb", "bitsandbytes", "triton")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from dynamo.calibration import capture  # noqa: E402
 from dynamo.errors import UserError  # noqa: E402
 from dynamo.quant import (QSpec, QuantPlan, apply_plan, bit_accounting, quantize_gptq, quantize_rtn,  # noqa: E402
                           quantize_sequential)
+from dynamo.quant.export import to_gptqmodel_dynamic  # noqa: E402
 from tiny_families import EXPERTS, HIDDEN, INTER, build  # noqa: E402
 
 GEN = torch.Generator().manual_seed(0)
@@ -198,3 +200,36 @@ def test_sequential_gptq_quantizes_every_layer_with_shared_experts():
             assert all(len(row.unique()) <= 2 ** 3 for row in w), "a row is off the 3-bit grid"
         shared = layer.shared_expert.gate_proj.weight
         assert all(len(row.unique()) <= 2 ** 3 for row in shared)
+
+
+def test_gptqmodel_dynamic_export_and_its_refusals():
+    model = build("deepseek")  # the remote-code layout: one nn.Linear per expert projection
+    layers = list(moe_layers(model))
+    plan = QuantPlan(method="gptq", default=QSpec(3), shared_default=16)
+    plan.set_expert_bits(layers[0].index, 1, 4)
+    plan.set_expert_bits(layers[1].index, 2, 8)
+    config = to_gptqmodel_dynamic(plan, model)
+    assert config["bits"] == 3 and config["group_size"] == 128 and config["sym"] is False
+
+    def resolve(name):  # GPTQModel's / vLLM's rule: the first matching pattern wins
+        for pattern, override in config["dynamic"].items():
+            if pattern.startswith("-:") and re.match(pattern[2:], name):
+                return None
+            if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), name):
+                return override["bits"]
+        return config["bits"]
+
+    names = {id(m): n for n, m in model.named_modules()}
+    for layer in layers:
+        for expert, projection, _ in layer.matrices():
+            owner = layer.shared_expert if expert == "shared" else layer.experts[expert]
+            want = plan.spec_for(layer.index, expert, projection)
+            got = resolve(names[id(getattr(owner, f"{projection}_proj"))])
+            assert got == (None if want.is_float else want.bits), (layer.index, expert, projection)
+    assert resolve("model.layers.1.self_attn.q_proj") is None
+
+    plan.set_expert_bits(layers[0].index, 0, 6)
+    with pytest.raises(UserError, match="GPTQModel packs only"):
+        to_gptqmodel_dynamic(plan, model)
+    with pytest.raises(UserError, match="fused in 3-D"):
+        to_gptqmodel_dynamic(QuantPlan(method="gptq", default=QSpec(4)), build("olmoe"))

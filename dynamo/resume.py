@@ -1,0 +1,64 @@
+"""Resumable runs: a run whose configuration already has a record reuses it instead of recomputing.
+
+A record is found by its `config_hash` (records.py: what a run computes, not where it is logged),
+anywhere under `results_dir`. Records are written last and atomically, so a job killed mid-run
+leaves none, and re-launching a killed sweep recomputes only the jobs that are missing.
+`force=true` recomputes regardless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from .config import to_container
+from .records import RESULT_FILE, config_hash
+
+log = logging.getLogger(__name__)
+
+
+def find_record(results_dir: str | Path, digest: str) -> Path | None:
+    """The newest result.json under results_dir (at any depth) whose config_hash is `digest`."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        return None
+    matches = []
+    for path in root.rglob(RESULT_FILE):
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            # not ours to judge or delete: a hand-edited or foreign file must not stop a sweep
+            log.warning("skipping unreadable record %s: %s", path, err)
+            continue
+        if isinstance(record, dict) and record.get("config_hash") == digest:
+            matches.append(path)
+    # several records of one config (force=true reruns): the newest stands for it
+    return max(matches, key=lambda p: (p.stat().st_mtime_ns, str(p)), default=None)
+
+
+def reusable_record(cfg: DictConfig) -> Path | None:
+    """The record this run would reproduce, or None when it must run (force=true, or none yet)."""
+    if cfg.force:
+        return None
+    # the same hash the pipeline stores in the record it writes (records.make_record)
+    return find_record(cfg.results_dir, config_hash(to_container(cfg)))
+
+
+def discard_run_dir(run_dir: Path, reused: Path) -> bool:
+    """Remove the folder Hydra made for a run that reuses a record, if it holds only Hydra's files.
+
+    A run dir set by hand may be an existing run's folder (or the reused record's own): anything
+    besides `.hydra/` and the job log keeps the folder where it is.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or Path(reused).resolve().is_relative_to(run_dir.resolve()):
+        return False
+    if any(p.name != ".hydra" and p.suffix != ".log" for p in run_dir.iterdir()):
+        return False
+    shutil.rmtree(run_dir)
+    return True
