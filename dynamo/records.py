@@ -28,6 +28,8 @@ RESULT_FILE = "result.json"
 # Resuming (resume.py) matches stored hashes: a change here must keep config_hash(record["config"])
 # equal to each existing record's config_hash (excluding a key that old configs lack does).
 UNHASHED_KEYS = ("logger", "results_dir", "hf_home", "tag", "force")
+# Nested keys of the same kind: where the analysis cache lives, whether figures are drawn.
+UNHASHED_NESTED = {"analysis": ("cache", "cache_dir", "figures")}
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "lm_eval", "hydra-core", "omegaconf",
             "accelerate", "safetensors", "numpy", "wandb", "bitsandbytes", "triton")
 
@@ -35,6 +37,9 @@ PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "lm_eval", "hydra
 def config_hash(config: dict) -> str:
     """Stable hash of what a run computes: same hash, same metrics (on the same machine)."""
     relevant = {k: v for k, v in config.items() if k not in UNHASHED_KEYS}
+    for key, inner in UNHASHED_NESTED.items():
+        if isinstance(relevant.get(key), dict):
+            relevant[key] = {k: v for k, v in relevant[key].items() if k not in inner}
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -13,7 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .config import to_container
 from .records import RESULT_FILE, config_hash
@@ -43,8 +43,8 @@ def find_record(results_dir: str | Path, digest: str) -> Path | None:
 
 def reusable_record(cfg: DictConfig) -> Path | None:
     """The record this run would reproduce, or None when it must run (force=true, or none yet)."""
-    if cfg.force:
-        return None
+    if cfg.force or OmegaConf.missing_keys(cfg):
+        return None  # incomplete configs have no record: the pipeline refuses them with its own message
     # the same hash the pipeline stores in the record it writes (records.make_record)
     return find_record(cfg.results_dir, config_hash(to_container(cfg)))
 

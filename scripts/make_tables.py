@@ -42,7 +42,7 @@ TABLES = {
         "python run.py -m experiment=baselines_embedded"),
     "dynamo_bq": TableSpec(
         "dynamo_bq", "DynaMo baseline quantization (BQ) against the baselines at ~3 bits", ("baselines_embedded", "dynamo_embedded"),
-        ("fp16", "gptq_3bit", "moeptq", "random_3bit", "dynamo_3bit", "dynamo_paper"),
+        ("fp16", "gptq_3bit", "moeptq", "random_3bit", "dynamo_3bit", "gptq_4bit", "dynamo_paper"),
         "python run.py -m experiment=baselines_embedded && python run.py -m experiment=dynamo_embedded",
         gap_closed=True),
 }

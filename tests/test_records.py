@@ -30,3 +30,10 @@ def test_config_hash_ignores_where_a_run_is_logged_not_what_it_computes():
     assert config_hash(base) == config_hash(moved)
     assert config_hash(base) != config_hash(changed)
     assert config_hash(dict(reversed(list(base.items())))) == config_hash(base)
+
+
+def test_where_the_analysis_cache_lives_does_not_change_the_hash():
+    base = {"model": {"name": "m"}, "analysis": {"channel_metric": "act_l2", "cache_dir": "/a", "figures": True}}
+    moved = {"model": {"name": "m"}, "analysis": {"channel_metric": "act_l2", "cache_dir": "/b", "figures": False}}
+    other = {"model": {"name": "m"}, "analysis": {"channel_metric": "wanda", "cache_dir": "/a", "figures": True}}
+    assert config_hash(base) == config_hash(moved) != config_hash(other)

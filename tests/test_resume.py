@@ -73,6 +73,12 @@ def test_a_run_reuses_the_record_of_its_config_unless_forced(tmp_path):
     assert reusable_record(_compose(*SMOKE, f"results_dir={tmp_path}", "force=true")) is None
 
 
+def test_an_incomplete_config_is_left_to_the_pipeline_to_refuse(tmp_path):
+    cfg = _compose("model=local", f"results_dir={tmp_path}")
+    _record(tmp_path / "run" / "result.json", config_hash(to_container(cfg)))
+    assert reusable_record(cfg) is None
+
+
 def test_force_is_not_part_of_the_hash_and_old_hashes_stay():
     config = to_container(_compose(*SMOKE))
     forced = to_container(_compose(*SMOKE, "force=true"))
@@ -80,11 +86,11 @@ def test_force_is_not_part_of_the_hash_and_old_hashes_stay():
     assert config_hash(config) == config_hash(forced) == config_hash(before)
 
 
-def test_committed_records_keep_their_hash():
-    committed = sorted((REPO / "results" / "runs").rglob("result.json"))
-    if not committed:
+def test_existing_records_keep_their_hash():
+    existing = sorted((REPO / "results" / "runs").rglob("result.json"))
+    if not existing:
         pytest.skip("no records under results/runs")
-    for path in committed:
+    for path in existing:
         record = json.loads(path.read_text())
         assert config_hash(record["config"]) == record["config_hash"], path
 

@@ -128,6 +128,8 @@ class Significance:
         expert whose within-expert share varies most (std over datasets). Needs two datasets or more."""
         if not 0 < frac <= 1:
             raise ValueError(f"dynamic_channel_frac must be in (0, 1], got {frac}")
+        if len(self.datasets) < 2:
+            raise ValueError(f"dynamic channels vary across datasets; the analysis has only {self.datasets}")
         out = {}
         for i in self.layers:
             out[i] = {}
