@@ -139,6 +139,31 @@ class AllocationConfig:
     seed: int = 0                           # random allocation
 
 
+class ChannelMode(Enum):
+    fp16 = "fp16"        # experts a switch widens get their cached channels back in FP16
+    requant = "requant"  # a switch re-quantizes changed experts' cached channels at their new width
+
+
+@dataclass
+class DetectorConfig:
+    """Automatic dataset-shift detection from the live routing (ours; the paper switches by hand)."""
+    enabled: bool = False
+    window: int = 8                         # batches in the sliding window
+    threshold: float = 0.1                  # mean per-layer Jensen-Shannon divergence (bits) that counts as a shift
+    patience: int = 2                       # consecutive batches over the threshold before switching
+    cooldown: int = 16                      # batches after a switch before the next one may fire
+
+
+@dataclass
+class SwitchingConfig:
+    """DynaMo's online stage (spec Step 3, DQS): channel-level switching from an FP16 cache."""
+    enabled: bool = False
+    channel_mode: ChannelMode = ChannelMode.fp16
+    mix: float = 0.5                        # weight of the new dataset's significance against the known ones
+    sample_windows: int = 4                 # calib-split windows (analysis.seqlen) a switch profiles; never test
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+
+
 @dataclass
 class QuantConfig:
     name: str = MISSING
@@ -151,6 +176,7 @@ class QuantConfig:
     damp: float = 0.01                      # GPTQ: fraction of the mean Hessian diagonal added
     plan: Optional[str] = None              # a QuantPlan JSON to apply instead of the uniform plan
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    switching: SwitchingConfig = field(default_factory=SwitchingConfig)  # DQS, with fcm/budget allocations
     bnb_format: str = "nf4"                 # nf4 | int8
 
 

@@ -10,7 +10,10 @@ import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +33,7 @@ SUITE_TASKS = "suite"  # in eval.lm_eval.tasks: one rolling-loglikelihood task p
 MC_TASK = "dynamo_math_mc"
 WINDOW_NLL_FILE = "window_nll.json"  # beside result.json: {dataset: [mean loss of each window]}
 WINDOW_NLL_FP16_FILE = "window_nll_fp16.json"  # the same for the eval.reference pass
+WINDOW_NLL_BQ_FILE = "window_nll_bq.json"      # and for BQ alone, when DQS is on
 
 
 def seed_everything(seed: int) -> None:
@@ -57,10 +61,14 @@ def selected_sources(cfg: DictConfig) -> dict:
     return {name: sources[name] for name in wanted}
 
 
-def evaluate_perplexity(loaded, documents: dict, sources: dict, eval_cfg) -> tuple[dict, dict, dict]:
-    """PPL per dataset, its protocol, and each window's mean loss (for paired comparisons of runs)."""
+def evaluate_perplexity(loaded, documents: dict, sources: dict, eval_cfg,
+                        before: Callable[[str], None] | None = None) -> tuple[dict, dict, dict]:
+    """PPL per dataset, its protocol, and each window's mean loss (for paired comparisons of runs).
+    `before(name)` runs before each dataset is evaluated (DQS switches the model there)."""
     ppl, protocol, window_nll = {}, {}, {}
     for name, docs in documents.items():
+        if before is not None:
+            before(name)
         ids = tokenize_corpus(loaded.tokenizer, docs, sources[name].separator)
         windows = make_windows(ids, eval_cfg.seqlen, eval_cfg.max_windows, name)
         result = token_perplexity(loaded.model, windows, eval_cfg.batch_size,
@@ -99,6 +107,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     """Evaluate one configuration and write its record to run_dir/result.json."""
     t_start = time.perf_counter()
     check_required(cfg)
+    check_switching(cfg)
     seed_everything(cfg.seed)
     if cfg.hf_home:
         os.environ["HF_HOME"] = str(Path(cfg.hf_home).expanduser())
@@ -122,14 +131,28 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         metrics["ppl_fp16"], _, window_nll["fp16"] = evaluate_perplexity(loaded, documents, sources, cfg.eval)
         timings["eval_ppl_fp16_s"] = time.perf_counter() - t
 
-    calibration, quantization, analysis = quantize_or_calibrate(loaded, cfg, run_dir, timings)
+    stage = quantize_or_calibrate(loaded, cfg, run_dir, timings)
+    calibration, quantization, analysis = stage.calibration, stage.quantization, stage.analysis
 
+    switching = None
+    if stage.switcher is not None:
+        # BQ only, then BQ + DQS: before each dataset, the switcher profiles that dataset's calib split
+        t = time.perf_counter()
+        metrics["ppl_bq"], _, window_nll["bq"] = evaluate_perplexity(
+            loaded, documents, sources, cfg.eval, before=lambda name: stage.switcher.restore_bq())
+        timings["eval_ppl_bq_s"] = time.perf_counter() - t
+        switching = {"switches": {}}
     t = time.perf_counter()
-    ppl, ppl_protocol, window_nll["run"] = evaluate_perplexity(loaded, documents, sources, cfg.eval)
-    write_json_atomic(run_dir / WINDOW_NLL_FILE, window_nll["run"])
-    if "fp16" in window_nll:
-        write_json_atomic(run_dir / WINDOW_NLL_FP16_FILE, window_nll["fp16"])
+    before = None if switching is None else partial(switch_before_eval, stage.switcher, loaded.tokenizer, cfg,
+                                                    sources, switching["switches"])
+    ppl, ppl_protocol, window_nll["run"] = evaluate_perplexity(loaded, documents, sources, cfg.eval, before=before)
     timings["eval_ppl_s"] = time.perf_counter() - t
+    if switching is not None:
+        stage.switcher.restore_bq()  # lm-eval and anything after see BQ
+        switching.update(stage.switching_summary())
+    for key, name in (("run", WINDOW_NLL_FILE), ("fp16", WINDOW_NLL_FP16_FILE), ("bq", WINDOW_NLL_BQ_FILE)):
+        if key in window_nll:
+            write_json_atomic(run_dir / name, window_nll[key])
     metrics = {"ppl": ppl, **metrics}
     protocol = {"ppl": ppl_protocol}
     if quantization is not None:
@@ -158,6 +181,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         record["calibration"] = calibration
     if analysis is not None:
         record["analysis"] = analysis
+    if switching is not None:
+        record["switching"] = switching
     if quantization is not None:
         record["quantization"] = quantization
     write_json_atomic(run_dir / RESULT_FILE, record)
@@ -165,40 +190,111 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     return record
 
 
-def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict
-                          ) -> tuple[dict | None, dict | None, dict | None]:
-    """The quantization stage (after DynaMo's analysis when its allocation needs it, and with the
-    calibration its method needs), or calibration alone. Returns the record's calibration,
-    quantization and analysis sections."""
-    stats, quantization, analysis = None, None, None
+@dataclass
+class QuantStage:
+    """What the quantization stage hands to evaluation and to the record."""
+
+    calibration: dict | None = None
+    quantization: dict | None = None
+    analysis: dict | None = None
+    switcher: object | None = None   # dynamo.switching.DynamicSwitcher when DQS is on
+    cache_s: float = 0.0
+
+    def switching_summary(self) -> dict:
+        sw = self.switcher
+        return {"channel_mode": sw.channel_mode, "mix": sw.mix, "cache": sw.cache.summary(),
+                "cache_build_s": round(self.cache_s, 3), "bq_copy_nbytes": sw.bq_copy_nbytes,
+                "artifact": "channel_cache"}
+
+
+def switch_before_eval(switcher, tokenizer, cfg: DictConfig, sources: dict, reports: dict, name: str) -> None:
+    """DQS before evaluating `name`: profile its calib split (never test) and switch to it."""
+    from .calibration.stage import calibration_windows
+
+    sample = OmegaConf.merge(cfg.analysis, {"windows": cfg.quant.switching.sample_windows})
+    windows = calibration_windows(tokenizer, sources, [name], sample)[name]
+    report = switcher.switch_to(windows)
+    summary = report.to_dict()
+    summary.pop("shares", None)
+    reports[name] = summary
+    log.info("DQS %-12s %d expert(s) changed, %.1f ms (profile %.1f ms), exact bits %.3f", name,
+             report.experts_changed, 1e3 * report.total_s, 1e3 * report.profile_s, report.exact_bits)
+
+
+def check_switching(cfg: DictConfig) -> None:
+    """Refuse a DQS configuration that cannot work, before anything runs."""
+    sw = cfg.quant.switching
+    if not sw.enabled:
+        return
+    from .quant.stage import needs_analysis
+
+    if not needs_analysis(cfg.quant):
+        raise UserError("quant.switching.enabled=true needs a DynaMo allocation (quant.allocation.method=fcm or "
+                        "budget) and no quant.plan file")
+    if sw.channel_mode.value == "requant" and cfg.analysis.channel_unit.value == "neuron":
+        raise UserError("quant.switching.channel_mode=requant needs analysis.channel_unit=row (a neuron's down "
+                        "column shares its quantization groups); use channel_mode=fp16")
+    if not 0.0 <= sw.mix <= 1.0 or sw.sample_windows < 1:
+        raise UserError(f"quant.switching: mix must be in [0, 1] and sample_windows >= 1, got mix={sw.mix}, "
+                        f"sample_windows={sw.sample_windows}")
+
+
+def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict) -> QuantStage:
+    """The quantization stage (after DynaMo's analysis when its allocation needs it, with the FP16
+    channel cache when DQS is on, and with the calibration its method needs), or calibration alone."""
+    stage, stats = QuantStage(), None
     known = list(cfg.dataset.known)
     if cfg.quant.method != QuantMethod.none:
         from .quant.stage import needs_analysis, quantize
 
-        significance = None
+        significance, cache = None, None
         if needs_analysis(cfg.quant):
-            significance, analysis = run_analysis(loaded, cfg, run_dir, timings)
+            significance, stage.analysis = run_analysis(loaded, cfg, run_dir, timings)
+            if cfg.quant.switching.enabled:
+                cache = build_channel_cache(loaded, cfg, significance, run_dir, stage)
         t = time.perf_counter()
         result = quantize(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), known, cfg.quant, cfg.calib,
                           cfg.model.name, significance=significance)
         timings["quantize_s"] = time.perf_counter() - t
-        stats, quantization = result.stats, result.summary
+        stats, stage.quantization = result.stats, result.summary
         if result.plan is not None:
             result.plan.save(run_dir / "plan.json")
-        if analysis is not None:
+        if stage.analysis is not None:
             # the paper's overhead: analysis as a share of the offline stage (analysis + quantization);
             # with a cache hit, the share uses the seconds the cached captures took when computed
-            offline = analysis["capture_s"] + timings["quantize_s"]
-            analysis["share_of_offline"] = round(analysis["capture_s"] / offline, 4) if offline > 0 else None
+            offline = stage.analysis["capture_s"] + timings["quantize_s"]
+            stage.analysis["share_of_offline"] = round(stage.analysis["capture_s"] / offline, 4) if offline else None
             write_dynamo_figures(cfg, run_dir, significance, result.plan)
+        if cache is not None:
+            from .switching import DynamicSwitcher
+
+            sw = cfg.quant.switching
+            stage.switcher = DynamicSwitcher(loaded.model, result.plan, significance, cache, cfg.quant.allocation,
+                                             channel_mode=sw.channel_mode.value, mix=sw.mix,
+                                             batch_size=cfg.analysis.batch_size)
     elif cfg.calib.enabled:
         from .calibration.stage import calibrate
 
         t = time.perf_counter()
         stats = calibrate(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), known, cfg.calib)
         timings["calibration_s"] = time.perf_counter() - t
-    calibration = report_coverage(stats, list(cfg.calib.datasets or known), run_dir) if stats is not None else None
-    return calibration, quantization, analysis
+    if stats is not None:
+        stage.calibration = report_coverage(stats, list(cfg.calib.datasets or known), run_dir)
+    return stage
+
+
+def build_channel_cache(loaded, cfg: DictConfig, significance, run_dir: Path, stage: QuantStage):
+    """DQS's FP16 cache of the dynamic channels, from the model before it is quantized."""
+    from .switching import ChannelCache
+
+    t = time.perf_counter()
+    alloc = cfg.quant.allocation
+    cache = ChannelCache.build(loaded.model, significance, cfg.analysis.dynamic_channel_frac,
+                               widths=list(alloc.widths) if alloc.method.value == "budget" else [],
+                               group_size=cfg.quant.group_size, sym=cfg.quant.sym)
+    stage.cache_s = time.perf_counter() - t
+    cache.save(run_dir / "channel_cache")
+    return cache
 
 
 def run_analysis(loaded, cfg: DictConfig, run_dir: Path, timings: dict):

@@ -6,14 +6,15 @@ from __future__ import annotations
 def summary_table(record: dict, known: list[str]) -> str:
     ppl = record["metrics"]["ppl"]
     lm_eval = record["metrics"].get("lm_eval", {})
-    reference = record["metrics"].get("ppl_fp16")
-    rows = [("dataset", "role", "token PPL", *(("FP16 PPL",) if reference else ()), "windows", "bits/byte (lm-eval)")]
+    # beside the run's PPL: the same model before quantizing, and BQ alone when DQS switched
+    extra = [(title, record["metrics"][key]) for title, key in (("BQ PPL", "ppl_bq"), ("FP16 PPL", "ppl_fp16"))
+             if key in record["metrics"]]
+    rows = [("dataset", "role", "token PPL", *(t for t, _ in extra), "windows", "bits/byte (lm-eval)")]
     for name, value in ppl.items():
         windows = record["protocol"]["ppl"][name]["windows"]
         bpb = lm_eval.get(f"dynamo_{name}", {}).get("bits_per_byte")
         rows.append((name, "known" if name in known else "novel", f"{value:.3f}",
-                     *((f"{reference[name]:.3f}",) if reference else ()), str(windows),
-                     "" if bpb is None else f"{bpb:.4f}"))
+                     *(f"{m[name]:.3f}" for _, m in extra), str(windows), "" if bpb is None else f"{bpb:.4f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
@@ -29,6 +30,12 @@ def summary_table(record: dict, known: list[str]) -> str:
     if bits:
         lines.append(f"avg bits: routed experts {bits['experts']:.3f} ({bits['experts_codes_only']:.3f} without "
                      f"group scales/zeros), all weights {bits['all']:.3f}")
+    switching = record.get("switching")
+    if switching:
+        switches = switching["switches"].values()
+        lines.append(f"DQS ({switching['channel_mode']}): cache {switching['cache']['nbytes']} bytes, "
+                     f"{max(s['total_s'] for s in switches) * 1e3:.0f} ms per switch at most, "
+                     f"exact bits up to {max(s['exact_bits'] for s in switches):.3f}")
     analysis = record.get("analysis")
     if analysis:
         lines.append(f"analysis: {analysis['metric']} on {', '.join(analysis['datasets'])}, "

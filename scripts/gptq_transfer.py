@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=32, help="calibration windows per known domain")
     parser.add_argument("--eval-windows", type=int, default=16, help="windows per domain for the error")
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--out", type=Path, help="default: results/diagnostics/gptq_transfer_<model>_<bits>bit.json")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'domain':<12}{'role':<7}{'GPTQ/RTN':>10}{'GPTQ worse on':>16}")
     for d, s in summary.items():
         print(f"{d:<12}{s['role']:<7}{s['gptq_over_rtn']:>10.3f}{s['gptq_worse_share']:>15.1%}")
-    out = REPO / "results" / "diagnostics" / f"gptq_transfer_{args.model.name}_{args.bits}bit.json"
+    out = args.out or REPO / "results" / "diagnostics" / f"gptq_transfer_{args.model.name}_{args.bits}bit.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, {"command": "python scripts/gptq_transfer.py " + " ".join(argv or sys.argv[1:]),
                             "model": str(args.model.relative_to(REPO) if args.model.is_relative_to(REPO)

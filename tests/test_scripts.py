@@ -32,3 +32,13 @@ def test_calibration_overhead_benchmark(tmp_path):
     run_script("bench_calibration.py", "--windows", "4", "--rounds", "1", "--out", str(out))
     report = json.loads(out.read_text())
     assert report["ratio_of_medians"] > 0 and report["stats_bytes"] > 0 and report["hessians"] is True
+
+
+@pytest.mark.slow
+def test_gptq_transfer_diagnostic(tmp_path):
+    out = tmp_path / "transfer.json"
+    run_script("gptq_transfer.py", "--windows", "2", "--eval-windows", "1", "--seqlen", "128", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["domains"]) == {"code", "docs", "speeches", "literature", "email", "legal", "math", "chat"}
+    for domain in report["domains"].values():
+        assert 0 < domain["gptq_over_rtn"] < 1.0  # GPTQ's output error is below RTN's, summed over experts

@@ -1,0 +1,173 @@
+"""DynaMo's online switch (DQS) on the embedded model: latency, bytes moved, cache size.
+
+    OMP_NUM_THREADS=1 python scripts/bench_switching.py [--repeats 3] [--modes requant fp16]
+
+Known datasets code, docs, speeches, literature (calib split, --windows x --seqlen tokens each)
+give the significance; the FP16 channel cache keeps 1% of each expert's channels; BQ is RTN
+with DynaMo's budget allocation (3.0 bits, widths 8/6/4/3/2) applied with apply_plan. Then,
+from the BQ state, `switch_to` is timed on --switch-windows windows of each novel domain
+(email, legal, math, chat; calib split), split into profile / allocate / requant, next to a
+full RTN re-quantization of the whole model from FP16 (apply_plan on a fresh FP16 copy, same
+plan), measured in the same run. Medians over --repeats. Token PPL on --ppl-windows test
+windows of each novel domain: FP16, BQ, and BQ + the switch (the same windows for all three).
+Writes results/benchmarks/switching.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dynamo.adapters import moe_layers  # noqa: E402
+from dynamo.analysis import Significance  # noqa: E402
+from dynamo.calibration import capture  # noqa: E402
+from dynamo.calibration.stage import calibration_windows  # noqa: E402
+from dynamo.config import AllocationConfig, AnalysisConfig, SourceConfig  # noqa: E402
+from dynamo.data import load_documents  # noqa: E402
+from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
+from dynamo.quant import QSpec, QuantPlan, apply_plan, bit_accounting  # noqa: E402
+from dynamo.quant.allocation import allocate_dynamo  # noqa: E402
+from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
+from dynamo.switching import ChannelCache, DynamicSwitcher  # noqa: E402
+
+MODEL = REPO / "assets" / "models" / "tiny-olmoe"
+KNOWN = ["code", "docs", "speeches", "literature"]
+NOVEL = ["email", "legal", "math", "chat"]
+TARGETS = {"switch_over_full_requant": 0.05, "cache_over_expert_bytes": 0.011}
+PARTS = ("profile_s", "allocate_s", "requant_s", "total_s")
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def test_windows(tokenizer, source: SourceConfig, seqlen: int, n: int) -> torch.Tensor:
+    ids = tokenize_corpus(tokenizer, load_documents(source, "test"), source.separator)
+    return make_windows(ids, seqlen, n, source.path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=8, help="analysis windows per known dataset")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--switch-windows", type=int, default=4, help="windows of the new domain that switch_to profiles")
+    parser.add_argument("--ppl-windows", type=int, default=4, help="test windows per novel domain (0: no PPL)")
+    parser.add_argument("--frac", type=float, default=0.01, help="dynamic_channel_frac")
+    parser.add_argument("--mix", type=float, default=0.5)
+    parser.add_argument("--modes", nargs="+", default=["requant", "fp16"], choices=["requant", "fp16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "switching.json")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    started = time.perf_counter()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    fp16_model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    sources = {name: SourceConfig(path=name) for name in KNOWN + NOVEL}
+    analysis = OmegaConf.merge(OmegaConf.structured(AnalysisConfig), {"windows": args.windows, "seqlen": args.seqlen})
+    switch_cfg = OmegaConf.merge(analysis, {"windows": args.switch_windows})
+    allocation = OmegaConf.merge(OmegaConf.structured(AllocationConfig),
+                                 {"method": "budget", "target_bits": 3.0, "widths": [8, 6, 4, 3, 2], "fuse": "mean"})
+
+    # offline: significance, cache and BQ, all from the FP16 model
+    layers = list(moe_layers(fp16_model))
+    known_windows = calibration_windows(tokenizer, sources, KNOWN, analysis)
+    captures, analysis_s = timed(lambda: {n: capture(fp16_model, w, batch_size=analysis.batch_size, hessians=False)
+                                          for n, w in known_windows.items()})
+    sig = Significance.from_captures(captures, layers, "act_l2", "row")
+    plan = QuantPlan(method="rtn", default=QSpec(3, group_size=128), model={"name": "tiny-olmoe"})
+    allocate_dynamo(plan, sig, layers, allocation)
+    cache, cache_s = timed(lambda: ChannelCache.build(fp16_model, sig, args.frac, widths=list(allocation.widths),
+                                                      group_size=128, sym=False))
+    novel = calibration_windows(tokenizer, sources, NOVEL, switch_cfg)
+    ppl_windows = {d: test_windows(tokenizer, sources[d], args.seqlen, args.ppl_windows)
+                   for d in NOVEL} if args.ppl_windows else {}
+    ppl = lambda model, d: token_perplexity(model, ppl_windows[d], batch_size=8).ppl  # noqa: E731
+    ppl_fp16 = {d: ppl(fp16_model, d) for d in ppl_windows}
+
+    # the yardstick: a full RTN re-quantization of every expert from FP16, same plan
+    full = []
+    for _ in range(args.repeats):
+        fresh = copy.deepcopy(fp16_model)   # copying is not part of re-quantizing
+        t = time.perf_counter()
+        apply_plan(fresh, plan)
+        full.append(time.perf_counter() - t)
+    full_s = statistics.median(full)
+    bq_bits = bit_accounting(fresh, plan.spec_for)
+
+    expert_bytes = cache.expert_weight_count * 2
+    result = {
+        "benchmark": "switching", "command": "python scripts/bench_switching.py " + " ".join(sys.argv[1:]),
+        "model": str(MODEL.relative_to(REPO)), "dtype": "float32", "known": KNOWN, "novel": NOVEL,
+        "analysis": {"windows": args.windows, "seqlen": args.seqlen, "split": "calib", "metric": "act_l2",
+                     "unit": "row", "capture_s": round(analysis_s, 3)},
+        "switch_sample": {"windows": args.switch_windows, "seqlen": args.seqlen, "split": "calib"},
+        "allocation": {"method": "budget", "target_bits": 3.0, "widths": list(allocation.widths), "fuse": "mean",
+                       "quantizer": "rtn", "group_size": 128, "sym": False},
+        "mix": args.mix, "repeats": args.repeats,
+        "cache": {**cache.summary(), "build_s": round(cache_s, 3), "expert_weight_bytes_fp16": expert_bytes,
+                  "cache_over_expert_bytes": cache.nbytes / expert_bytes,
+                  "within_target": cache.nbytes / expert_bytes <= TARGETS["cache_over_expert_bytes"]},
+        "full_requant_s": full_s, "full_requant_s_each": full,
+        "bq_bits": {k: bq_bits[k] for k in ("experts", "experts_codes_only", "all")},
+        "targets": TARGETS, "modes": {},
+    }
+
+    for mode in args.modes:
+        model = copy.deepcopy(fp16_model)
+        apply_plan(model, plan)
+        t = time.perf_counter()
+        switcher = DynamicSwitcher(model, plan, sig, cache, allocation, channel_mode=mode, mix=args.mix)
+        setup_s = time.perf_counter() - t
+        ppl_bq = {d: ppl(model, d) for d in ppl_windows}
+        domains = {}
+        for d, w in novel.items():
+            runs = []
+            for _ in range(args.repeats):
+                switcher.restore_bq()
+                runs.append(switcher.switch_to(w))
+            last = runs[-1]
+            med = {p: statistics.median(getattr(r, p) for r in runs) for p in PARTS}
+            domains[d] = {
+                **{p: round(v, 5) for p, v in med.items()},
+                "switch_over_full_requant": med["total_s"] / full_s,
+                "requant_only_over_full_requant": med["requant_s"] / full_s,
+                "experts_changed": last.experts_changed, "slices_rewritten": last.slices_rewritten,
+                "bytes_read": last.bytes_read, "bytes_written": last.bytes_written, "bytes_moved": last.bytes_moved,
+                "expert_bits": last.expert_bits, "exact_bits": last.exact_bits,
+                "ppl": ({"fp16": ppl_fp16[d], "bq": ppl_bq[d], "bq_dqs": ppl(model, d)} if ppl_windows else None),
+            }
+            print(f"{mode:>7} {d:>6}: switch {med['total_s'] * 1e3:7.1f} ms (profile {med['profile_s'] * 1e3:6.1f}, "
+                  f"allocate {med['allocate_s'] * 1e3:5.1f}, requant {med['requant_s'] * 1e3:5.1f}) = "
+                  f"{domains[d]['switch_over_full_requant']:.2f} x full requant; {last.experts_changed} experts, "
+                  f"{last.bytes_moved} B moved")
+        totals = [v["total_s"] for v in domains.values()]
+        result["modes"][mode] = {
+            "setup_s": round(setup_s, 4), "bq_copy_nbytes": switcher.bq_copy_nbytes, "domains": domains,
+            "median_switch_s": statistics.median(totals),
+            "median_switch_over_full_requant": statistics.median(totals) / full_s,
+            "within_target": statistics.median(totals) / full_s <= TARGETS["switch_over_full_requant"]}
+    result.update(wall_s=round(time.perf_counter() - started, 1), threads=torch.get_num_threads(),
+                  device=device_info(torch.device("cpu")), versions=package_versions())
+    write_json_atomic(args.out, result)
+    print(f"cache {cache.nbytes} B = {result['cache']['cache_over_expert_bytes']:.4%} of FP16 expert weights; "
+          f"full RTN requant {full_s * 1e3:.1f} ms; wall {result['wall_s']} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""scripts/bench_switching.py runs end to end and writes the numbers it promises (tiny settings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_switching_benchmark_writes_its_report(tmp_path):
+    out = tmp_path / "switching.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_switching.py", "--windows", "2", "--seqlen", "64",
+                           "--switch-windows", "1", "--ppl-windows", "1", "--repeats", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["full_requant_s"] > 0 and 0 < report["cache"]["cache_over_expert_bytes"] < 0.02
+    for mode in ("requant", "fp16"):
+        domains = report["modes"][mode]["domains"]
+        assert sorted(domains) == sorted(report["novel"])
+        for d in domains.values():
+            assert d["total_s"] == pytest.approx(d["profile_s"] + d["allocate_s"] + d["requant_s"], rel=0.01, abs=1e-4)
+            assert d["bytes_moved"] == d["bytes_read"] + d["bytes_written"]
+            assert d["switch_over_full_requant"] == pytest.approx(d["total_s"] / report["full_requant_s"], rel=0.01)
