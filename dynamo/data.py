@@ -22,7 +22,9 @@ def sources_of(dataset_cfg) -> dict[str, SourceConfig]:
     if dataset_cfg.path:
         path = Path(dataset_cfg.path).expanduser()
         name = path.stem if path.stem not in sources else f"local_{path.stem}"
-        sources[name] = SourceConfig(kind=SourceKind.local, path=str(path))
+        calib_path = getattr(dataset_cfg, "calib_path", None)
+        calib = str(Path(calib_path).expanduser()) if calib_path else None
+        sources[name] = SourceConfig(kind=SourceKind.local, path=str(path), calib_path=calib)
     if not sources:
         raise UserError(f"dataset '{dataset_cfg.name}' has no sources; give a file with dataset.path=/my/file.jsonl")
     return sources

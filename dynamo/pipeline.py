@@ -134,22 +134,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     stage = quantize_or_calibrate(loaded, cfg, run_dir, timings)
     calibration, quantization, analysis = stage.calibration, stage.quantization, stage.analysis
 
-    switching = None
-    if stage.switcher is not None:
-        # BQ only, then BQ + DQS: before each dataset, the switcher profiles that dataset's calib split
-        t = time.perf_counter()
-        metrics["ppl_bq"], _, window_nll["bq"] = evaluate_perplexity(
-            loaded, documents, sources, cfg.eval, before=lambda name: stage.switcher.restore_bq())
-        timings["eval_ppl_bq_s"] = time.perf_counter() - t
-        switching = {"switches": {}}
-    t = time.perf_counter()
-    before = None if switching is None else partial(switch_before_eval, stage.switcher, loaded.tokenizer, cfg,
-                                                    sources, switching["switches"])
-    ppl, ppl_protocol, window_nll["run"] = evaluate_perplexity(loaded, documents, sources, cfg.eval, before=before)
-    timings["eval_ppl_s"] = time.perf_counter() - t
-    if switching is not None:
-        stage.switcher.restore_bq()  # lm-eval and anything after see BQ
-        switching.update(stage.switching_summary())
+    ppl, ppl_protocol, switching = evaluate_run(loaded, documents, sources, cfg, stage, metrics, window_nll, timings)
     for key, name in (("run", WINDOW_NLL_FILE), ("fp16", WINDOW_NLL_FP16_FILE), ("bq", WINDOW_NLL_BQ_FILE)):
         if key in window_nll:
             write_json_atomic(run_dir / name, window_nll[key])
@@ -207,6 +192,32 @@ class QuantStage:
                 "artifact": "channel_cache"}
 
 
+def evaluate_run(loaded, documents: dict, sources: dict, cfg: DictConfig, stage: QuantStage, metrics: dict,
+                 window_nll: dict, timings: dict) -> tuple[dict, dict, dict | None]:
+    """The run's PPL; with DQS, BQ alone first (metrics.ppl_bq), then BQ + DQS switched to each
+    dataset's calib split before it is evaluated, then the stream if eval.stream asks for it."""
+    switcher, switching, before = stage.switcher, None, None
+    if switcher is not None:
+        t = time.perf_counter()
+        metrics["ppl_bq"], _, window_nll["bq"] = evaluate_perplexity(loaded, documents, sources, cfg.eval,
+                                                                     before=lambda name: switcher.restore_bq())
+        timings["eval_ppl_bq_s"] = time.perf_counter() - t
+        switching = {"switches": {}}
+        before = partial(switch_before_eval, switcher, loaded.tokenizer, cfg, sources, switching["switches"])
+    t = time.perf_counter()
+    ppl, protocol, window_nll["run"] = evaluate_perplexity(loaded, documents, sources, cfg.eval, before=before)
+    timings["eval_ppl_s"] = time.perf_counter() - t
+    if switcher is not None:
+        switcher.restore_bq()  # lm-eval and anything after see BQ
+        switching.update(stage.switching_summary())
+        if cfg.eval.stream:
+            t = time.perf_counter()
+            metrics["stream"] = evaluate_stream(loaded, documents, sources, cfg, switcher)
+            switcher.restore_bq()
+            timings["eval_stream_s"] = time.perf_counter() - t
+    return ppl, protocol, switching
+
+
 def switch_before_eval(switcher, tokenizer, cfg: DictConfig, sources: dict, reports: dict, name: str) -> None:
     """DQS before evaluating `name`: profile its calib split (never test) and switch to it."""
     from .calibration.stage import calibration_windows
@@ -221,9 +232,40 @@ def switch_before_eval(switcher, tokenizer, cfg: DictConfig, sources: dict, repo
              report.experts_changed, 1e3 * report.total_s, 1e3 * report.profile_s, report.exact_bits)
 
 
+def evaluate_stream(loaded, documents: dict, sources: dict, cfg: DictConfig, switcher) -> dict:
+    """Serve eval.stream's datasets one after another; the detector decides when DQS switches."""
+    from .switching import RoutingShiftDetector, run_stream
+
+    segments = []
+    for name in cfg.eval.stream:
+        ids = tokenize_corpus(loaded.tokenizer, documents[name], sources[name].separator)
+        windows = make_windows(ids, cfg.eval.seqlen, None, name)
+        # evenly spaced over the split, so a segment is the dataset, not its first few documents
+        pick = torch.linspace(0, len(windows) - 1, min(cfg.eval.stream_windows, len(windows))).round().long()
+        segments.append((name, windows[pick]))
+    d = cfg.quant.switching.detector
+    detector = RoutingShiftDetector(window=d.window, threshold=d.threshold, patience=d.patience, cooldown=d.cooldown)
+    report = run_stream(loaded.model, segments, detector, switcher, batch_size=cfg.eval.stream_batch_size)
+    for segment in report.segments:
+        log.info("stream %-12s batches %3d-%3d  ppl %9.3f  switches at %s", segment.dataset, segment.first_batch,
+                 segment.first_batch + segment.batches - 1, segment.ppl, segment.switches or "-")
+    out = report.to_dict()
+    for event in out["events"]:  # keep the record readable: the switch's widths live in the run log
+        if event["switch"] is not None:
+            event["switch"] = {k: event["switch"][k] for k in ("experts_changed", "total_s", "exact_bits")}
+    return out
+
+
 def check_switching(cfg: DictConfig) -> None:
     """Refuse a DQS configuration that cannot work, before anything runs."""
     sw = cfg.quant.switching
+    if cfg.eval.stream and not sw.enabled:
+        raise UserError("eval.stream serves datasets through DQS: use a DynaMo quant with switching "
+                        "(e.g. quant=dynamo_3bit)")
+    if cfg.eval.stream:
+        unknown = [n for n in cfg.eval.stream if n not in selected_sources(cfg)]
+        if unknown:
+            raise UserError(f"eval.stream names {unknown}, not among the evaluated datasets")
     if not sw.enabled:
         return
     from .quant.stage import needs_analysis

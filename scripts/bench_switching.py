@@ -4,11 +4,12 @@
 
 Known datasets code, docs, speeches, literature (calib split, --windows x --seqlen tokens each)
 give the significance; the FP16 channel cache keeps 1% of each expert's channels; BQ is RTN
-with DynaMo's budget allocation (3.0 bits, widths 8/6/4/3/2) applied with apply_plan. Then,
+with DynaMo's budget allocation (3.0 bits, widths 8/6/4/3/2), applied with GPTQ (the harness's
+default, calibrated on the known domains' windows) or with --quantizer rtn. Then,
 from the BQ state, `switch_to` is timed on --switch-windows windows of each novel domain
 (email, legal, math, chat; calib split), split into profile / allocate / requant, next to a
-full RTN re-quantization of the whole model from FP16 (apply_plan on a fresh FP16 copy, same
-plan), measured in the same run. Medians over --repeats. Token PPL on --ppl-windows test
+full re-quantization of the whole model from FP16 with the same quantizer and plan (for GPTQ:
+its calibration pass included, as a re-quantization must redo it), measured in the same run. Medians over --repeats. Token PPL on --ppl-windows test
 windows of each novel domain: FP16, BQ, and BQ + the switch (the same windows for all three).
 Writes results/benchmarks/switching.json.
 """
@@ -35,7 +36,7 @@ from dynamo.calibration.stage import calibration_windows  # noqa: E402
 from dynamo.config import AllocationConfig, AnalysisConfig, SourceConfig  # noqa: E402
 from dynamo.data import load_documents  # noqa: E402
 from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
-from dynamo.quant import QSpec, QuantPlan, apply_plan, bit_accounting  # noqa: E402
+from dynamo.quant import QSpec, QuantPlan, apply_plan, bit_accounting, quantize_sequential  # noqa: E402
 from dynamo.quant.allocation import allocate_dynamo  # noqa: E402
 from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
 from dynamo.switching import ChannelCache, DynamicSwitcher  # noqa: E402
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--mix", type=float, default=0.5)
     parser.add_argument("--modes", nargs="+", default=["requant", "fp16"], choices=["requant", "fp16"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq",
+                        help="BQ's quantizer, and the full re-quantization's (GPTQ's is timed once: it is slow)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "switching.json")
     args = parser.parse_args()
     if args.repeats < 1:
@@ -90,7 +93,15 @@ def main() -> None:
     captures, analysis_s = timed(lambda: {n: capture(fp16_model, w, batch_size=analysis.batch_size, hessians=False)
                                           for n, w in known_windows.items()})
     sig = Significance.from_captures(captures, layers, "act_l2", "row")
-    plan = QuantPlan(method="rtn", default=QSpec(3, group_size=128), model={"name": "tiny-olmoe"})
+    plan = QuantPlan(method=args.quantizer, default=QSpec(3, group_size=128), model={"name": "tiny-olmoe"})
+    calib = torch.cat(list(known_windows.values()))
+
+    def quantize(model) -> None:
+        if args.quantizer == "rtn":
+            apply_plan(model, plan)
+        else:
+            quantize_sequential(model, plan, calib, batch_size=analysis.batch_size)
+
     allocate_dynamo(plan, sig, layers, allocation)
     cache, cache_s = timed(lambda: ChannelCache.build(fp16_model, sig, args.frac, widths=list(allocation.widths),
                                                       group_size=128, sym=False))
@@ -100,15 +111,15 @@ def main() -> None:
     ppl = lambda model, d: token_perplexity(model, ppl_windows[d], batch_size=8).ppl  # noqa: E731
     ppl_fp16 = {d: ppl(fp16_model, d) for d in ppl_windows}
 
-    # the yardstick: a full RTN re-quantization of every expert from FP16, same plan
+    # the yardstick: a full re-quantization of every expert from FP16, same quantizer and plan
     full = []
-    for _ in range(args.repeats):
-        fresh = copy.deepcopy(fp16_model)   # copying is not part of re-quantizing
+    for _ in range(args.repeats if args.quantizer == "rtn" else 1):
+        bq_model = copy.deepcopy(fp16_model)   # copying is not part of re-quantizing
         t = time.perf_counter()
-        apply_plan(fresh, plan)
+        quantize(bq_model)
         full.append(time.perf_counter() - t)
     full_s = statistics.median(full)
-    bq_bits = bit_accounting(fresh, plan.spec_for)
+    bq_bits = bit_accounting(bq_model, plan.spec_for)
 
     expert_bytes = cache.expert_weight_count * 2
     result = {
@@ -118,7 +129,7 @@ def main() -> None:
                      "unit": "row", "capture_s": round(analysis_s, 3)},
         "switch_sample": {"windows": args.switch_windows, "seqlen": args.seqlen, "split": "calib"},
         "allocation": {"method": "budget", "target_bits": 3.0, "widths": list(allocation.widths), "fuse": "mean",
-                       "quantizer": "rtn", "group_size": 128, "sym": False},
+                       "quantizer": args.quantizer, "group_size": 128, "sym": False},
         "mix": args.mix, "repeats": args.repeats,
         "cache": {**cache.summary(), "build_s": round(cache_s, 3), "expert_weight_bytes_fp16": expert_bytes,
                   "cache_over_expert_bytes": cache.nbytes / expert_bytes,
@@ -129,8 +140,7 @@ def main() -> None:
     }
 
     for mode in args.modes:
-        model = copy.deepcopy(fp16_model)
-        apply_plan(model, plan)
+        model = copy.deepcopy(bq_model)
         t = time.perf_counter()
         switcher = DynamicSwitcher(model, plan, sig, cache, allocation, channel_mode=mode, mix=args.mix)
         setup_s = time.perf_counter() - t
@@ -166,7 +176,7 @@ def main() -> None:
                   device=device_info(torch.device("cpu")), versions=package_versions())
     write_json_atomic(args.out, result)
     print(f"cache {cache.nbytes} B = {result['cache']['cache_over_expert_bytes']:.4%} of FP16 expert weights; "
-          f"full RTN requant {full_s * 1e3:.1f} ms; wall {result['wall_s']} s -> {args.out}")
+          f"full {args.quantizer} requant {full_s * 1e3:.1f} ms; wall {result['wall_s']} s -> {args.out}")
 
 
 if __name__ == "__main__":

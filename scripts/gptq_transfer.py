@@ -15,7 +15,6 @@ Writes results/diagnostics/gptq_transfer_<model>_<bits>bit.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -106,3 +106,12 @@ def test_unreachable_hub_dataset_is_one_line():
     with pytest.raises(UserError, match="hub") as err:
         load_documents(source, "test")
     assert "\n" not in str(err.value)
+
+
+def test_dataset_path_with_its_own_calibration_file(tmp_path):
+    test, calib = tmp_path / "mine.jsonl", tmp_path / "mine_calib.jsonl"
+    test.write_text(json.dumps({"text": "evaluate me"}) + "\n")
+    calib.write_text(json.dumps({"text": "profile me"}) + "\n")
+    cfg = DatasetConfig(name="local", path=str(test), calib_path=str(calib))
+    source = sources_of(cfg)["mine"]
+    assert load_documents(source, "calib") == ["profile me"] and load_documents(source, "test") == ["evaluate me"]

@@ -118,3 +118,17 @@ def test_rtn_run_records_bit_accounting_and_the_plan(tmp_path):
     plan = json.loads((path.parent / "plan.json").read_text())
     assert plan["defaults"] == {"method": "rtn", "bits": 4, "group_size": 128, "sym": False}
     assert "avg bits: routed experts 4.156" in proc.stdout
+
+
+@pytest.mark.slow
+def test_stream_mode_switches_once_per_change_of_dataset(tmp_path):
+    proc = run_py("experiment=smoke", "eval=stream", "eval.datasets=[code,chat]", results_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = records(tmp_path)
+    record = json.loads(path.read_text())
+    segments = record["metrics"]["stream"]["segments"]
+    assert [s["dataset"] for s in segments] == ["code", "chat", "code", "chat"]
+    assert segments[0]["switches"] == []  # the first segment is the detector's reference
+    for segment in segments[1:]:
+        assert len(segment["switches"]) == 1 and segment["latency"] <= 8, segment
+    assert set(record["metrics"]["ppl_bq"]) == {"code", "chat"} and record["switching"]["cache"]["nbytes"] > 0

@@ -21,12 +21,13 @@ def _load(name: str):
 
 
 def _record(root, folder, model, quant, ppl, experiment="baselines_embedded", created="2026-01-01T00:00:00+00:00",
-            bits=None):
+            bits=None, ppl_bq=None):
     path = root / folder
     path.mkdir(parents=True)
     record = {"model": {"name": model}, "quant": {"name": quant}, "dataset": {"known": ["code"]},
               "created_at": created, "overrides": [f"model={model}", f"quant={quant}", f"experiment={experiment}"],
-              "config": {"tag": ""}, "metrics": {"ppl": ppl, **({"avg_bits": bits} if bits else {})},
+              "config": {"tag": ""}, "metrics": {"ppl": ppl, **({"avg_bits": bits} if bits else {}),
+                                                **({"ppl_bq": ppl_bq} if ppl_bq else {})},
               "protocol": {"ppl": {d: {"seqlen": 512} for d in ppl}}}
     (path / "result.json").write_text(json.dumps(record))
 
@@ -39,15 +40,18 @@ def test_tables_use_the_newest_record_of_their_experiments_and_check_detects_dri
     _record(runs, "a/gptq", "tiny-olmoe", "gptq_3bit", {"code": 22.0, "chat": 110.0}, bits=bits)
     _record(runs, "b/gptq", "tiny-olmoe", "gptq_3bit", {"code": 21.0, "chat": 105.0}, bits=bits,
             created="2026-02-01T00:00:00+00:00")
-    _record(runs, "c/dyn", "tiny-olmoe", "dynamo_3bit", {"code": 20.5, "chat": 104.0}, experiment="dynamo_embedded",
-            bits=bits)
+    _record(runs, "c/dyn", "tiny-olmoe", "dynamo_3bit", {"code": 20.4, "chat": 103.0}, experiment="dynamo_embedded",
+            bits=bits, ppl_bq={"code": 20.5, "chat": 104.0})
     _record(runs, "d/other", "tiny-olmoe", "rtn_3bit", {"code": 1.0, "chat": 1.0}, experiment="smoke", bits=bits)
     assert tables.main(["--runs", str(runs), "--out", str(out)]) == 0
     baselines = (out / "baselines.md").read_text()
     assert "| gptq_3bit | 3.150 | 6.600 | 21.00 | 105.00 |" in baselines  # the newer of the two
     assert "rtn_3bit" not in baselines and "22.00" not in baselines
     dynamo = (out / "dynamo_bq.md").read_text()
-    assert "| dynamo_3bit | 3.150 | 6.600 | 20.50 | 104.00 | 50% |" in dynamo  # (21 - 20.5) / (21 - 20)
+    assert "| DynaMo BQ, budget 3.0 | 3.150 | 6.600 | 20.50 | 104.00 | 50% |" in dynamo  # (21 - 20.5) / (21 - 20)
+    ablation = (out / "dynamo_ablation.md").read_text()
+    assert "| BQ (budget 3.0) | 3.150 | 6.600 | 20.50 | 104.00 |" in ablation
+    assert "| BQ + DQS (budget 3.0) | 3.150 | 6.600 | 20.40 | 103.00 |" in ablation
     assert tables.main(["--runs", str(runs), "--out", str(out), "--check"]) == 0
     _record(runs, "e/fp16", "tiny-olmoe", "fp16", {"code": 19.0, "chat": 99.0}, created="2026-03-01T00:00:00+00:00")
     assert tables.main(["--runs", str(runs), "--out", str(out), "--check"]) == 1
