@@ -45,6 +45,7 @@ TABLES = {
         "dynamo_bq", "DynaMo baseline quantization (BQ) against the baselines at ~3 bits", ("baselines_embedded", "dynamo_embedded"),
         (("fp16", "fp16", "ppl"), ("gptq_3bit", "gptq_3bit", "ppl"), ("moeptq", "moeptq", "ppl"),
          ("random_3bit", "random_3bit", "ppl"), ("DynaMo BQ, budget 3.0", "dynamo_3bit", "ppl_bq"),
+         ("DynaMo BQ, budget 3.0, shared experts at 3 bits", "dynamo_3bit_equal", "ppl"),
          ("gptq_4bit", "gptq_4bit", "ppl"), ("DynaMo BQ, fcm (paper)", "dynamo_paper", "ppl_bq")),
         "python run.py -m experiment=baselines_embedded && python run.py -m experiment=dynamo_embedded",
         gap_closed=True),
@@ -68,11 +69,12 @@ def load_records(root: Path) -> list[dict]:
     return records
 
 
-def pick(records: list[dict], spec: TableSpec) -> dict[tuple[str, str], dict]:
+def pick(records: list[dict], spec: TableSpec, models: tuple[str, ...] = MODELS) -> dict[tuple[str, str], dict]:
     """Newest record per (model, quant) among the runs of the table's experiments; ties broken by run id."""
     chosen, presets = {}, {quant for _, quant, _ in spec.rows}
     for r in records:
-        if _experiment(r) not in spec.experiments or r["quant"]["name"] not in presets:
+        if _experiment(r) not in spec.experiments or r["quant"]["name"] not in presets \
+                or r["model"]["name"] not in models:
             continue
         key = (r["model"]["name"], r["quant"]["name"])
         if key not in chosen or (r["created_at"], r["_path"]) > (chosen[key]["created_at"], chosen[key]["_path"]):
@@ -140,20 +142,79 @@ def _gap_closed(ref: dict, label: str, known: list[str]) -> str:
     return f"{100 * sum(shares) / len(shares):.0f}%" if shares else ""
 
 
+# The paper's published numbers (arXiv 2503.21135 v3, Tables I and III), printed beside ours.
+# (model config, quant preset) -> (WikiText-2 PPL, C4 PPL, average expert bits)
+PAPER_TABLE_I = {
+    ("olmoe", "fp16"): (7.41, 11.42, 16), ("olmoe", "gptq_3bit"): (11.65, 18.86, 3.00),
+    ("olmoe", "moeptq"): (15.44, 26.04, 3.26), ("olmoe", "dynamo_paper"): (9.64, 15.31, 2.95),
+    ("moe-girl", "fp16"): (8.43, 13.13, 16), ("moe-girl", "gptq_3bit"): (12.77, 21.38, 3.00),
+    ("moe-girl", "moeptq"): (16.88, 29.40, 3.26), ("moe-girl", "dynamo_paper"): (10.47, 17.87, 2.89),
+    ("qwen-moe", "fp16"): (7.02, 10.03, 16), ("qwen-moe", "gptq_3bit"): (10.99, 20.84, 3.00),
+    ("qwen-moe", "moeptq"): (9.93, 18.49, 3.35), ("qwen-moe", "dynamo_paper"): (8.51, 14.24, 3.05),
+    ("deepseek-moe", "fp16"): (7.36, 9.22, 16), ("deepseek-moe", "gptq_3bit"): (10.47, 15.19, 3.00),
+    ("deepseek-moe", "moeptq"): (8.49, 15.61, 3.31), ("deepseek-moe", "dynamo_paper"): (7.94, 11.49, 2.98),
+}
+# model config -> WikiText-2 PPL of GPTQ-3bit, BQ only, BQ + DQS
+PAPER_TABLE_III = {"olmoe": (11.65, 10.78, 9.64), "moe-girl": (12.77, 11.23, 10.47),
+                   "qwen-moe": (10.99, 9.82, 8.51), "deepseek-moe": (10.47, 8.52, 7.94)}
+HUB_MODELS = ("olmoe", "moe-girl", "qwen-moe", "deepseek-moe")
+
+
+def render_table1(records: list[dict]) -> str:
+    spec = TableSpec("table1", "", ("table1_ppl",), tuple((q, q, "ppl") for q in
+                                                            ("fp16", "gptq_3bit", "moeptq", "dynamo_paper")), "")
+    chosen = pick(records, spec, HUB_MODELS)
+    lines = ["# Paper Table I: token PPL, WikiText-2 / C4 (seqlen 2048)", "",
+             "Ours from `python run.py -m experiment=table1_ppl` (DynaMo = BQ + DQS, `dynamo_paper`); the paper's "
+             "published numbers beside them. Empty cells: no record yet (these runs need the hub and a GPU).", "",
+             "| model | quant | bits (ours) | Wiki (ours) | C4 (ours) | bits (paper) | Wiki (paper) | C4 (paper) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model in HUB_MODELS:
+        for quant in ("fp16", "gptq_3bit", "moeptq", "dynamo_paper"):
+            r = chosen.get((model, quant))
+            ppl = r["metrics"]["ppl"] if r else {}
+            bits = r["metrics"].get("avg_bits", {}).get("experts_codes_only") if r else None
+            wiki, c4, paper_bits = PAPER_TABLE_I[(model, quant)]
+            lines.append(f"| {model} | {quant} | {_fmt(bits) or ('16' if r and quant == 'fp16' else '')} | "
+                         f"{_fmt(ppl.get('wikitext2'))} | {_fmt(ppl.get('c4'))} | {paper_bits} | {wiki} | {c4} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_table3(records: list[dict]) -> str:
+    spec = TableSpec("table3", "", ("table3_ablation",), (("g", "gptq_3bit", "ppl"), ("d", "dynamo_paper", "ppl")), "")
+    chosen = pick(records, spec, HUB_MODELS)
+    lines = ["# Paper Table III: ablation, WikiText-2 PPL (seqlen 2048): GPTQ-3bit -> BQ -> BQ + DQS", "",
+             "Ours from `python run.py -m experiment=table3_ablation`; the paper's numbers beside them.", "",
+             "| model | GPTQ (ours) | BQ (ours) | BQ + DQS (ours) | GPTQ (paper) | BQ (paper) | BQ + DQS (paper) |",
+             "|---|---|---|---|---|---|---|"]
+    for model in HUB_MODELS:
+        gptq, dyn = chosen.get((model, "gptq_3bit")), chosen.get((model, "dynamo_paper"))
+        ours = [gptq["metrics"]["ppl"].get("wikitext2") if gptq else None,
+                dyn["metrics"].get("ppl_bq", {}).get("wikitext2") if dyn else None,
+                dyn["metrics"]["ppl"].get("wikitext2") if dyn else None]
+        lines.append(f"| {model} | " + " | ".join(_fmt(x) for x in ours) + " | "
+                     + " | ".join(str(x) for x in PAPER_TABLE_III[model]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {**{name: (lambda records, spec=spec: render(spec, records)) for name, spec in TABLES.items()},
+             "table1": render_table1, "table3": render_table3}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tables", nargs="*", help=f"default: all of {', '.join(TABLES)}")
+    parser.add_argument("tables", nargs="*", help=f"default: all of {', '.join(RENDERERS)}")
     parser.add_argument("--runs", type=Path, default=RUNS)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--check", action="store_true", help="compare with the committed tables, write nothing")
     args = parser.parse_args(argv)
-    unknown = [t for t in args.tables if t not in TABLES]
+    unknown = [t for t in args.tables if t not in RENDERERS]
     if unknown:
-        parser.error(f"unknown table(s) {unknown}; choose from {', '.join(TABLES)}")
+        parser.error(f"unknown table(s) {unknown}; choose from {', '.join(RENDERERS)}")
     records = load_records(args.runs)
     stale = []
-    for name in args.tables or list(TABLES):
-        text = render(TABLES[name], records)
+    for name in args.tables or list(RENDERERS):
+        text = RENDERERS[name](records)
         path = args.out / f"{name}.md"
         if args.check:
             if not path.is_file() or path.read_text() != text:

@@ -6,6 +6,7 @@ interval for the PPL ratio B / A per dataset. A ratio whose interval contains 1 
 difference the test split cannot resolve.
 
     python scripts/paired_ppl.py results/runs/<run A> results/runs/<run B> [--samples 10000]
+    python scripts/paired_ppl.py <DynaMo run> <same run> --file-a window_nll_bq.json   # BQ vs BQ + DQS
 
 Reads each run's `window_nll.json` (written beside `result.json`).
 """
@@ -22,8 +23,8 @@ import numpy as np
 WINDOW_NLL_FILE = "window_nll.json"
 
 
-def load_window_nll(run: Path) -> dict[str, np.ndarray]:
-    path = run / WINDOW_NLL_FILE
+def load_window_nll(run: Path, name: str = WINDOW_NLL_FILE) -> dict[str, np.ndarray]:
+    path = run / name
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; re-run that configuration (runs before per-window "
                          "losses were recorded cannot be compared pairwise)")
@@ -51,18 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_b", type=Path)
     parser.add_argument("--samples", type=int, default=10000)
     parser.add_argument("--json", type=Path, help="also write the comparison here")
+    parser.add_argument("--file-a", default=WINDOW_NLL_FILE,
+                        help="run A's per-window file: window_nll_bq.json (BQ alone) or window_nll_fp16.json")
+    parser.add_argument("--file-b", default=WINDOW_NLL_FILE)
     args = parser.parse_args(argv)
-    a, b = load_window_nll(args.run_a), load_window_nll(args.run_b)
+    a, b = load_window_nll(args.run_a, args.file_a), load_window_nll(args.run_b, args.file_b)
     rows = {name: paired_bootstrap(a[name], b[name], args.samples) for name in a if name in b}
-    print(f"A = {args.run_a.name}\nB = {args.run_b.name}")
+    print(f"A = {args.run_a.name}/{args.file_a}\nB = {args.run_b.name}/{args.file_b}")
     print(f"{'dataset':<12}{'PPL A':>10}{'PPL B':>10}{'B/A':>9}{'95% CI':>20}{'B better':>12}  resolved")
     for name, r in rows.items():
         ci = f"[{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]"
         print(f"{name:<12}{r['ppl_a']:>10.3f}{r['ppl_b']:>10.3f}{r['ratio']:>9.4f}{ci:>20}"
               f"{r['b_better_windows']:>7}/{r['windows']:<4}  {'yes' if r['resolved'] else 'no'}")
     if args.json:
-        args.json.write_text(json.dumps({"run_a": str(args.run_a), "run_b": str(args.run_b), "datasets": rows},
-                                        indent=2) + "\n")
+        args.json.write_text(json.dumps({"run_a": f"{args.run_a}/{args.file_a}", "run_b": f"{args.run_b}/{args.file_b}",
+                                         "datasets": rows}, indent=2) + "\n")
     return 0
 
 
