@@ -24,11 +24,13 @@ def _pyplot():
     return plt
 
 
-def _heatmap(ax, matrix: torch.Tensor, title: str, cmap: str, vmin=None, vmax=None):
+def _heatmap(ax, matrix: torch.Tensor, title: str, cmap: str, vmin=None, vmax=None, layers=None):
     image = ax.imshow(matrix.numpy(), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
+    if layers is not None:  # decoder-layer indices, not row numbers (dense layers are skipped)
+        ax.set_yticks(range(len(layers)), [str(i) for i in layers])
     return image
 
 
@@ -43,9 +45,10 @@ def write_figures(run_dir: Path, significance, bits: dict[int, list[int]] | None
     per_dataset = {d: torch.stack([significance.expert(d)[i] for i in layers]).float() for d in significance.datasets}
     vmax = max(float(m.max()) for m in per_dataset.values())
     fig, axes = plt.subplots(1, len(per_dataset), figsize=(3.2 * len(per_dataset) + 1, 3.2), squeeze=False)
-    for ax, (name, matrix) in zip(axes[0], per_dataset.items()):
-        image = _heatmap(ax, matrix, f"{name}: expert share", "viridis", 0.0, vmax)
-    ax.set_yticks(range(len(layers)), [str(i) for i in layers])
+    for k, (ax, (name, matrix)) in enumerate(zip(axes[0], per_dataset.items())):
+        image = _heatmap(ax, matrix, f"{name}: expert share", "viridis", 0.0, vmax, layers)
+        if k:
+            ax.set_ylabel("")
     fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
     fig.suptitle(f"expert significance (Eq. 1, metric {significance.metric})", fontsize=10)
     written.append(_save(fig, plt, out_dir / "significance.png"))
@@ -53,14 +56,14 @@ def write_figures(run_dir: Path, significance, bits: dict[int, list[int]] | None
     change = significance.expert_change()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     fig.colorbar(_heatmap(ax, torch.stack([change[i] for i in layers]).float(),
-                          "cross-dataset change (std of share)", "magma"), ax=ax)
+                          "cross-dataset change (std of share)", "magma", layers=layers), ax=ax)
     written.append(_save(fig, plt, out_dir / "expert_change.png"))
 
     if bits:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         matrix = torch.tensor([bits[i] for i in layers], dtype=torch.float32)
         fig.colorbar(_heatmap(ax, matrix, f"bits per expert (mean {float(matrix.mean()):.2f})", "cividis",
-                              2, 8), ax=ax)
+                              2, 8, layers), ax=ax)
         written.append(_save(fig, plt, out_dir / "bit_map.png"))
     return written
 
