@@ -3,6 +3,7 @@
     python scripts/make_tables.py                 # every table below, into results/tables/
     python scripts/make_tables.py baselines       # one of them
     python scripts/make_tables.py --check         # rebuild in memory, fail if a committed table differs
+    python scripts/make_tables.py --figures       # also the PPL-vs-bits (Pareto) figure of every method
 
 Each table reads the `result.json` records under results/runs/ (recursively), picks for every
 (model, quant preset) the newest record made by the table's experiment presets, and writes Markdown with the
@@ -197,8 +198,137 @@ def render_table3(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_table2_embedded(records: list[dict]) -> str:
+    spec = TableSpec("table2_embedded", "", ("table2_embedded",),
+                     tuple((q, q, "ppl") for q in ("fp16", "gptq_3bit", "dynamo_3bit")), "")
+    chosen = pick(records, spec)
+    lines = ["# Embedded variant of paper Table II: multiple-choice accuracy (lm-eval)", "",
+             "`dynamo_math_mc`: questions generated from the math test split, the true answer among 3 "
+             "distractors (chance 25%). Ours from `python run.py -m experiment=table2_embedded`; DynaMo is "
+             "evaluated as BQ (lm-eval tasks are not one dataset to switch to).", "",
+             "| model | quant | bits (experts) | acc | acc_norm | questions | math PPL |", "|---|---|---|---|---|---|---|"]
+    for model in MODELS:
+        for quant in ("fp16", "gptq_3bit", "dynamo_3bit"):
+            r = chosen.get((model, quant))
+            if r is None:
+                continue
+            mc = r["metrics"].get("lm_eval", {}).get("dynamo_math_mc", {})
+            bits = r["metrics"].get("avg_bits", {}).get("experts")
+            ppl = r["metrics"].get("ppl_bq", r["metrics"]["ppl"]).get("math")
+            lines.append(f"| {model} | {quant} | {_fmt(bits, 3) or '16'} | {_fmt(mc.get('acc'), 3)} | "
+                         f"{_fmt(mc.get('acc_norm'), 3)} | {r['protocol'].get('lm_eval', {}).get('limit', '')} | "
+                         f"{_fmt(ppl)} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_overheads(records: list[dict]) -> str:
+    """The paper's overhead table on the embedded models, from the DynaMo records' own timings."""
+    spec = TableSpec("overheads", "", ("dynamo_embedded",), (("b", "dynamo_3bit", "ppl"), ("f", "dynamo_paper", "ppl")),
+                     "")
+    chosen = pick(records, spec)
+    lines = ["# Overheads of DynaMo on the embedded models (paper: analysis 14.9-17.3% of offline time, "
+             "switching 7.7-10.7% of online time, cache ~1% of weights)", "",
+             "From the records of `python run.py -m experiment=dynamo_embedded` (CPU, one thread). Analysis share = "
+             "capture seconds / (capture + quantization). Switching share = all switches / the BQ + DQS "
+             "evaluation pass that contains them. Rewrite = the cache lookup and write of one switch.", "",
+             "| model | quant | analysis s | quantize s | analysis share | switch ms (median) | rewrite ms (median) "
+             "| switching share | cache bytes | cache / expert bytes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for model in MODELS:
+        for quant in ("dynamo_3bit", "dynamo_paper"):
+            r = chosen.get((model, quant))
+            if r is None or "switching" not in r:
+                continue
+            sw, an = r["switching"], r["analysis"]
+            totals = sorted(x["total_s"] for x in sw["switches"].values())
+            rewrites = sorted(x["requant_s"] for x in sw["switches"].values())
+            share = sum(totals) / r["timings"]["eval_ppl_s"]
+            lines.append(f"| {model} | {quant} | {an['capture_s']:.1f} | {r['timings']['quantize_s']:.1f} | "
+                         f"{100 * an['share_of_offline']:.1f}% | {1e3 * totals[len(totals) // 2]:.0f} | "
+                         f"{1e3 * rewrites[len(rewrites) // 2]:.1f} | {100 * share:.1f}% | {sw['cache']['nbytes']} | "
+                         f"{100 * sw['cache']['fraction_of_expert_bytes_fp16']:.3f}% |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS = {**{name: (lambda records, spec=spec: render(spec, records)) for name, spec in TABLES.items()},
-             "table1": render_table1, "table3": render_table3}
+             "table1": render_table1, "table2_embedded": render_table2_embedded, "table3": render_table3,
+             "overheads": render_overheads}
+
+
+def to_latex(markdown: str) -> str:
+    """The Markdown tables of a rendered page as LaTeX tabulars (headings become comments)."""
+    out, rows = [], []
+
+    def flush():
+        if rows:
+            cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
+            out.append("\\begin{tabular}{l" + "r" * (len(cells[0]) - 1) + "}")
+            out.append("\\hline")
+            for i, row in enumerate(cells):
+                out.append(" & ".join(_tex(c) for c in row) + " \\\\")
+                if i == 0:
+                    out.append("\\hline")
+            out.extend(["\\hline", "\\end{tabular}", ""])
+            rows.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|---"):
+            continue
+        if line.startswith("|"):
+            rows.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            out.append("% " + line.lstrip("# "))
+    flush()
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _tex(cell: str) -> str:
+    for a, b in (("\\", "\\textbackslash{}"), ("_", "\\_"), ("%", "\\%"), ("&", "\\&"), ("#", "\\#"),
+                 ("->", "$\\to$"), ("*", "$^*$")):
+        cell = cell.replace(a, b)
+    return cell
+
+
+def write_pareto(records: list[dict], out: Path) -> list[Path]:
+    """PPL (geometric mean over known, and over novel, domains) against average expert bits, one point
+    per quant preset of the embedded sweeps; DynaMo runs add their BQ-only point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = TableSpec("pareto", "", ("baselines_embedded", "dynamo_embedded"),
+                     tuple((q, q, "ppl") for q in {r["quant"]["name"] for r in records}), "")
+    chosen, written = pick(records, spec), []
+    for model in MODELS:
+        points = {}
+        for (m, quant), r in sorted(chosen.items()):
+            bits = r["metrics"].get("avg_bits", {}).get("experts")
+            if m != model or bits is None or quant.startswith("bnb_int8"):
+                continue
+            known = r["dataset"]["known"]
+            for label, key in ((quant, "ppl"), (f"{quant} (BQ)", "ppl_bq")):
+                ppl = r["metrics"].get(key)
+                if ppl:
+                    geo = lambda names: math.exp(sum(math.log(ppl[d]) for d in names) / len(names))  # noqa: E731
+                    points[label] = (bits, geo(known), geo([d for d in ppl if d not in known]))
+        if not points:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, k, title in ((axes[0], 1, "known domains"), (axes[1], 2, "novel domains")):
+            for label, p in sorted(points.items()):
+                marker = "*" if label.startswith("dynamo") else "o"
+                ax.scatter(p[0], p[k], marker=marker, s=60 if marker == "*" else 25)
+                ax.annotate(label, (p[0], p[k]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            ax.set_xlabel("average bits per routed-expert weight (scales/zeros counted)")
+            ax.set_ylabel("PPL, geometric mean")
+            ax.set_title(f"{model}: {title}", fontsize=9)
+        path = out / f"pareto_{model}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=RUNS)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--check", action="store_true", help="compare with the committed tables, write nothing")
+    parser.add_argument("--figures", action="store_true", help="also write pareto_<model>.png (not --check'ed)")
     args = parser.parse_args(argv)
     unknown = [t for t in args.tables if t not in RENDERERS]
     if unknown:
@@ -214,17 +345,20 @@ def main(argv: list[str] | None = None) -> int:
     records = load_records(args.runs)
     stale = []
     for name in args.tables or list(RENDERERS):
-        text = RENDERERS[name](records)
-        path = args.out / f"{name}.md"
-        if args.check:
-            if not path.is_file() or path.read_text() != text:
-                stale.append(str(path))
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        print(f"wrote {path}")
+        markdown = RENDERERS[name](records)
+        for path, text in ((args.out / f"{name}.md", markdown), (args.out / f"{name}.tex", to_latex(markdown))):
+            if args.check:
+                if not path.is_file() or path.read_text() != text:
+                    stale.append(str(path))
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+            print(f"wrote {path}")
+    if args.figures and not args.check:
+        for path in write_pareto(records, args.out):
+            print(f"wrote {path}")
     if stale:
         print("error: these tables differ from what the records give; run python scripts/make_tables.py: "
               + ", ".join(stale), file=sys.stderr)

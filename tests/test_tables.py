@@ -53,6 +53,9 @@ def test_tables_use_the_newest_record_of_their_experiments_and_check_detects_dri
     assert "| BQ (budget 3.0) | 3.150 | 6.600 | 20.50 | 104.00 |" in ablation
     assert "| BQ + DQS (budget 3.0) | 3.150 | 6.600 | 20.40 | 103.00 |" in ablation
     assert tables.main(["--runs", str(runs), "--out", str(out), "--check"]) == 0
+    latex = (out / "dynamo_bq.tex").read_text()
+    assert "DynaMo BQ, budget 3.0 & 3.150 & 6.600 & 20.50 & 104.00 & 50\\% \\\\" in latex
+    assert "\\begin{tabular}{lrrrrr}" in latex and "gptq\\_3bit" in latex
     _record(runs, "e/fp16", "tiny-olmoe", "fp16", {"code": 19.0, "chat": 99.0}, created="2026-03-01T00:00:00+00:00")
     assert tables.main(["--runs", str(runs), "--out", str(out), "--check"]) == 1
 
