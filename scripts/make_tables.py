@@ -159,6 +159,10 @@ PAPER_TABLE_I = {
 PAPER_TABLE_III = {"olmoe": (11.65, 10.78, 9.64), "moe-girl": (12.77, 11.23, 10.47),
                    "qwen-moe": (10.99, 9.82, 8.51), "deepseek-moe": (10.47, 8.52, 7.94)}
 HUB_MODELS = ("olmoe", "moe-girl", "qwen-moe", "deepseek-moe")
+# model config -> mean zero-shot accuracy (%) over the six tasks: FP16, GPTQ-3bit, DynaMo (paper Table II)
+PAPER_TABLE_II = {"olmoe": (51.10, 46.43, 48.94), "moe-girl": (51.30, 46.86, 48.71),
+                  "qwen-moe": (55.79, 46.85, 50.62), "deepseek-moe": (60.99, 57.43, 59.51)}
+ZERO_SHOT = ("arc_challenge", "arc_easy", "rte", "piqa", "copa", "cb")
 
 
 def render_table1(records: list[dict]) -> str:
@@ -177,7 +181,25 @@ def render_table1(records: list[dict]) -> str:
             bits = r["metrics"].get("avg_bits", {}).get("experts_codes_only") if r else None
             wiki, c4, paper_bits = PAPER_TABLE_I[(model, quant)]
             lines.append(f"| {model} | {quant} | {_fmt(bits) or ('16' if r and quant == 'fp16' else '')} | "
-                         f"{_fmt(ppl.get('wikitext2'))} | {_fmt(ppl.get('c4'))} | {paper_bits} | {wiki} | {c4} |")
+                         f"{_fmt(ppl.get('wikitext2'))} | {_fmt(ppl.get('c4'))} | {paper_bits:g} | {wiki:.2f} | {c4:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_table2(records: list[dict]) -> str:
+    quants = ("fp16", "gptq_3bit", "dynamo_paper")
+    spec = TableSpec("table2", "", ("table2_zeroshot",), tuple((q, q, "ppl") for q in quants), "")
+    chosen = pick(records, spec, HUB_MODELS)
+    lines = ["# Paper Table II: zero-shot accuracy (%), lm-eval `acc`", "",
+             "Ours from `python run.py -m experiment=table2_zeroshot`; the paper's six-task means beside them.", "",
+             "| model | quant | " + " | ".join(ZERO_SHOT) + " | mean (ours) | mean (paper) |",
+             "|---|---|" + "---|" * (len(ZERO_SHOT) + 2)]
+    for model in HUB_MODELS:
+        for quant, paper in zip(quants, PAPER_TABLE_II[model]):
+            r = chosen.get((model, quant))
+            lm = r["metrics"].get("lm_eval", {}) if r else {}
+            accs = [100 * lm[t]["acc"] if t in lm and "acc" in lm[t] else None for t in ZERO_SHOT]
+            mean = sum(accs) / len(accs) if all(a is not None for a in accs) else None
+            lines.append(f"| {model} | {quant} | " + " | ".join(_fmt(a) for a in accs) + f" | {_fmt(mean)} | {paper:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -250,7 +272,7 @@ def render_overheads(records: list[dict]) -> str:
 
 
 RENDERERS = {**{name: (lambda records, spec=spec: render(spec, records)) for name, spec in TABLES.items()},
-             "table1": render_table1, "table2_embedded": render_table2_embedded, "table3": render_table3,
+             "table1": render_table1, "table2": render_table2, "table2_embedded": render_table2_embedded, "table3": render_table3,
              "overheads": render_overheads}
 
 
