@@ -237,9 +237,9 @@ def render_table2_embedded(records: list[dict]) -> str:
             mc = r["metrics"].get("lm_eval", {}).get("dynamo_math_mc", {})
             bits = r["metrics"].get("avg_bits", {}).get("experts")
             ppl = r["metrics"].get("ppl_bq", r["metrics"]["ppl"]).get("math")
+            limit = r["protocol"].get("lm_eval", {}).get("limit")
             lines.append(f"| {model} | {quant} | {_fmt(bits, 3) or '16'} | {_fmt(mc.get('acc'), 3)} | "
-                         f"{_fmt(mc.get('acc_norm'), 3)} | {r['protocol'].get('lm_eval', {}).get('limit', '')} | "
-                         f"{_fmt(ppl)} |")
+                         f"{_fmt(mc.get('acc_norm'), 3)} | {'' if limit is None else int(limit)} | {_fmt(ppl)} |")
     return "\n".join(lines) + "\n"
 
 
