@@ -53,3 +53,27 @@ def test_packed_model_logits_equal_fake_quant_logits(family):
     assert torch.allclose(logits, fake, rtol=0, atol=1e-5 * float(fake.abs().max()))
     with pytest.raises((RuntimeError, IndexError)), torch.no_grad():  # dense experts gone: only the packed path runs
         model(ids)
+
+
+@pytest.mark.slow
+def test_packed_embedded_model_ppl_equals_fake_quant_ppl():
+    """The embedded tiny-olmoe, 3-bit RTN experts: the packed model's PPL is the fake-quant PPL (<= 0.1%)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dynamo.config import REPO_ROOT, SourceConfig
+    from dynamo.data import load_documents
+    from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus
+
+    path = REPO_ROOT / "assets" / "models" / "tiny-olmoe"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    source = SourceConfig(path="code")
+    windows = make_windows(tokenize_corpus(tokenizer, load_documents(source, "test"), source.separator), 256, 4)
+    report = apply_plan(model, QuantPlan(method="rtn", default=QSpec(3)), keep_codes=True)
+    packed = pack_experts(model, report.codes)
+    write_dequantized(model, packed)  # the fake-quant reference holds exactly the packed values
+    fake = token_perplexity(model, windows, batch_size=4).ppl
+    release_dense_experts(model)
+    with packed_forward(model, packed, backend="torch"):
+        ppl = token_perplexity(model, windows, batch_size=4).ppl
+    assert abs(ppl / fake - 1) <= 1e-3, (ppl, fake)
