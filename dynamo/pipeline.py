@@ -296,7 +296,8 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
                 cache = build_channel_cache(loaded, cfg, significance, run_dir, stage)
         t = time.perf_counter()
         result = quantize(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), known, cfg.quant, cfg.calib,
-                          cfg.model.name, significance=significance)
+                          cfg.model.name, significance=significance,
+                          errors=cache.rtn_error if cache is not None else None)  # measured once, by the cache
         timings["quantize_s"] = time.perf_counter() - t
         stats, stage.quantization = result.stats, result.summary
         if result.plan is not None:

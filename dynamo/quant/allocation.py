@@ -13,12 +13,11 @@ the control every allocation rule must beat.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..errors import UserError
 from ..adapters import SHARED
-from .budget import layer_budget, relative_error, solve_budget
+from .budget import error_table, layer_budget, solve_budget
 from .fcm import fcm_widths
 from .fusion import fuse
 from .plan import QuantPlan
@@ -54,32 +53,44 @@ def allocate(plan: QuantPlan, token_counts: dict[int, torch.Tensor], shared_laye
     return plan
 
 
-def allocate_dynamo(plan: QuantPlan, significance, layers: list, cfg) -> dict:
+def layer_widths(shares: torch.Tensor, cfg, errors: torch.Tensor | None, n_experts: int) -> list[int]:
+    """One MoE layer's expert widths from its (fused) significance shares under the allocation rule
+    of `cfg` (the quant.allocation node): `fcm` (paper Algorithm 1) or `budget` (exact, ours; needs
+    `errors`, the layer's error_table over cfg.widths). Shared by BQ and by DQS's re-allocation."""
+    widths = [int(w) for w in cfg.widths]
+    if cfg.method.value == "fcm":
+        bits, _ = fcm_widths(shares, widths, cfg.fcm.m, cfg.fcm.eps, cfg.fcm.max_iter, cfg.fcm.overlap_margin)
+    else:
+        costs = shares.double().numpy()[:, None] * errors.numpy()
+        bits = solve_budget(costs, widths, layer_budget(n_experts, cfg.target_bits))
+    return [int(b) for b in bits]
+
+
+def allocate_dynamo(plan: QuantPlan, significance, layers: list, cfg,
+                    errors: dict[int, torch.Tensor] | None = None) -> dict:
     """DynaMo's expert widths (spec Step 2) into `plan`, in place: per MoE layer, fuse the per-dataset
-    expert significance (Eq. 2), then `fcm` (paper Algorithm 1) or `budget` (exact, ours).
-    `cfg` is the quant.allocation node. Returns the fused significance and spread per layer."""
+    expert significance (Eq. 2), then `fcm` or `budget` (layer_widths). `cfg` is the quant.allocation
+    node; `errors` (layer -> error_table over cfg.widths) saves recomputing a table the channel cache
+    already measured. Returns the fused significance, spread and widths per layer."""
     method, widths = cfg.method.value, list(cfg.widths)
+    if method not in ("fcm", "budget"):
+        raise UserError(f"allocate_dynamo handles fcm and budget, not '{method}'")
     try:
-        specs = {w: QSpec(w, plan.default.group_size, plan.default.sym) for w in widths}
+        specs = [QSpec(w, plan.default.group_size, plan.default.sym) for w in widths]
     except ValueError as err:
         raise UserError(f"quant.allocation.widths: {err}") from None
-    if any(s.is_float for s in specs.values()) or len(set(widths)) != len(widths):
+    if any(s.is_float for s in specs) or len(set(widths)) != len(widths):
         raise UserError(f"quant.allocation.widths={widths}: distinct integer widths only (16 is not a width)")
+    if method == "fcm" and sorted(widths, reverse=True) != widths:
+        raise UserError(f"fcm maps clusters ranked by centre to widths from high to low; "
+                        f"list quant.allocation.widths descending, got {widths}")
     fused_by_layer = {}
     for layer in layers:
         fused, spread = fuse(significance.expert_matrix(layer.index), cfg.fuse.value)
-        if method == "fcm":
-            if sorted(widths, reverse=True) != widths:
-                raise UserError(f"fcm maps clusters ranked by centre to widths from high to low; "
-                                f"list quant.allocation.widths descending, got {widths}")
-            bits, _ = fcm_widths(fused, widths, cfg.fcm.m, cfg.fcm.eps, cfg.fcm.max_iter, cfg.fcm.overlap_margin)
-        elif method == "budget":
-            errors = [[relative_error([layer.weight(e, p) for p in ("gate", "up", "down")], specs[w])
-                       for w in widths] for e in range(layer.n_experts)]
-            costs = fused.numpy()[:, None] * np.asarray(errors)
-            bits = solve_budget(costs, widths, layer_budget(layer.n_experts, cfg.target_bits))
-        else:
-            raise UserError(f"allocate_dynamo handles fcm and budget, not '{method}'")
+        table = None
+        if method == "budget":
+            table = errors[layer.index] if errors and layer.index in errors else error_table(layer, specs)
+        bits = layer_widths(fused, cfg, table, layer.n_experts)
         for e, b in enumerate(bits):
             plan.set_expert_bits(layer.index, e, b)
         fused_by_layer[layer.index] = {"fused": fused, "spread": spread, "bits": bits}

@@ -31,6 +31,12 @@ def relative_error(weights: list[torch.Tensor], spec: QSpec) -> float:
     return num / den if den > 0 else 0.0
 
 
+def error_table(layer, specs: list[QSpec]) -> torch.Tensor:
+    """[experts, len(specs)] float64: each routed expert's relative RTN error at each width."""
+    return torch.tensor([[relative_error([layer.weight(e, p) for p in ("gate", "up", "down")], spec) for spec in specs]
+                         for e in range(layer.n_experts)], dtype=torch.float64)
+
+
 def solve_budget(costs: np.ndarray, widths: list[int], budget: int) -> list[int]:
     """costs [n, len(widths)] -> the width of each expert; sum of widths <= budget, least total cost.
     Exact. Ties go to the lexicographically first choice in expert order, so results are stable."""

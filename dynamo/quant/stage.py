@@ -58,8 +58,9 @@ def needs_analysis(cfg: QuantConfig) -> bool:
 
 
 def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig, calib: CalibConfig,
-             model_name: str, significance=None) -> QuantResult:
-    """`significance` (dynamo.analysis.Significance) is required by the fcm and budget allocations."""
+             model_name: str, significance=None, errors: dict | None = None) -> QuantResult:
+    """`significance` (dynamo.analysis.Significance) is required by the fcm and budget allocations;
+    `errors` is the budget rule's per-layer error table when something (the DQS cache) measured it."""
     if cfg.method == QuantMethod.bnb:
         if cfg.bnb_format not in FORMATS:
             raise UserError(f"unknown quant.bnb_format '{cfg.bnb_format}'; choose one of {', '.join(FORMATS)}")
@@ -75,7 +76,7 @@ def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig
         if alloc.method in DYNAMO_ALLOCATIONS:
             if significance is None:
                 raise UserError(f"quant.allocation.method={alloc.method.value} needs the analysis stage's significance")
-            allocate_dynamo(plan, significance, layers, alloc)
+            allocate_dynamo(plan, significance, layers, alloc, errors)
         else:
             if alloc.method == Allocation.moeptq:  # routing frequency from a statistics-light pass
                 freq = capture(model, windows, batch_size=calib.batch_size, hessians=False)

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..adapters import PROJECTIONS, MoELayer, moe_layers
 from ..errors import UserError
-from ..quant.budget import relative_error
+from ..quant.budget import error_table
 from ..quant.spec import QSpec
 from ..records import write_json_atomic
 
@@ -97,8 +97,7 @@ class ChannelCache:
                 values[i][p] = torch.stack([read_slice(layer.weight(e, p), index[i][name][e].long(), axis)
                                             for e in range(layer.n_experts)]).to(dtype).cpu()
             if specs:
-                errors[i] = torch.tensor([[relative_error([layer.weight(e, p) for p in PROJECTIONS], s)
-                                           for s in specs] for e in range(layer.n_experts)], dtype=torch.float64)
+                errors[i] = error_table(layer, specs)
         return cls(unit=significance.unit, frac=frac, index=index, values=values, shapes=shapes, n_experts=n_experts,
                    widths=list(widths), group_size=group_size, sym=sym, rtn_error=errors,
                    meta={"metric": significance.metric, "datasets": list(significance.datasets), **(meta or {})})

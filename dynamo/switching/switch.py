@@ -48,8 +48,7 @@ from ..adapters import PROJECTIONS, moe_layers
 from ..analysis.significance import Significance
 from ..calibration import capture
 from ..errors import UserError
-from ..quant.budget import layer_budget, solve_budget
-from ..quant.fcm import fcm_widths
+from ..quant.allocation import layer_widths
 from ..quant.fusion import fuse
 from ..quant.plan import QuantPlan
 from ..quant.rtn import quantize_rtn
@@ -205,13 +204,8 @@ class DynamicSwitcher:
             if new.shape != self.fused[i].shape:
                 raise UserError(f"layer {i}: {new.numel()} new shares for {layer.n_experts} experts")
             mixed = (1.0 - self.mix) * self.fused[i] + self.mix * new
-            if self.method == "fcm":
-                f = self.allocation.fcm
-                bits, _ = fcm_widths(mixed, self.widths, f.m, f.eps, f.max_iter, f.overlap_margin)
-            else:
-                costs = mixed.numpy()[:, None] * self.cache.rtn_error[i].numpy()
-                bits = solve_budget(costs, self.widths, layer_budget(layer.n_experts, self.allocation.target_bits))
-            widths[i], mixed_by_layer[i] = [int(b) for b in bits], mixed
+            widths[i] = layer_widths(mixed, self.allocation, self.cache.rtn_error.get(i), layer.n_experts)
+            mixed_by_layer[i] = mixed
         return widths, mixed_by_layer
 
     def apply_widths(self, widths: dict[int, list[int]]) -> SwitchReport:
