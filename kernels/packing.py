@@ -1,31 +1,40 @@
 """Bit-packing of b-bit weight codes into int32 words, and `PackedWeight`, what the kernels read.
 
-Layout (the same rule for every width, so one unpack expression serves them all):
+Layout. A b-bit code is split into bit planes whose widths divide 32:
 
-    values per word  PF = floor(32 / b):  b = 2 -> 16,  3 -> 10,  4 -> 8,  6 -> 5,  8 -> 4
-    a [N, K] code matrix (nn.Linear convention: N outputs, K inputs) packs along K into
-    qweight [N, ceil(K / PF)] int32;  code (n, k) sits in word (n, k // PF) at bits
-    [b * (k % PF), b * (k % PF) + b), least significant first.
+    b = 2, 4, 8: one plane of b bits
+    b = 3:       a 2-bit plane (the code's low bits) and a 1-bit plane (its high bit)
+    b = 6:       a 4-bit plane (low bits) and a 2-bit plane (high bits)
 
-3- and 6-bit codes do not divide 32: their words hold 10 (resp. 5) codes and leave the top
-2 bits zero. We chose that over the dense alternatives (32 codes in 3 words, 16 in 3 words)
-because a code then never straddles two words: the kernel unpacks code k with one load and
-one shift, `(qweight[n, k // PF] >> (b * (k % PF))) & (2^b - 1)`, for every width, with b and
-PF as compile-time constants. The price is 2 unused bits per word: 3-bit codes cost 3.2 bits
-and 6-bit codes 6.4 bits of storage (6.7 % more), so the memory-bound ceiling of a 3-bit
-decode step is 16 / 3.2 = 5.0x over FP16 instead of 16 / 3 = 5.3x.
+A plane of width p packs a [N, K] matrix (nn.Linear convention: N outputs, K inputs) along K,
+32 / p values per int32 word, least significant first: value k of a row sits in word k // (32 / p)
+at bits [p * (k % (32 / p)), p * (k % (32 / p)) + p). qweight is one int32 tensor
+[N, sum over planes of ceil(K / (32 / p))], the planes' words concatenated along the word axis
+(low plane first), and code = low | (high << low plane width).
 
-When K is not a multiple of PF the last word of each row is filled with zero codes; unpack
-drops them (the kernels mask k >= K). Bit 31 of a 2/4/8-bit word holds data, so words are
-negative int32 values; unpacking masks after the (arithmetic) shift, which makes that harmless.
+Why planes: 3 and 6 do not divide 32. Packing whole codes would either leave bits of every word
+unused (10 3-bit codes per word cost 3.2 bits a code, 5 6-bit codes 6.4 bits) or let codes
+straddle two words. In a plane no value straddles a word, so the kernel unpacks each plane
+with one load, one shift and one mask, the plane widths being compile-time constants, and
+storage is exactly b bits per code whenever K is a multiple of 32 (3-bit) or 16 (6-bit).
 
-Group parameters: scales [N, groups] fp16 and zeros [N, groups] fp16 (integer values, not
-packed: fp16 holds every integer up to 2048 exactly, and the kernel then computes
-w = scale * (q - zero) with no unpacking of zeros; a group of 128 pays 16 instead of b bits
-for its zero, about 0.1 bit per weight). A group is `group_size` consecutive input columns,
--1 = one group per row, as in `dynamo.quant.rtn`. Act-order weights whose groups are not
-consecutive columns (a non-trivial `g_idx`) are refused: our GPTQ keeps static groups
-(g_idx is None), so that case never arises from this repository's quantizers.
+When K is not a multiple of a plane's values per word, the plane's last word of each row is
+filled with zeros; unpack drops them (the kernels mask k >= K). Bit 31 of a word holds data, so
+words can be negative int32 values; unpacking masks after the (arithmetic) shift, which makes
+that harmless.
+
+Group parameters: scales [N, groups] fp16. Zeros, integers in [0, 2^b - 1] (symmetric specs
+included), are packed with the same rule along the output axis: the [N, groups] matrix is
+transposed and packed like codes, zeros [groups, packed_columns(N, b)] int32. Along N because
+rows have few groups (1 or 2 at group 128 in a small model, 16 at K = 2048) but N is a multiple
+of 32 in every model here, so each zero costs exactly b bits (packed along the groups, one
+group's zero would fill a whole word per plane), and a tile's BLOCK_N zeros of one group are
+adjacent words. So a weight stores what `QSpec.storage_bits` counts: b bits per code, 16 + b
+bits per group, up to the padding of each plane's last word. A group is `group_size`
+consecutive input columns, -1 = one group per row, as in `dynamo.quant.rtn`;
+w = scale * (q - zero). Act-order weights whose groups are not consecutive columns (a
+non-trivial `g_idx`) are refused: our GPTQ keeps static groups (g_idx is None), so that case
+never arises from this repository's quantizers.
 """
 
 from __future__ import annotations
@@ -36,51 +45,79 @@ import torch
 
 from dynamo.quant.rtn import QuantizedWeight, column_groups
 
-PACKED_BITS = (2, 3, 4, 6, 8)
+PLANES = {2: (2,), 3: (2, 1), 4: (4,), 6: (4, 2), 8: (8,)}  # plane widths, low bits first
+PACKED_BITS = tuple(PLANES)
 WORD_BITS = 32
 
 
-def pack_factor(bits: int) -> int:
-    """Codes per int32 word: 16, 10, 8, 5, 4 for 2, 3, 4, 6, 8 bits."""
-    if bits not in PACKED_BITS:
+def plane_bits(bits: int) -> tuple[int, ...]:
+    """The widths of a b-bit code's planes, low bits first: (2, 1) for 3 bits, (4, 2) for 6."""
+    if bits not in PLANES:
         raise ValueError(f"cannot pack {bits}-bit codes; packed widths are {PACKED_BITS}")
-    return WORD_BITS // bits
+    return PLANES[bits]
+
+
+def plane_words(cols: int, plane: int) -> int:
+    """Words per row of one plane of `plane`-bit values for `cols` values."""
+    return -(-cols // (WORD_BITS // plane))
 
 
 def packed_columns(cols: int, bits: int) -> int:
-    return -(-cols // pack_factor(bits))
+    """Words per row of `cols` b-bit codes, all planes together."""
+    return sum(plane_words(cols, p) for p in plane_bits(bits))
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes [N, K] integers in [0, 2^b - 1] -> qweight [N, ceil(K / PF)] int32 (layout above)."""
-    if codes.dim() != 2:
-        raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
-    pf = pack_factor(bits)
-    rows, cols = codes.shape
-    wide = codes.to(torch.int64)
-    if wide.numel() and (int(wide.min()) < 0 or int(wide.max()) > 2 ** bits - 1):
-        raise ValueError(f"codes outside [0, {2 ** bits - 1}] cannot be packed into {bits} bits")
-    words = packed_columns(cols, bits)
-    padded = torch.zeros(rows, words * pf, dtype=torch.int64, device=codes.device)
-    padded[:, :cols] = wide
-    shifts = torch.arange(pf, device=codes.device, dtype=torch.int64) * bits
+def _pack_plane(values: torch.Tensor, plane: int) -> torch.Tensor:
+    """values [N, K] int64 in [0, 2^plane) -> [N, ceil(K / (32 / plane))] int32."""
+    per_word = WORD_BITS // plane
+    rows, cols = values.shape
+    words = plane_words(cols, plane)
+    padded = torch.zeros(rows, words * per_word, dtype=torch.int64, device=values.device)
+    padded[:, :cols] = values
+    shifts = torch.arange(per_word, device=values.device, dtype=torch.int64) * plane
     # Fields are disjoint, so the sum is their bitwise OR. It is done in int64 and folded into
     # the int32 range by hand: relying on an overflowing int64 -> int32 cast would be
     # implementation-defined.
-    unsigned = (padded.view(rows, words, pf) << shifts).sum(-1)
+    unsigned = (padded.view(rows, words, per_word) << shifts).sum(-1)
     return torch.where(unsigned >= 2 ** 31, unsigned - 2 ** 32, unsigned).to(torch.int32)
 
 
+def _unpack_plane(words: torch.Tensor, plane: int, cols: int) -> torch.Tensor:
+    """[N, W] int32 -> values [N, cols] int32 (the padding of the last word dropped)."""
+    shifts = torch.arange(WORD_BITS // plane, device=words.device, dtype=torch.int32) * plane
+    fields = (words.unsqueeze(-1) >> shifts) & (2 ** plane - 1)
+    return fields.reshape(words.shape[0], -1)[:, :cols]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [N, K] integers in [0, 2^b - 1] -> qweight [N, packed_columns(K, b)] int32 (layout above)."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
+    planes = plane_bits(bits)
+    wide = codes.to(torch.int64)
+    if wide.numel() and (int(wide.min()) < 0 or int(wide.max()) > 2 ** bits - 1):
+        raise ValueError(f"codes outside [0, {2 ** bits - 1}] cannot be packed into {bits} bits")
+    packed, shift = [], 0
+    for plane in planes:
+        packed.append(_pack_plane((wide >> shift) & (2 ** plane - 1), plane))
+        shift += plane
+    return torch.cat(packed, dim=1)
+
+
 def unpack_codes(qweight: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """qweight [N, W] int32 -> codes [N, cols] uint8 (the padding codes of the last word dropped)."""
-    pf = pack_factor(bits)
+    """qweight [N, W] int32 -> codes [N, cols] uint8 (the padding of each plane dropped)."""
+    planes = plane_bits(bits)
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise ValueError(f"qweight must be a 2-D int32 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
     if qweight.shape[1] != packed_columns(cols, bits):
         raise ValueError(f"{qweight.shape[1]} words per row cannot hold exactly {cols} {bits}-bit codes")
-    shifts = torch.arange(pf, device=qweight.device, dtype=torch.int32) * bits
-    fields = (qweight.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
-    return fields.reshape(qweight.shape[0], -1)[:, :cols].to(torch.uint8)
+    codes = torch.zeros(qweight.shape[0], cols, dtype=torch.int32, device=qweight.device)
+    start, shift = 0, 0
+    for plane in planes:
+        words = plane_words(cols, plane)
+        codes |= _unpack_plane(qweight[:, start:start + words], plane, cols) << shift
+        start, shift = start + words, shift + plane
+    return codes.to(torch.uint8)
 
 
 def _check_consecutive_groups(q: QuantizedWeight) -> None:
@@ -93,26 +130,32 @@ def _check_consecutive_groups(q: QuantizedWeight) -> None:
                          "(dynamo.quant.quantize_gptq keeps them; g_idx is then None)")
 
 
+def _integer_zeros(q: QuantizedWeight) -> torch.Tensor:
+    zeros = q.zeros.round()
+    if not torch.equal(zeros, q.zeros):
+        raise ValueError("zeros must be integers to be packed")
+    return zeros
+
+
 @dataclass
 class PackedWeight:
-    """One [N, K] weight matrix as the kernels read it: packed codes plus fp16 group parameters."""
+    """One [N, K] weight matrix as the kernels read it: packed codes and zeros plus fp16 scales."""
 
-    qweight: torch.Tensor   # [N, ceil(K / PF)] int32, layout in the module docstring
+    qweight: torch.Tensor   # [N, packed_columns(K, bits)] int32, layout in the module docstring
     scales: torch.Tensor    # [N, groups] float16
-    zeros: torch.Tensor     # [N, groups] float16 (integer values in [0, 2^b - 1])
+    zeros: torch.Tensor     # [groups, packed_columns(N, bits)] int32: zeros^T packed along N like qweight
     bits: int
     group_size: int         # input columns per group; -1 = one group per row
     shape: tuple[int, int]  # (N, K) of the unpacked matrix
 
     def __post_init__(self):
         rows, cols = self.shape
-        groups = 1 if self.group_size == -1 else -(-cols // self.group_size)
-        if tuple(self.qweight.shape) != (rows, packed_columns(cols, self.bits)):
-            raise ValueError(f"qweight shape {tuple(self.qweight.shape)} does not hold a {self.shape} "
-                             f"{self.bits}-bit matrix")
-        for name in ("scales", "zeros"):
-            if tuple(getattr(self, name).shape) != (rows, groups):
-                raise ValueError(f"{name} shape {tuple(getattr(self, name).shape)} != {(rows, groups)}")
+        expected = {"qweight": (rows, packed_columns(cols, self.bits)), "scales": (rows, self.groups),
+                    "zeros": (self.groups, packed_columns(rows, self.bits))}
+        for name, shape in expected.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"{name} shape {tuple(getattr(self, name).shape)} != {shape} for a {self.shape} "
+                                 f"{self.bits}-bit matrix")
 
     @classmethod
     def from_quantized(cls, q: QuantizedWeight) -> PackedWeight:
@@ -120,12 +163,12 @@ class PackedWeight:
             raise ValueError("a 16-bit (unquantized) weight has no codes to pack; keep it as a dense tensor")
         _check_consecutive_groups(q)
         return cls(qweight=pack_codes(q.codes, q.spec.bits), scales=q.scales.to(torch.float16),
-                   zeros=q.zeros.to(torch.float16), bits=q.spec.bits, group_size=q.spec.group_size,
-                   shape=(int(q.codes.shape[0]), int(q.codes.shape[1])))
+                   zeros=pack_codes(_integer_zeros(q).T, q.spec.bits), bits=q.spec.bits,
+                   group_size=q.spec.group_size, shape=(int(q.codes.shape[0]), int(q.codes.shape[1])))
 
     @property
-    def pack_factor(self) -> int:
-        return pack_factor(self.bits)
+    def planes(self) -> tuple[int, ...]:
+        return plane_bits(self.bits)
 
     @property
     def group(self) -> int:
@@ -133,25 +176,32 @@ class PackedWeight:
         return self.shape[1] if self.group_size == -1 else self.group_size
 
     @property
+    def groups(self) -> int:
+        return -(-self.shape[1] // self.group)
+
+    @property
     def device(self) -> torch.device:
         return self.qweight.device
 
     @property
     def nbytes(self) -> int:
-        """Bytes a kernel reads for the weight: packed codes, scales and zeros."""
+        """Bytes a kernel reads for the weight: packed codes, scales and packed zeros."""
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
 
     def unpack(self) -> torch.Tensor:
         """The integer codes [N, K] uint8."""
         return unpack_codes(self.qweight, self.bits, self.shape[1])
 
+    def zero_points(self) -> torch.Tensor:
+        """The integer zeros [N, groups] uint8."""
+        return unpack_codes(self.zeros, self.bits, self.shape[0]).T
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """w = scale * (q - zero) as [N, K], computed in fp32 (what the kernels compute in registers)."""
         g_idx = torch.arange(self.shape[1], device=self.device) // self.group
-        w = self.scales.float()[:, g_idx] * (self.unpack().float() - self.zeros.float()[:, g_idx])
+        w = self.scales.float()[:, g_idx] * (self.unpack().float() - self.zero_points().float()[:, g_idx])
         return w.to(dtype)
 
     def to(self, device: torch.device | str) -> PackedWeight:
         return PackedWeight(self.qweight.to(device), self.scales.to(device), self.zeros.to(device), self.bits,
                             self.group_size, self.shape)
-

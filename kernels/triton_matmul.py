@@ -8,8 +8,11 @@
   token for gate/up, the row itself for down) and scattering its outputs to out[r, offset + n].
 
 Both share `_dequantized_tile`: a [BLOCK_K, BLOCK_N] tile of W^T is unpacked from the int32
-words (layout in packing.py), dequantized in registers as scale * (q - zero) in fp32, cast to
-x's dtype and fed to `tl.dot` with fp32 accumulation. Dequantized weights never reach memory.
+words, one load, shift and mask per bit plane (layout in packing.py; the plane widths are
+compile-time constants, a high plane's offset follows from K), its zeros unpacked the same
+way from the group's row of packed zeros (packed along N), dequantized in registers as
+scale * (q - zero) in fp32, cast to x's dtype and fed to `tl.dot` with fp32 accumulation.
+Dequantized weights never reach memory.
 
 Decode has few output tiles (N / BLOCK_N = 16 for N = 1024), too few programs to keep a
 large GPU's memory system busy, so on CUDA the single-matrix kernel splits K across programs
@@ -29,40 +32,56 @@ import triton
 import triton.language as tl
 
 from .experts import Routing, WeightStack
-from .packing import PackedWeight, pack_factor
+from .packing import PackedWeight, plane_bits
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # how this module's kernels were built (see above)
 MIN_DOT = 16  # tl.dot needs every block dimension >= 16
 
 
 @triton.jit
-def _dequantized_tile(qw_ptr, s_ptr, z_ptr, stride_qn, stride_sn, offs_k, offs_n, k0, K, N,
-                      BITS: tl.constexpr, PF: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+def _plane(row_ptr, idx, mask, PLANE: tl.constexpr):
+    """Value idx of a plane of PLANE-bit values starting at row_ptr (int32)."""
+    words = tl.load(row_ptr + idx // (32 // PLANE), mask=mask, other=0)
+    return (words >> ((idx % (32 // PLANE)) * PLANE)) & ((1 << PLANE) - 1)
+
+
+@triton.jit
+def _unpacked(row_ptr, idx, count, mask, LOW_BITS: tl.constexpr, HIGH_BITS: tl.constexpr):
+    """Code idx of a row of `count` codes packed in planes (packing.py); HIGH_BITS == 0: one plane."""
+    q = _plane(row_ptr, idx, mask, LOW_BITS)
+    if HIGH_BITS > 0:
+        low_words = (count + 32 // LOW_BITS - 1) // (32 // LOW_BITS)
+        q |= _plane(row_ptr + low_words, idx, mask, HIGH_BITS) << LOW_BITS
+    return q
+
+
+@triton.jit
+def _dequantized_tile(qw_ptr, s_ptr, z_ptr, stride_qn, stride_sn, stride_zg, offs_k, offs_n, k0, K, N,
+                      LOW_BITS: tl.constexpr, HIGH_BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
     """W^T[k0 : k0 + BLOCK_K, offs_n] in fp32; zero outside [0, K) x [0, N)."""
     mask_k = offs_k < K
     mask_n = offs_n < N
     mask = mask_k[:, None] & mask_n[None, :]
-    words = tl.load(qw_ptr + offs_n[None, :] * stride_qn + (offs_k // PF)[:, None], mask=mask, other=0)
-    q = ((words >> ((offs_k % PF) * BITS)[:, None]) & ((1 << BITS) - 1)).to(tl.float32)
+    q = _unpacked(qw_ptr + offs_n[None, :] * stride_qn, offs_k[:, None], K, mask, LOW_BITS, HIGH_BITS)
     if GROUP == 0:  # one group per row
-        s = tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        z = tl.load(z_ptr + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        s = tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
+        z = _unpacked(z_ptr, offs_n, N, mask_n, LOW_BITS, HIGH_BITS)[None, :]
     elif GROUP % BLOCK_K == 0:  # the tile lies inside one group: one scale per output column
         g = k0 // GROUP
-        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        z = tl.load(z_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0)[None, :]
+        z = _unpacked(z_ptr + g * stride_zg, offs_n, N, mask_n, LOW_BITS, HIGH_BITS)[None, :]
     else:  # groups narrower than the tile, or not aligned to it: a scale per element
         g = (offs_k // GROUP)[:, None]
-        s = tl.load(s_ptr + offs_n[None, :] * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs_n[None, :] * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
-    return s * (q - z)
+        s = tl.load(s_ptr + offs_n[None, :] * stride_sn + g, mask=mask, other=0.0)
+        z = _unpacked(z_ptr + g * stride_zg, offs_n[None, :], N, mask, LOW_BITS, HIGH_BITS)
+    return s.to(tl.float32) * (q.to(tl.float32) - z.to(tl.float32))
 
 
 @triton.jit
 def _dequant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, k_per_split,
-                           stride_xm, stride_qn, stride_sn, stride_ym,
-                           BITS: tl.constexpr, PF: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                           stride_xm, stride_qn, stride_sn, stride_zg, stride_ym,
+                           LOW_BITS: tl.constexpr, HIGH_BITS: tl.constexpr, GROUP: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                            DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -75,8 +94,8 @@ def _dequant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, k_per_sp
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequantized_tile(qw_ptr, s_ptr, z_ptr, stride_qn, stride_sn, offs_k, offs_n, k0, K, N,
-                              BITS, PF, GROUP, BLOCK_K)
+        w = _dequantized_tile(qw_ptr, s_ptr, z_ptr, stride_qn, stride_sn, stride_zg, offs_k, offs_n, k0, K, N,
+                              LOW_BITS, HIGH_BITS, GROUP, BLOCK_K)
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -88,8 +107,9 @@ def _dequant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, k_per_sp
 
 @triton.jit
 def _grouped_dequant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, rows_ptr, block_slot_ptr, block_col_ptr,
-                                   N, K, in_div, stride_xm, stride_qs, stride_qn, stride_ss, stride_sn, stride_ym,
-                                   BITS: tl.constexpr, PF: tl.constexpr, GROUP: tl.constexpr,
+                                   N, K, in_div, stride_xm, stride_qs, stride_qn, stride_ss, stride_sn, stride_zs,
+                                   stride_zg, stride_ym,
+                                   LOW_BITS: tl.constexpr, HIGH_BITS: tl.constexpr, GROUP: tl.constexpr,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                    DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -102,13 +122,14 @@ def _grouped_dequant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, rows_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     qw = qw_ptr + slot * stride_qs
     s = s_ptr + slot * stride_ss
-    z = z_ptr + slot * stride_ss
+    z = z_ptr + slot * stride_zs
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + in_rows[:, None] * stride_xm + offs_k[None, :],
                     mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = _dequantized_tile(qw, s, z, stride_qn, stride_sn, offs_k, offs_n, k0, K, N, BITS, PF, GROUP, BLOCK_K)
+        w = _dequantized_tile(qw, s, z, stride_qn, stride_sn, stride_zg, offs_k, offs_n, k0, K, N,
+                              LOW_BITS, HIGH_BITS, GROUP, BLOCK_K)
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + col0 + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
@@ -165,6 +186,11 @@ def _group_constexpr(group_size: int) -> int:
     return 0 if group_size == -1 else group_size
 
 
+def _plane_constexprs(bits: int) -> dict[str, int]:
+    low, *high = plane_bits(bits)
+    return {"LOW_BITS": low, "HIGH_BITS": high[0] if high else 0}
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32: no tf32 rounding; fp16/bf16 ignore it
 
@@ -189,8 +215,8 @@ def dequant_matmul_triton(x: torch.Tensor, w: PackedWeight, *, out: torch.Tensor
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split_k)
     _dequant_matmul_kernel[grid](
         x2, w.qweight, w.scales, w.zeros, target, m, n, k, k_per_split,
-        x2.stride(0), w.qweight.stride(0), w.scales.stride(0), target.stride(0),
-        BITS=w.bits, PF=w.pack_factor, GROUP=_group_constexpr(w.group_size), BLOCK_M=cfg.block_m,
+        x2.stride(0), w.qweight.stride(0), w.scales.stride(0), w.zeros.stride(0), target.stride(0),
+        **_plane_constexprs(w.bits), GROUP=_group_constexpr(w.group_size), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k, DOT_PRECISION=_dot_precision(x.dtype))
     if split_k > 1:
         out.copy_(target)
@@ -237,7 +263,7 @@ def grouped_dequant_matmul_triton(x: torch.Tensor, stack: WeightStack, routing: 
     _grouped_dequant_matmul_kernel[grid](
         x, stack.qweight, stack.scales, stack.zeros, out, rows, block_slot, block_col, n, k, in_div,
         x.stride(0), stack.qweight.stride(0), stack.qweight.stride(1), stack.scales.stride(0),
-        stack.scales.stride(1), out.stride(0),
-        BITS=stack.bits, PF=pack_factor(stack.bits), GROUP=_group_constexpr(stack.group_size), BLOCK_M=cfg.block_m,
+        stack.scales.stride(1), stack.zeros.stride(0), stack.zeros.stride(1), out.stride(0),
+        **_plane_constexprs(stack.bits), GROUP=_group_constexpr(stack.group_size), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=_dot_precision(x.dtype))
     return out

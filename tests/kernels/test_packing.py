@@ -1,4 +1,4 @@
-"""Bit-packing: exact round trips for every width, the documented word layout, PackedWeight."""
+"""Bit-packing: exact round trips for every width, the documented plane layout, PackedWeight, storage vs accounting."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import torch
 
 from dynamo.quant import QSpec, quantize_rtn
 from dynamo.quant.rtn import QuantizedWeight
-from kernels.packing import PACKED_BITS, PackedWeight, pack_codes, pack_factor, packed_columns, unpack_codes
+from kernels.packing import (PACKED_BITS, WORD_BITS, PackedWeight, pack_codes, packed_columns, plane_bits,
+                             unpack_codes)
 
 GEN = torch.Generator().manual_seed(0)
-# K values on both sides of every pack factor (16, 10, 8, 5, 4), 1 and a prime
-ODD_COLS = (1, 3, 7, 10, 16, 31, 101, 130)
+# K values on both sides of every plane's values per word (32, 16, 8, 4), 1 and a prime
+ODD_COLS = (1, 3, 7, 10, 16, 31, 33, 101, 130)
+# ((N, K), group size): expert projections at group 128, and a small model's (one or two groups per row)
+ACCOUNTING_SHAPES = (((1024, 2048), 128), ((2048, 1024), 128), ((1408, 2048), 128), ((2048, 1408), 128),
+                     ((256, 128), 128), ((128, 256), 128))
 
 
 def random_codes(rows: int, cols: int, bits: int) -> torch.Tensor:
@@ -19,17 +23,31 @@ def random_codes(rows: int, cols: int, bits: int) -> torch.Tensor:
 
 
 def python_word(values: list[int], bits: int) -> int:
-    """The documented layout, one word at a time in plain Python ints, as a signed int32."""
+    """One word of `bits`-bit values in plain Python ints, least significant first, as a signed int32."""
     word = sum(v << (bits * j) for j, v in enumerate(values))
     return word - 2 ** 32 if word >= 2 ** 31 else word
 
 
-def test_pack_factors_are_the_documented_ones():
-    assert {b: pack_factor(b) for b in PACKED_BITS} == {2: 16, 3: 10, 4: 8, 6: 5, 8: 4}
+def python_row(codes: list[int], planes: tuple[int, ...]) -> list[int]:
+    """The documented layout of one row: each plane's words (last one zero-padded), low plane first."""
+    words, shift = [], 0
+    for plane in planes:
+        per_word = WORD_BITS // plane
+        values = [(c >> shift) & (2 ** plane - 1) for c in codes]
+        values += [0] * (-len(values) % per_word)
+        words += [python_word(values[i:i + per_word], plane) for i in range(0, len(values), per_word)]
+        shift += plane
+    return words
+
+
+def test_planes_are_the_documented_ones():
+    assert {b: plane_bits(b) for b in PACKED_BITS} == {2: (2,), 3: (2, 1), 4: (4,), 6: (4, 2), 8: (8,)}
     with pytest.raises(ValueError, match="packed widths"):
-        pack_factor(5)
+        plane_bits(5)
     with pytest.raises(ValueError, match="packed widths"):
-        pack_factor(16)
+        plane_bits(16)
+    # exactly b bits per code once K fills every plane's words
+    assert {b: packed_columns(32, b) for b in PACKED_BITS} == {2: 2, 3: 3, 4: 4, 6: 6, 8: 8}
 
 
 @pytest.mark.parametrize("bits", PACKED_BITS)
@@ -43,26 +61,20 @@ def test_round_trip_is_exact(bits, cols):
 
 @pytest.mark.parametrize("bits", PACKED_BITS)
 def test_extreme_codes_round_trip(bits):
-    """All-ones codes set bit 31 of 2/4/8-bit words (negative int32): unpacking must not sign-extend."""
+    """All-ones codes set bit 31 of every full word (negative int32): unpacking must not sign-extend."""
     top = torch.full((3, 37), 2 ** bits - 1, dtype=torch.uint8)
     for codes in (top, torch.zeros_like(top)):
         assert torch.equal(unpack_codes(pack_codes(codes, bits), bits, 37), codes)
-    if 32 % bits == 0:
-        assert int(pack_codes(top, bits)[0, 0]) == -1
+    assert int(pack_codes(top, bits)[0, 0]) == -1
 
 
 @pytest.mark.parametrize("bits", PACKED_BITS)
-def test_word_layout_matches_the_docstring(bits):
-    pf = pack_factor(bits)
-    cols = 3 * pf - 1  # the last word is padded
+@pytest.mark.parametrize("cols", [67, 96])  # every plane's last word padded; none padded
+def test_word_layout_matches_the_docstring(bits, cols):
     codes = random_codes(4, cols, bits)
     packed = pack_codes(codes, bits)
     for n in range(4):
-        values = codes[n].tolist() + [0]
-        for w in range(3):
-            assert int(packed[n, w]) == python_word(values[w * pf:(w + 1) * pf], bits), (n, w)
-    if 32 % bits:  # 3 and 6 bits: the top 2 bits of every word are padding
-        assert int((packed >> (pf * bits)).abs().max()) == 0
+        assert packed[n].tolist() == python_row(codes[n].tolist(), plane_bits(bits)), n
 
 
 def test_four_bit_word_by_hand():
@@ -87,13 +99,46 @@ def test_packed_weight_from_quantized(bits, group_size):
     p = PackedWeight.from_quantized(q)
     assert p.shape == (12, 101) and p.bits == bits and p.group_size == group_size
     assert torch.equal(p.unpack(), q.codes)
-    assert p.scales.dtype == torch.float16 and p.zeros.dtype == torch.float16
-    assert torch.equal(p.zeros.float(), q.zeros)  # integer zeros are exact in fp16
+    assert p.scales.dtype == torch.float16 and p.zeros.dtype == torch.int32
+    groups = 1 if group_size == -1 else -(-101 // group_size)
+    assert p.zeros.shape == (groups, packed_columns(12, bits))
+    assert torch.equal(p.zero_points().float(), q.zeros)
     # only the fp16 rounding of the scales separates the two dequantizations
     assert torch.allclose(p.dequantize(), q.dequantize(), rtol=1e-3, atol=0)
-    words = packed_columns(101, bits)
-    groups = 1 if group_size == -1 else -(-101 // group_size)
-    assert p.nbytes == 12 * words * 4 + 2 * 12 * groups * 2
+    assert p.nbytes == 12 * packed_columns(101, bits) * 4 + 12 * groups * 2 + groups * packed_columns(12, bits) * 4
+
+
+@pytest.mark.parametrize("bits", PACKED_BITS)
+@pytest.mark.parametrize("group_size", [-1, 4, 24])
+@pytest.mark.parametrize("sym", [False, True])
+def test_zeros_round_trip(bits, group_size, sym):
+    """1 to 33 groups of 67 zeros (several words per plane, the last padded), asymmetric and symmetric."""
+    q = quantize_rtn(torch.randn(67, 131, generator=GEN), QSpec(bits, group_size=group_size, sym=sym))
+    p = PackedWeight.from_quantized(q)
+    assert p.zeros.shape == (p.groups, packed_columns(67, bits))
+    assert torch.equal(p.zero_points().float(), q.zeros)
+    assert torch.equal(p.zeros, pack_codes(q.zeros.T, bits))  # the zeros of a group packed along N
+
+
+def test_fractional_zeros_are_refused():
+    q = quantize_rtn(torch.randn(4, 32, generator=GEN), QSpec(4, group_size=16))
+    q.zeros[0, 0] += 0.5
+    with pytest.raises(ValueError, match="integers"):
+        PackedWeight.from_quantized(q)
+
+
+@pytest.mark.parametrize("bits", PACKED_BITS)
+def test_storage_matches_the_bit_accounting(bits):
+    """Packed bytes equal QSpec.storage_bits (b-bit codes, fp16 scale and b-bit zero per group): every N and
+    K here is a multiple of 32, so no plane pads (the acceptance is 2 %)."""
+    for (n, k), group_size in ACCOUNTING_SHAPES:
+        spec = QSpec(bits, group_size=group_size)
+        groups = -(-k // group_size)
+        q = QuantizedWeight(codes=torch.zeros(n, k, dtype=torch.uint8), scales=torch.ones(n, groups),
+                            zeros=torch.zeros(n, groups), spec=spec)
+        ratio = PackedWeight.from_quantized(q).nbytes * 8 / spec.storage_bits(n, k)
+        print(f"int{bits} g{group_size} [{n}, {k}]: packed bytes / accounted bytes = {ratio:.4f}")
+        assert ratio == 1, (n, k, ratio)
 
 
 def test_dequantize_uses_each_columns_own_group():
@@ -123,6 +168,8 @@ def test_sixteen_bit_weights_are_not_packed():
 def test_inconsistent_shapes_are_refused():
     p = PackedWeight.from_quantized(quantize_rtn(torch.randn(4, 40, generator=GEN), QSpec(3, group_size=16)))
     with pytest.raises(ValueError, match="qweight"):
-        PackedWeight(p.qweight, p.scales, p.zeros, 4, 16, (4, 40))  # 4-bit needs 5 words per row, not 4
+        PackedWeight(p.qweight, p.scales, p.zeros, 2, 16, (4, 40))  # 2-bit needs 3 words per row, not 3 + 2
     with pytest.raises(ValueError, match="scales"):
         PackedWeight(p.qweight, p.scales[:, :2], p.zeros, 3, 16, (4, 40))
+    with pytest.raises(ValueError, match="zeros"):
+        PackedWeight(p.qweight, p.scales, p.zeros.T, 3, 16, (4, 40))

@@ -21,7 +21,7 @@ import torch
 
 from kernels.dispatch import backend_for, dequant_matmul, moe_experts
 from kernels.experts import Routing
-from kernels.packing import PACKED_BITS, pack_factor
+from kernels.packing import PACKED_BITS, WORD_BITS, plane_bits
 from kernels.reference import dequant_matmul_ref, grouped_dequant_matmul_ref, moe_experts_ref
 from random_experts import random_experts, random_weight, skewed_routing
 
@@ -65,6 +65,22 @@ def test_dequant_matmul_matches_reference(bits, group_size, dtype):
     x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
     y = dequant_matmul_triton(x, w, out=poisoned(m, n, dtype=dtype))
     assert rel_err(y, dequant_matmul_ref(x, w)) <= TOLERANCE[dtype]
+
+
+@kernel_test
+@pytest.mark.parametrize("bits", PACKED_BITS)
+def test_zeros_over_several_words_and_tiles(bits):
+    """72 zeros per group (more than one word in every plane, the last one padded) read by 3 column
+    tiles, in 21 groups, with per-column and per-element zero loads."""
+    from kernels.triton_matmul import TileConfig, dequant_matmul_triton
+
+    gen = fresh_gen("zeros", bits)
+    w = random_weight(72, 333, bits, gen, 16).to(DEVICE)
+    x = torch.randn(2, 333, generator=gen).to(DEVICE)
+    ref = dequant_matmul_ref(x, w)
+    for config in (TileConfig(16, 32, 16), TileConfig(16, 32, 64)):  # tile inside a group; 4 groups per tile
+        y = dequant_matmul_triton(x, w, out=poisoned(2, 72, dtype=torch.float32), config=config)
+        assert rel_err(y, ref) <= TOLERANCE[torch.float32], config
 
 
 @kernel_test
@@ -158,19 +174,21 @@ def test_block_table_cuts_each_experts_rows_into_blocks():
 
 
 def test_tolerances_catch_plausible_kernel_bugs():
-    """The checks above can fail: a wrong shift, a wrong group or a missing zero all exceed them."""
+    """The checks above can fail: a wrong shift, a lost high plane, a wrong group or a missing zero all exceed them."""
     gen = fresh_gen("bugs")
     w = random_weight(40, 101, 3, gen, 32)
     x = torch.randn(4, 101, generator=gen)
     ref = dequant_matmul_ref(x, w)
-    codes, pf = w.unpack().float(), pack_factor(3)
-    columns = torch.arange(101)
-    wrong_field = codes[:, ((columns // pf) * pf + (columns % pf + 1) % pf).clamp(max=100)]  # the next field
+    codes, low = w.unpack().long(), plane_bits(3)[0]
+    per_word, columns = WORD_BITS // low, torch.arange(101)
+    next_field = ((columns // per_word) * per_word + (columns % per_word + 1) % per_word).clamp(max=100)
+    wrong_low = (codes[:, next_field] & (2 ** low - 1)) | (codes & ~(2 ** low - 1))  # low bits of the next field
     groups = columns // 32
-    scales, zeros = w.scales.float(), w.zeros.float()
-    bugs = {"field": scales[:, groups] * (wrong_field - zeros[:, groups]),
-            "group": scales[:, (groups + 1) % 4] * (codes - zeros[:, (groups + 1) % 4]),
-            "zero": scales[:, groups] * codes}
+    scales, zeros = w.scales.float(), w.zero_points().float()
+    bugs = {"field": scales[:, groups] * (wrong_low.float() - zeros[:, groups]),
+            "high plane": scales[:, groups] * ((codes & (2 ** low - 1)).float() - zeros[:, groups]),
+            "group": scales[:, (groups + 1) % 4] * (codes.float() - zeros[:, (groups + 1) % 4]),
+            "zero": scales[:, groups] * codes.float()}
     for name, bad in bugs.items():
         assert rel_err(x @ bad.T, ref) > 10 * TOLERANCE[torch.float16], name
 
@@ -194,15 +212,17 @@ def test_kernels_compile_for_hopper():
 
     from kernels import triton_matmul as tm
 
-    common = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp32"}
+    common = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "y_ptr": "*fp32"}
     single = {**common, **dict.fromkeys(["M", "N", "K", "k_per_split", "stride_xm", "stride_qn", "stride_sn",
-                                         "stride_ym"], "i32")}
+                                         "stride_zg", "stride_ym"], "i32")}
     grouped = {**common, "y_ptr": "*fp16", "rows_ptr": "*i32", "block_slot_ptr": "*i32", "block_col_ptr": "*i32",
                **dict.fromkeys(["N", "K", "in_div", "stride_xm", "stride_qs", "stride_qn", "stride_ss", "stride_sn",
-                                "stride_ym"], "i32")}
-    tiles = {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "DOT_PRECISION": "tf32"}
-    cases = [(tm._dequant_matmul_kernel, single, {**tiles, "BITS": 3, "PF": 10, "SPLIT_K": 4}),
-             (tm._grouped_dequant_matmul_kernel, grouped, {**tiles, "BITS": 6, "PF": 5})]
+                                "stride_zs", "stride_zg", "stride_ym"], "i32")}
+    tiles = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "DOT_PRECISION": "tf32"}
+    cases = [(tm._dequant_matmul_kernel, single, {**tiles, **tm._plane_constexprs(3), "GROUP": 128, "SPLIT_K": 4}),
+             (tm._grouped_dequant_matmul_kernel, grouped, {**tiles, **tm._plane_constexprs(6), "GROUP": 128}),
+             (tm._dequant_matmul_kernel, single, {**tiles, **tm._plane_constexprs(4), "GROUP": 0, "SPLIT_K": 1}),
+             (tm._grouped_dequant_matmul_kernel, grouped, {**tiles, **tm._plane_constexprs(3), "GROUP": 24})]
     for kernel, signature, constexprs in cases:
         signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
