@@ -14,7 +14,7 @@ import torch
 
 from .experts import PackedExperts
 from .packing import PackedWeight
-from .reference import dequant_matmul_ref, moe_experts_ref
+from .reference import dequant_matmul_ref, expert_linear_ref, moe_experts_ref
 
 Backend = Literal["triton", "torch"]
 BACKENDS = ("triton", "torch")
@@ -43,6 +43,18 @@ def dequant_matmul(x: torch.Tensor, w: PackedWeight, *, backend: Backend | None 
     from .triton_matmul import dequant_matmul_triton
 
     return dequant_matmul_triton(x, w)
+
+
+def expert_linear(experts: PackedExperts, expert: int, projection: str, x: torch.Tensor, *,
+                  backend: Backend | None = None) -> torch.Tensor:
+    """x [m, K] @ W^T for one expert projection of a packed layer, its cached full-precision rows included."""
+    w = experts.weight(expert, projection)
+    if _resolve(backend, x.device) == "torch" or not isinstance(w, PackedWeight):
+        return expert_linear_ref(experts, expert, projection, x)
+    y = dequant_matmul(x, w, backend="triton")
+    if experts.channels is not None:
+        experts.channels.patch(projection, expert, x, y)
+    return y
 
 
 def moe_experts(experts: PackedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor,

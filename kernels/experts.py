@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .channels import ChannelRows
 from .packing import PackedWeight
 
 ExpertWeight = PackedWeight | torch.Tensor  # a dense tensor [N, K] for a 16-bit expert
@@ -43,9 +44,9 @@ class WeightStack:
     shape: tuple[int, int]       # (N, K) of each slot's matrix
     experts: torch.Tensor        # [S] int64, the expert of each slot
     col_offsets: torch.Tensor    # [S] int64, first output column of each slot (0 gate / down, I up)
-    qweight: torch.Tensor | None = None  # [S, N, ceil(K / PF)] int32
+    qweight: torch.Tensor | None = None  # [S, N, packed_columns(K, bits)] int32
     scales: torch.Tensor | None = None   # [S, N, groups] float16
-    zeros: torch.Tensor | None = None    # [S, N, groups] float16
+    zeros: torch.Tensor | None = None    # [S, groups, packed_columns(N, bits)] int32
     dense: torch.Tensor | None = None    # [S, N, K] for 16-bit stacks
 
     @property
@@ -92,10 +93,11 @@ class PackedExperts:
     act: Callable[[torch.Tensor], torch.Tensor]     # the SwiGLU activation (silu for every family here)
     stages: dict[str, list[WeightStack]]
     _where: dict[tuple[int, str], tuple[str, int, int]] = field(default_factory=dict, repr=False)
+    channels: ChannelRows | None = None  # full-precision rows patched over the packed outputs (channels.py)
 
     @classmethod
     def build(cls, gate: list[ExpertWeight], up: list[ExpertWeight], down: list[ExpertWeight],
-              act: Callable[[torch.Tensor], torch.Tensor]) -> PackedExperts:
+              act: Callable[[torch.Tensor], torch.Tensor], channels: ChannelRows | None = None) -> PackedExperts:
         """Per-expert gate/up [I, H] and down [H, I] weights, packed (PackedWeight) or dense (16-bit)."""
         if not len(gate) == len(up) == len(down) > 0:
             raise ValueError(f"need the same positive number of gate, up and down weights, got "
@@ -121,7 +123,7 @@ class PackedExperts:
                 for slot, key in enumerate(members[sig]):
                     where[key] = (stage, len(stages[stage]), slot)
                 stages[stage].append(WeightStack.build(entries))
-        return cls(len(gate), hidden, inter, act, stages, where)
+        return cls(len(gate), hidden, inter, act, stages, where, channels)
 
     def weight(self, expert: int, projection: str) -> ExpertWeight:
         stage, index, slot = self._where[(expert, projection)]
@@ -129,13 +131,16 @@ class PackedExperts:
 
     @property
     def nbytes(self) -> int:
-        return sum(stack.nbytes for stacks in self.stages.values() for stack in stacks)
+        """Packed stacks plus the full-precision channel rows."""
+        stacks = sum(stack.nbytes for stacks in self.stages.values() for stack in stacks)
+        return stacks + (self.channels.nbytes if self.channels is not None else 0)
 
     def to(self, device: torch.device | str) -> PackedExperts:
         def moved(projection: str) -> list[ExpertWeight]:
             return [self.weight(e, projection).to(device) for e in range(self.n_experts)]
 
-        return PackedExperts.build(moved("gate"), moved("up"), moved("down"), self.act)
+        channels = self.channels.to(device) if self.channels is not None else None
+        return PackedExperts.build(moved("gate"), moved("up"), moved("down"), self.act, channels)
 
 
 @dataclass

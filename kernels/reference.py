@@ -27,6 +27,14 @@ def linear_ref(x: torch.Tensor, w: ExpertWeight) -> torch.Tensor:
     return dequant_matmul_ref(x, w) if isinstance(w, PackedWeight) else dense_matmul(x, w)
 
 
+def expert_linear_ref(experts: PackedExperts, expert: int, projection: str, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for one expert projection, its cached full-precision rows included."""
+    y = linear_ref(x, experts.weight(expert, projection))
+    if experts.channels is not None:
+        experts.channels.patch(projection, expert, x, y)
+    return y
+
+
 def grouped_dequant_matmul_ref(x: torch.Tensor, stack: WeightStack, routing: Routing, in_div: int,
                                out: torch.Tensor) -> torch.Tensor:
     """For each slot s and each row r routed to its expert: out[r, off_s : off_s + N] = x[r // in_div] @ W_s^T.
@@ -50,7 +58,7 @@ def moe_experts_ref(experts: PackedExperts, hidden: torch.Tensor, top_k_index: t
     for expert in top_k_index.unique().tolist():
         token, slot = torch.where(top_k_index == expert)
         x = hidden[token]
-        h = experts.act(linear_ref(x, experts.weight(expert, "gate"))) * linear_ref(x, experts.weight(expert, "up"))
-        y = linear_ref(h, experts.weight(expert, "down"))
+        h = experts.act(expert_linear_ref(experts, expert, "gate", x)) * expert_linear_ref(experts, expert, "up", x)
+        y = expert_linear_ref(experts, expert, "down", h)
         out.index_add_(0, token, y.float() * top_k_weights[token, slot, None].float())
     return out.to(hidden.dtype)

@@ -101,11 +101,17 @@ class MoELayer:
 
     @property
     def intermediate_size(self) -> int:
-        return self.weight(0, "down").shape[1]
+        packed = self._packed()
+        return packed.intermediate_size if packed is not None else self.weight(0, "down").shape[1]
 
     @property
     def hidden_size(self) -> int:
-        return self.weight(0, "down").shape[0]
+        packed = self._packed()
+        return packed.hidden_size if packed is not None else self.weight(0, "down").shape[0]
+
+    def _packed(self):
+        """The packed layer that `kernels.packed_model.attach_packed` put in place of the dense weights, if any."""
+        return getattr(self.experts, "packed", None) if self.adapter.storage == "fused_3d" else None
 
     def weight(self, expert: int, projection: str) -> torch.Tensor:
         """Expert weight as [out, in]; a view of the model's storage (writes go into the model)."""

@@ -49,10 +49,14 @@ def _expert_outputs(layer: MoELayer, e: int, x: torch.Tensor) -> dict:
     return mlp_outputs(layer.weight(e, "gate"), layer.weight(e, "up"), layer.weight(e, "down"), layer.activation(), x)
 
 
+ExpertOutputs = Callable[[MoELayer, int, torch.Tensor], dict]
+
+
 @dataclass
 class _State:
     hessians: bool
     router_weighted: bool
+    expert_outputs: ExpertOutputs = _expert_outputs
     stats: dict[int, LayerStats] = field(default_factory=dict)
     route_all: dict[int, list[int]] = field(default_factory=dict)   # layer -> experts seeing every token
     route_all_stats: dict[int, ExpertGroupStats] = field(default_factory=dict)
@@ -77,13 +81,13 @@ class _State:
                     continue
                 token, slot = torch.where(top_k_index == e)
                 x, r = hidden[token], top_k_weights[token, slot]
-                outputs = _expert_outputs(layer, e, x)
+                outputs = self.expert_outputs(layer, e, x)
                 out.index_add_(0, token, (outputs["down"] * r[:, None]).to(out.dtype))
                 acc.add(e, x, r, outputs, r if self.router_weighted else None)
             for e in self.route_all.get(layer.index, []):
                 # Every token of the batch, for statistics only; the model's output stays routed.
                 ones = torch.ones(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
-                self.route_all_stats[layer.index].add(e, hidden, ones, _expert_outputs(layer, e, hidden), None,
+                self.route_all_stats[layer.index].add(e, hidden, ones, self.expert_outputs(layer, e, hidden), None,
                                                       count_tokens=False)
         return out
 
@@ -147,10 +151,16 @@ def _batches(windows: torch.Tensor, batch_size: int, desc: str):
 
 @torch.no_grad()
 def capture(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, hessians: bool = True,
-            hessian_weighting: str = "none", min_tokens: int = 0, policy: str = "warn") -> CalibrationStats:
-    """One pass over `windows` [N, T]; statistics of every MoE layer."""
+            hessian_weighting: str = "none", min_tokens: int = 0, policy: str = "warn",
+            expert_outputs: ExpertOutputs | None = None) -> CalibrationStats:
+    """One pass over `windows` [N, T]; statistics of every MoE layer.
+
+    `expert_outputs(layer, e, x)` -> {"gate", "up", "neuron", "down"}: how an expert's outputs are
+    computed; default from the model's dense expert weights (a packed model passes its own).
+    """
     _check_windows(windows)
-    state = _State(hessians=hessians, router_weighted=hessian_weighting == "router")
+    state = _State(hessians=hessians, router_weighted=hessian_weighting == "router",
+                   expert_outputs=expert_outputs or _expert_outputs)
     layers = list(moe_layers(model))
     device = model.get_input_embeddings().weight.device
     for layer in layers:

@@ -54,11 +54,11 @@ from ..quant.plan import QuantPlan
 from ..quant.rtn import quantize_rtn
 from ..quant.spec import QSpec
 from .cache import ChannelCache
+from .store import ChannelStore, DenseChannelStore, Key
 
 CHANNEL_MODES = ("requant", "fp16")
 METHODS = ("fcm", "budget")
 FLOAT_BITS = 16
-Key = tuple[int, int, str]  # (layer, expert, projection)
 
 
 def _name(x) -> str:
@@ -66,9 +66,9 @@ def _name(x) -> str:
     return getattr(x, "value", x)
 
 
-def _write(cache: ChannelCache, layer, expert: int, projection: str, values: torch.Tensor) -> None:
+def _write(store: ChannelStore, key: Key, values: torch.Tensor) -> None:
     """One slice into the model. A module-level seam so tests can make writing fail half-way."""
-    cache.write(layer, expert, projection, values)
+    store.write(key, values)
 
 
 @dataclass
@@ -110,9 +110,12 @@ class DynamicSwitcher:
     """Holds a BQ-quantized model and switches its cached channels to the data it is given."""
 
     def __init__(self, model, plan: QuantPlan, significance: Significance, cache: ChannelCache, allocation, *,
-                 channel_mode: str = "requant", mix: float = 0.5, batch_size: int = 8):
+                 channel_mode: str = "requant", mix: float = 0.5, batch_size: int = 8,
+                 store: ChannelStore | None = None):
         """`model` already holds BQ (apply_plan with `plan`); `significance` is the known datasets';
-        `cache` was built from the FP16 model; `allocation` is the quant.allocation node BQ used."""
+        `cache` was built from the FP16 model; `allocation` is the quant.allocation node BQ used.
+        `store`: where the cached channels live (default: the model's dense weights; a packed model
+        passes `kernels.packed_switching.PackedChannelStore`)."""
         if channel_mode not in CHANNEL_MODES:
             raise ValueError(f"unknown switching.channel_mode '{channel_mode}'; choose one of {', '.join(CHANNEL_MODES)}")
         if not 0.0 <= mix <= 1.0:
@@ -125,6 +128,7 @@ class DynamicSwitcher:
         if cache.unit != significance.unit:
             raise UserError(f"the cache holds '{cache.unit}' channels, the significance is per '{significance.unit}'")
         self.model, self.plan, self.significance, self.cache = model, plan, significance, cache
+        self.store = store if store is not None else DenseChannelStore(model, cache)
         self.channel_mode, self.mix, self.batch_size = channel_mode, float(mix), batch_size
         self.method, self.fusion = _name(allocation.method), _name(allocation.fuse)
         self.widths = [int(w) for w in allocation.widths]
@@ -137,7 +141,7 @@ class DynamicSwitcher:
         self.fused = {i: fuse(significance.expert_matrix(i), self.fusion)[0] for i in self.layers}
         self.vocab = model.get_input_embeddings().num_embeddings
         # fp16 mode: the BQ values of the cached channels, the way back for experts that drop to BQ width
-        self._bq_values = ({k: cache.read(self.layers[k[0]], k[1], k[2]) for k in self.bq}
+        self._bq_values = ({k: self.store.read(k) for k in self.bq}
                            if channel_mode == "fp16" else {})
         if channel_mode == "requant":  # the BQ state from the cache, so restore_bq is exact
             self._commit({k: self._target(k, w) for k, w in self.bq.items()})
@@ -160,7 +164,7 @@ class DynamicSwitcher:
                 raise UserError(f"the cache's error table is for widths {self.cache.widths} (group "
                                 f"{self.cache.group_size}, sym {self.cache.sym}); the allocation uses {self.widths} "
                                 f"(group {default.group_size}, sym {default.sym})")
-        self.cache.validate(self.model)
+        self.store.validate()
         if self.cache.layers != self.significance.layers:
             raise UserError(f"the cache covers layers {self.cache.layers}, the significance {self.significance.layers}")
         layers = {layer.index: layer for layer in moe_layers(self.model)}
@@ -187,8 +191,9 @@ class DynamicSwitcher:
         """Profile `windows` [N, T], re-allocate, rewrite the cached channels of experts that changed."""
         t0 = time.perf_counter()
         windows = self._check_windows(windows)
-        self.cache.validate(self.model)
-        stats = capture(self.model, windows, batch_size=self.batch_size, hessians=False)
+        self.store.validate()
+        stats = capture(self.model, windows, batch_size=self.batch_size, hessians=False,
+                        expert_outputs=self.store.expert_outputs)
         new = Significance.from_captures({"new": stats}, list(self.layers.values()), self.significance.metric,
                                          self.significance.unit).expert("new")
         t1 = time.perf_counter()
@@ -237,7 +242,7 @@ class DynamicSwitcher:
                           for (i, e, p), w in target.items() if w != self.active[(i, e, p)]})
         bytes_read = sum(self._source_nbytes(k, target[k]) for k in to_write)
         written = sum(v.numel() for v in new_values.values())
-        element = next(iter(self.layers.values())).weight(0, "gate").element_size()
+        element = self.store.element_size()
         self.active = dict(target)
         return SwitchReport(
             changed=changed, slices_rewritten=sum(v.shape[0] for v in new_values.values()), weights_rewritten=written,
@@ -263,7 +268,7 @@ class DynamicSwitcher:
         if state == FLOAT_BITS:
             return fp16
         spec = QSpec(state, self.plan.default.group_size, self.plan.default.sym)
-        device = self.layers[i].weight(e, p).device  # the cache lives in host memory; quantize where the weights are
+        device = self.store.device(key)  # the cache lives in host memory; quantize where the weights are
         return quantize_rtn(fp16.to(device).float(), spec).dequantize()
 
     def _source_nbytes(self, key: Key, width: int) -> int:
@@ -278,13 +283,13 @@ class DynamicSwitcher:
 
     def _commit(self, new_values: dict[Key, torch.Tensor]) -> None:
         """Write every slice, or none: on any failure the previous values are put back."""
-        previous = {k: self.cache.read(self.layers[k[0]], k[1], k[2]) for k in new_values}
+        previous = {k: self.store.read(k) for k in new_values}
         try:
-            for (i, e, p), values in new_values.items():
-                _write(self.cache, self.layers[i], e, p, values)
+            for key, values in new_values.items():
+                _write(self.store, key, values)
         except BaseException:
-            for (i, e, p), values in previous.items():
-                self.cache.write(self.layers[i], e, p, values)
+            for key, values in previous.items():
+                self.store.write(key, values)
             raise
 
     # --- accounting ------------------------------------------------------------------------

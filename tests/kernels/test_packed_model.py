@@ -77,3 +77,29 @@ def test_packed_embedded_model_ppl_equals_fake_quant_ppl():
     with packed_forward(model, packed, backend="torch"):
         ppl = token_perplexity(model, windows, batch_size=4).ppl
     assert abs(ppl / fake - 1) <= 1e-3, (ppl, fake)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_packed_memory_equals_the_bit_accounting(bits):
+    """Embedded tiny-olmoe at fp16, every routed expert RTN at `bits` (group 128), packed and attached:
+    the bytes of its packed expert parameters are the bit accounting's (codes, fp16 scales, b-bit zeros)
+    within 2%, and so is the whole model's parameter memory (the other weights stay fp16)."""
+    from transformers import AutoModelForCausalLM
+
+    from dynamo.config import REPO_ROOT
+    from dynamo.quant.bits import bit_accounting
+    from kernels.packed_model import attach_packed
+
+    model = AutoModelForCausalLM.from_pretrained(REPO_ROOT / "assets" / "models" / "tiny-olmoe", dtype=torch.float16)
+    plan = QuantPlan(method="rtn", default=QSpec(bits, group_size=128))
+    report = apply_plan(model, plan, keep_codes=True)
+    accounting = bit_accounting(model, plan.spec_for)
+    expected_experts = accounting["experts"] * accounting["expert_params"] / 8
+    expected_all = accounting["all"] * sum(p.numel() for p in model.parameters()) / 8
+    attach_packed(model, pack_experts(model, report.codes))
+    measured_experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                           if ".experts.packed." in n)  # the per-slot bookkeeping (expert ids, offsets) included
+    measured_all = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert abs(measured_experts / expected_experts - 1) <= 0.02, (measured_experts, expected_experts)
+    assert abs(measured_all / expected_all - 1) <= 0.02, (measured_all, expected_all)

@@ -58,9 +58,11 @@ class Setup:
     plan: QuantPlan
     allocation: object
     fp16_state: dict
+    codes: dict | None = None   # QuantReport.codes, with keep_codes=True
 
 
-def quantized(family: str, *, unit: str = "row", method: str = "budget", target_bits: float = 3.5) -> Setup:
+def quantized(family: str, *, unit: str = "row", method: str = "budget", target_bits: float = 3.5,
+              keep_codes: bool = False) -> Setup:
     """FP16 model -> significance on the two halves -> cache -> BQ (RTN, DynaMo allocation) applied."""
     model = separated(family)
     layers = list(moe_layers(model))
@@ -72,8 +74,8 @@ def quantized(family: str, *, unit: str = "row", method: str = "budget", target_
     fp16_state = {k: v.clone() for k, v in model.state_dict().items()}
     plan = QuantPlan(method="rtn", default=QSpec(16, group_size=GROUP), shared_default=8)
     allocate_dynamo(plan, sig, layers, cfg)
-    apply_plan(model, plan)
-    return Setup(model, sig, cache, plan, cfg, fp16_state)
+    report = apply_plan(model, plan, keep_codes=keep_codes)
+    return Setup(model, sig, cache, plan, cfg, fp16_state, report.codes if keep_codes else None)
 
 
 def switcher(s: Setup, **kwargs) -> DynamicSwitcher:

@@ -1,0 +1,68 @@
+"""Full-precision output rows on top of packed experts: DynaMo's channel cache in a packed model.
+
+DQS (dynamo.switching) keeps the ~1% most dataset-sensitive output rows of every expert
+projection in FP16 and rewrites them when the data changes. A packed matrix cannot hold a row
+at another width than its codes, so a packed layer keeps those rows apart, at the model's
+dtype: `ChannelRows` holds, per projection, the row indices [E, c] and their values [E, c, K].
+The packed kernels compute every row from the codes; `patch` then overwrites the cached rows'
+outputs with x @ values^T. The result equals a dense model whose weight rows were replaced
+by `values` (what the switcher writes into a fake-quantized model). A switch rewrites
+`values` in place; indices never change after the cache is built.
+
+Only the row unit has this form. A neuron's down slice is a column, which every output of
+the down projection reads, so it cannot be patched after the matmul; building ChannelRows
+from a neuron cache is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PROJECTIONS = ("gate", "up", "down")
+
+
+@dataclass
+class ChannelRows:
+    index: dict[str, torch.Tensor]   # projection -> [E, c] int64 output rows of every expert
+    values: dict[str, torch.Tensor]  # projection -> [E, c, K] their weights, at the model's dtype
+
+    def __post_init__(self):
+        for p in PROJECTIONS:
+            idx, vals = self.index[p], self.values[p]
+            if idx.dim() != 2 or vals.dim() != 3 or tuple(vals.shape[:2]) != tuple(idx.shape):
+                raise ValueError(f"{p}: indices {tuple(idx.shape)} and values {tuple(vals.shape)} must be "
+                                 f"[E, c] and [E, c, K]")
+
+    @classmethod
+    def from_weights(cls, index: dict[str, torch.Tensor], weight) -> ChannelRows:
+        """The rows `index[p][e]` of `weight(e, p)` (a dense [N, K] matrix): what the model holds there now."""
+        values = {p: torch.stack([weight(e, p)[index[p][e].long()] for e in range(index[p].shape[0])])
+                  for p in PROJECTIONS}
+        return cls({p: index[p].long() for p in PROJECTIONS}, values)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.index, self.values) for t in d.values())
+
+    def patch(self, projection: str, expert: int, x: torch.Tensor, out: torch.Tensor,
+              rows: torch.Tensor | None = None, col_offset: int = 0) -> None:
+        """Overwrite the cached rows' outputs: out[rows, col_offset + c] = x @ values[c]^T (fp32 accumulation).
+
+        out holds x @ W^T computed from the codes for `expert`; x [m, K] are its inputs, `rows` [m]
+        the rows of `out` they belong to (None: all of out, in order).
+        """
+        channels = self.index[projection][expert]
+        if not channels.numel() or not x.shape[0]:
+            return
+        patched = (x.float() @ self.values[projection][expert].to(x.dtype).float().T).to(out.dtype)
+        cols = col_offset + channels
+        if rows is None:
+            out[:, cols] = patched
+        else:
+            out[rows[:, None], cols[None, :]] = patched
+
+    def to(self, device: torch.device | str) -> ChannelRows:
+        return ChannelRows({p: t.to(device) for p, t in self.index.items()},
+                           {p: t.to(device) for p, t in self.values.items()})
