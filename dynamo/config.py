@@ -180,6 +180,10 @@ class QuantConfig:
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     switching: SwitchingConfig = field(default_factory=SwitchingConfig)  # DQS, with fcm/budget allocations
     bnb_format: str = "nf4"                 # nf4 | int8
+    # Also write run_dir/packed_model: the BQ model with its routed experts packed (kernels/), a
+    # save_pretrained checkpoint that `model=local model.path=...` evaluates. Keeps every expert's
+    # integer codes (one byte per weight) until the end of the run.
+    export_packed: bool = False
 
 
 @dataclass

@@ -25,6 +25,13 @@ class LoadedModel:
     max_length: int
 
 
+def is_packed(config) -> bool:
+    """A checkpoint whose routed experts are packed by this project (quant.export_packed)."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return method == "dynamo"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,6 +74,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     try:
         # The config first: it is where a checkpoint that needs remote code says so.
         config = AutoConfig.from_pretrained(path, **common)
+        if is_packed(config):  # written by quant.export_packed: transformers learns the format from kernels/
+            import kernels.hf_quantizer  # noqa: F401  (registers quant_method "dynamo")
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except (OSError, ValueError) as err:

@@ -24,7 +24,8 @@ from .data import load_documents, sources_of
 from .errors import UserError
 from .eval.perplexity import make_windows, token_perplexity, tokenize_corpus
 from .loggers import publish
-from .models import load_model
+from .models import is_packed, load_model
+from .packed_export import check_export, export_packed
 from .records import RESULT_FILE, make_record, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     t = time.perf_counter()
     loaded = load_model(cfg.model)
     timings["load_model_s"] = time.perf_counter() - t
+    if is_packed(loaded.model.config) and cfg.quant.method != QuantMethod.none:
+        raise UserError(f"{cfg.model.path} is already quantized (a packed DynaMo checkpoint); evaluate it with quant=fp16")
     if cfg.eval.seqlen > loaded.max_length:
         raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {cfg.model.name} allows "
                         f"({loaded.max_length} positions); use eval.seqlen<={loaded.max_length}")
@@ -151,14 +154,18 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         timings["lm_eval_s"] = time.perf_counter() - t
         protocol["lm_eval"] = {"limit": cfg.eval.lm_eval.limit, "max_length": min(loaded.max_length, cfg.eval.seqlen),
                                "split": cfg.eval.split}
-    timings["total_s"] = time.perf_counter() - t_start
-    timings = {k: round(v, 3) for k, v in timings.items()}
-
     model = loaded.model
     model_info = {"name": cfg.model.name, "path": cfg.model.path, "class": type(model).__name__,
                   "model_type": getattr(model.config, "model_type", None),
                   "params": sum(p.numel() for p in model.parameters()), "dtype": str(loaded.dtype).removeprefix("torch."),
                   "max_length": loaded.max_length}
+    export = None
+    if cfg.quant.export_packed:
+        t = time.perf_counter()
+        export = export_packed(loaded, stage, run_dir)
+        timings["export_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+    timings = {k: round(v, 3) for k, v in timings.items()}
     record = make_record(run_id=run_id_of(run_dir, cfg.results_dir), config=to_container(cfg), overrides=overrides,
                          device=loaded.device, model_info=model_info, metrics=metrics, protocol=protocol,
                          timings=timings)
@@ -170,6 +177,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         record["switching"] = switching
     if quantization is not None:
         record["quantization"] = quantization
+    if export is not None:
+        record["export"] = export
     write_json_atomic(run_dir / RESULT_FILE, record)
     publish(record, cfg.logger, run_dir)
     return record
@@ -183,6 +192,7 @@ class QuantStage:
     quantization: dict | None = None
     analysis: dict | None = None
     switcher: object | None = None   # dynamo.switching.DynamicSwitcher when DQS is on
+    codes: dict | None = None        # the quantizer's integer codes, kept for quant.export_packed
     cache_s: float = 0.0
 
     def switching_summary(self) -> dict:
@@ -286,6 +296,7 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
     channel cache when DQS is on, and with the calibration its method needs), or calibration alone."""
     stage, stats = QuantStage(), None
     known = list(cfg.dataset.known)
+    check_export(cfg, loaded.model)  # before any work: a run that cannot export fails now
     if cfg.quant.method != QuantMethod.none:
         from .quant.stage import needs_analysis, quantize
 
@@ -299,7 +310,7 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
                           cfg.model.name, significance=significance,
                           errors=cache.rtn_error if cache is not None else None)  # measured once, by the cache
         timings["quantize_s"] = time.perf_counter() - t
-        stats, stage.quantization = result.stats, result.summary
+        stats, stage.quantization, stage.codes = result.stats, result.summary, result.codes
         if result.plan is not None:
             result.plan.save(run_dir / "plan.json")
         if stage.analysis is not None:

@@ -63,6 +63,7 @@ def test_smoke_run_on_the_embedded_model_writes_a_complete_record(tmp_path):
     (["eval.seqlen=4096", "eval.datasets=[chat]"], "longer than tiny-olmoe allows"),
     (["dataset=wikitext2"], "could not load hub dataset"),
     (["eval.datasets=[klingon]"], "not in dataset 'embedded'"),
+    (["quant=fp16", "quant.export_packed=true"], "quant.export_packed needs integer codes"),
 ])
 def test_bad_input_is_one_line_nonzero_and_leaves_nothing(tmp_path, overrides, message):
     empty = tmp_path / "empty.jsonl"
@@ -118,6 +119,32 @@ def test_rtn_run_records_bit_accounting_and_the_plan(tmp_path):
     plan = json.loads((path.parent / "plan.json").read_text())
     assert plan["defaults"] == {"method": "rtn", "bits": 4, "group_size": 128, "sym": False}
     assert "avg bits: routed experts 4.156" in proc.stdout
+
+
+@pytest.mark.slow
+def test_exported_packed_model_reloads_and_evaluates_like_the_bq_model(tmp_path):
+    """quant.export_packed writes a transformers checkpoint of the packed BQ model; model=local evaluates it."""
+    proc = run_py("experiment=smoke", "eval=ppl", "eval.datasets=[code,chat]", "quant.export_packed=true",
+                  results_dir=tmp_path / "bq")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = records(tmp_path / "bq")
+    record = json.loads(path.read_text())
+    export, packed = record["export"], path.parent / "packed_model"
+    assert abs(export["expert_nbytes_over_accounting"] - 1) <= 0.02 and export["channel_rows_nbytes"] > 0
+    assert json.loads((packed / "config.json").read_text())["quantization_config"]["quant_method"] == "dynamo"
+    assert not list(path.parent.glob(".packed_model*")), "the temporary export folder was left behind"
+
+    proc = run_py("experiment=smoke", "eval=ppl", "eval.datasets=[code,chat]", "model=local",
+                  f"model.path={packed}", "quant=fp16", results_dir=tmp_path / "packed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (packed_path,) = records(tmp_path / "packed")
+    ppl = json.loads(packed_path.read_text())["metrics"]["ppl"]
+    for name, bq in record["metrics"]["ppl_bq"].items():  # only the fp16 rounding of the group scales differs
+        assert abs(ppl[name] / bq - 1) <= 1e-3, (name, ppl[name], bq)
+
+    proc = run_py("experiment=smoke", "eval=ppl", "model=local", f"model.path={packed}", "quant=rtn_4bit",
+                  results_dir=tmp_path / "again")
+    assert proc.returncode == 2 and "already quantized" in proc.stderr
 
 
 @pytest.mark.slow

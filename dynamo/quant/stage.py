@@ -28,6 +28,7 @@ class QuantResult:
     summary: dict                     # what the run record keeps under "quantization"
     plan: QuantPlan | None            # None for bitsandbytes (its formats are not plan widths)
     stats: CalibrationStats | None   # the calibration GPTQ used, for the coverage table
+    codes: dict | None = None         # QuantReport.codes, with quant.export_packed (kernels/ packs them)
 
 
 def plan_from_config(cfg: QuantConfig, model, model_name: str) -> QuantPlan:
@@ -85,15 +86,17 @@ def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig
                 counts = {layer.index: torch.zeros(layer.n_experts) for layer in layers}
             allocate(plan, counts, {layer.index for layer in layers if layer.shared_expert is not None},
                      alloc.method.value, alloc.target_bits, alloc.low_bits, alloc.high_bits, alloc.seed)
+    keep = cfg.export_packed
     if cfg.method == QuantMethod.rtn:
-        return QuantResult(_summary(model, plan, apply_plan(model, plan, options=options)), plan, None)
+        report = apply_plan(model, plan, options=options, keep_codes=keep)
+        return QuantResult(_summary(model, plan, report), plan, None, report.codes if keep else None)
     report, stats = quantize_sequential(model, plan, windows, batch_size=calib.batch_size,
                                         hessian_weighting=calib.hessian_weighting.value, min_tokens=calib.min_tokens,
-                                        policy=calib.policy.value, options=options)
+                                        policy=calib.policy.value, options=options, keep_codes=keep)
     if report.rtn_fallback:
         log.warning("GPTQ: %d expert(s) quantized with RTN (no calibration signal or rtn_fallback): %s",
                     len(report.rtn_fallback), ", ".join(f"L{i}.E{e}" for i, e in report.rtn_fallback[:20]))
-    return QuantResult(_summary(model, plan, report), plan, stats)
+    return QuantResult(_summary(model, plan, report), plan, stats, report.codes if keep else None)
 
 
 def _summary(model, plan: QuantPlan, report: QuantReport) -> dict:

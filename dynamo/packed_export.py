@@ -1,0 +1,75 @@
+"""quant.export_packed: the BQ model with its routed experts packed, saved as a transformers checkpoint.
+
+At the end of a run (after every evaluation, which runs on the fake-quantized model), the
+switcher (if any) goes back to BQ, the codes kept by the quantizer are packed with the DQS
+channel rows (kernels.packed_model), the packed layers replace the dense experts, and the model
+and tokenizer are saved to run_dir/packed_model, written to a temporary folder first so a
+failure leaves nothing half-written. `python run.py model=local model.path=<that folder>
+quant=fp16` evaluates the packed model with the same protocol.
+
+The checks run before any work (`check_export`), so a run that cannot export fails in seconds,
+not after its evaluation.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from .adapters import moe_layers
+from .config import ChannelUnit, QuantMethod
+from .errors import UserError
+
+EXPORT_DIR = "packed_model"
+
+
+def check_export(cfg: DictConfig, model) -> None:
+    if not cfg.quant.export_packed:
+        return
+    if cfg.quant.method not in (QuantMethod.rtn, QuantMethod.gptq):
+        raise UserError(f"quant.export_packed needs integer codes (quant.method rtn or gptq), not "
+                        f"quant.method={cfg.quant.method.value}")
+    if any(layer.adapter.storage != "fused_3d" for layer in moe_layers(model)):
+        raise UserError(f"quant.export_packed saves fused-expert (transformers-5) models; {cfg.model.name} keeps its "
+                        f"experts in a ModuleList (run kernels.packed_model.packed_forward on it instead)")
+    if cfg.quant.switching.enabled and cfg.analysis.channel_unit != ChannelUnit.row:
+        raise UserError("quant.export_packed keeps the DQS cache as output rows: use analysis.channel_unit=row")
+
+
+def export_packed(loaded, stage, run_dir: Path) -> dict:
+    """Pack, attach and save; returns what the record keeps under "export"."""
+    from kernels.packed_model import attach_packed, pack_experts
+
+    if stage.codes is None:
+        raise UserError("quant.export_packed: the quantizer kept no codes")
+    model = loaded.model
+    cache = None
+    if stage.switcher is not None:
+        stage.switcher.restore_bq()
+        cache = stage.switcher.cache
+    attach_packed(model, pack_experts(model, stage.codes, cache))
+    stage.codes = None  # packed now; the codes' memory goes back
+    target, tmp = run_dir / EXPORT_DIR, run_dir / f".{EXPORT_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+    return _memory(model, stage.quantization["bits"]) | {
+        "path": EXPORT_DIR, "checkpoint_nbytes": sum(f.stat().st_size for f in target.glob("*.safetensors"))}
+
+
+def _memory(model, bits: dict) -> dict:
+    """Measured bytes of the packed experts against the bit accounting of the plan."""
+    stacks = rows = 0
+    for name, p in model.named_parameters():
+        if ".experts.packed." in name:
+            n = p.numel() * p.element_size()
+            rows += n if ".channels." in name else 0
+            stacks += 0 if ".channels." in name else n
+    accounted = bits["experts"] * bits["expert_params"] / 8
+    return {"expert_nbytes": stacks, "channel_rows_nbytes": rows, "accounted_expert_nbytes": round(accounted),
+            "expert_nbytes_over_accounting": round(stacks / accounted, 5),
+            "fp16_expert_nbytes": 2 * bits["expert_params"]}
