@@ -36,6 +36,7 @@ def test_check_compares_every_kernel_with_its_reference(tmp_path):
     for bits in (2, 3, 4, 6, 8):
         assert f"int{bits} matmul" in proc.stdout
     assert "MoE layer" in proc.stdout and "all kernels match their references" in proc.stdout
+    assert "decode: tiny packed model" in proc.stdout
     assert not any(tmp_path.iterdir())
 
 
@@ -43,9 +44,16 @@ def test_check_compares_every_kernel_with_its_reference(tmp_path):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_benchmark_writes_its_json(tmp_path):
     proc = run_bench("--models", "olmoe-1b-7b", "--bits", "3", "4", "--batches", "1", "--warmup", "2", "--reps", "5",
-                     "--out-dir", str(tmp_path))
+                     "--new-tokens", "4", "--decode-reps", "1", "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     [path] = tmp_path.glob("kernels-*.json")
     report = json.loads(path.read_text())
     assert report["copy_bandwidth_gbps"] > 0 and len(report["results"]) == 2 * 2  # 2 projections x 2 widths
     assert all(r["fused_ms"] > 0 and r["max_rel_err"] <= 1e-2 for r in report["results"])
+    [layer] = report["moe_layers"]  # one model, one batch
+    assert layer["packed_ms"] > 0 and layer["max_rel_err"] <= 1e-2 and layer["fp16_baseline"] in layer["fp16_ms"]
+    decode = report["decode"]
+    assert decode["packed_param_bytes"] < decode["fp16_param_bytes"] / 2
+    assert all(v > 0 for v in decode["packed_tokens_per_s"].values())
+    assert set(report["summary"]) >= {"projection_int3_batch1_speedup", "moe_layer_mixed_batch1_speedup",
+                                      "decode_speedup"}
