@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 PROJECTIONS = ("gate", "up", "down")
+GATHER_ELEMENTS = 1 << 24  # values gathered per chunk of routed rows in `patch_rows` (64 MiB in fp32)
 
 
 @dataclass
@@ -62,6 +63,25 @@ class ChannelRows:
             out[:, cols] = patched
         else:
             out[rows[:, None], cols[None, :]] = patched
+
+    def patch_rows(self, projection: str, experts: torch.Tensor, x: torch.Tensor, in_div: int, out: torch.Tensor,
+                   col_offset: int = 0) -> None:
+        """Every routed row at once: out[r, col_offset + c] = values[experts[r], c] @ x[r // in_div].
+
+        `experts` [R] is each row's expert and `out` [R, ...] the stage output. Unlike a loop over
+        experts this never waits on the host (no data-dependent Python control flow), which matters
+        at decode. The gathered values are [rows, c, K], so rows go in chunks that bound that tensor.
+        """
+        index, values = self.index[projection], self.values[projection]
+        channels, cols = values.shape[1], values.shape[2]
+        if not channels or not experts.numel():
+            return
+        step = max(1, GATHER_ELEMENTS // (channels * cols))
+        for start in range(0, experts.numel(), step):
+            rows = torch.arange(start, min(start + step, experts.numel()), device=experts.device)
+            e = experts[rows]
+            patched = torch.bmm(values[e].to(x.dtype).float(), x[rows // in_div].float().unsqueeze(-1)).squeeze(-1)
+            out[rows[0]:rows[-1] + 1].scatter_(1, col_offset + index[e], patched.to(out.dtype))
 
     def to(self, device: torch.device | str) -> ChannelRows:
         return ChannelRows({p: t.to(device) for p, t in self.index.items()},

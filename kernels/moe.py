@@ -11,8 +11,9 @@ glue: routing sort, block tables, SwiGLU and the weighted sum. This is the per-p
 building block with a torch composition; gate, up and down are not fused into one kernel
 (a fused SwiGLU kernel would save the gate_up round trip, [T*k, 2I] values, small next to the
 weights at decode sizes). 16-bit (dense) stacks run through torch, and so do the cached
-full-precision channel rows (channels.py): after each stage, every routed expert's cached rows
-are recomputed from their values and written over the packed outputs.
+full-precision channel rows (channels.py): after each stage, every routed row's cached outputs
+are recomputed from their values and written over the packed outputs (a gather, a batched
+matmul and a scatter per projection, with no host synchronisation).
 """
 
 from __future__ import annotations
@@ -33,16 +34,15 @@ def _run_stage(stacks: list[WeightStack], x: torch.Tensor, routing: Routing, in_
         (grouped_dequant_matmul_ref if stack.is_dense else grouped)(x, stack, routing, in_div, out)
 
 
-def _patch_channels(experts: PackedExperts, stage: str, x: torch.Tensor, routing: Routing, in_div: int,
+def _patch_channels(experts: PackedExperts, stage: str, x: torch.Tensor, top_k_index: torch.Tensor, in_div: int,
                     out: torch.Tensor) -> None:
-    """Overwrite the cached full-precision rows' outputs of every routed expert (torch; c ~ 1% of N)."""
+    """Overwrite the cached full-precision rows' outputs of every routed row (torch; c ~ 1% of N)."""
     if experts.channels is None:
         return
-    for expert in torch.nonzero(routing.counts).flatten().tolist():
-        rows = routing.rows_of(expert)
-        for projection in STAGES[stage]:
-            offset = experts.intermediate_size if projection == "up" else 0
-            experts.channels.patch(projection, expert, x[rows // in_div], out, rows, offset)
+    row_experts = top_k_index.reshape(-1)  # row t * k + j is token t's j-th expert
+    for projection in STAGES[stage]:
+        offset = experts.intermediate_size if projection == "up" else 0
+        experts.channels.patch_rows(projection, row_experts, x, in_div, out, offset)
 
 
 def moe_experts(experts: PackedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -55,10 +55,10 @@ def moe_experts(experts: PackedExperts, hidden: torch.Tensor, top_k_index: torch
     inter = experts.intermediate_size
     gate_up = torch.empty(tokens * k, 2 * inter, dtype=hidden.dtype, device=hidden.device)
     _run_stage(experts.stages["gate_up"], hidden, routing, k, gate_up, grouped)
-    _patch_channels(experts, "gate_up", hidden, routing, k, gate_up)
+    _patch_channels(experts, "gate_up", hidden, top_k_index, k, gate_up)
     h = experts.act(gate_up[:, :inter]) * gate_up[:, inter:]
     y = torch.empty(tokens * k, experts.hidden_size, dtype=hidden.dtype, device=hidden.device)
     h = h.contiguous()
     _run_stage(experts.stages["down"], h, routing, 1, y, grouped)
-    _patch_channels(experts, "down", h, routing, 1, y)
+    _patch_channels(experts, "down", h, top_k_index, 1, y)
     return (y.view(tokens, k, -1).float() * top_k_weights.float()[..., None]).sum(1).to(hidden.dtype)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels.channels as channels_module
 from kernels.channels import PROJECTIONS, ChannelRows
 from kernels.experts import PackedExperts
 from kernels.moe import moe_experts as moe_grouped
@@ -48,7 +49,9 @@ def dense_with_rows_replaced(experts: PackedExperts, hidden, index, weights) -> 
     return out
 
 
-def test_patched_layer_equals_the_dense_layer_with_replaced_rows():
+@pytest.mark.parametrize("gather_elements", [1 << 24, 1])  # one chunk of routed rows, or one row per chunk
+def test_patched_layer_equals_the_dense_layer_with_replaced_rows(monkeypatch, gather_elements):
+    monkeypatch.setattr(channels_module, "GATHER_ELEMENTS", gather_elements)
     experts = with_channels(random_experts([2, 3, 6, 16, 4], H, I, GEN))
     hidden = torch.randn(9, H, generator=GEN)
     index, weights = skewed_routing(9, experts.n_experts, 2, GEN)

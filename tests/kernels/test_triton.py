@@ -156,6 +156,27 @@ def test_packed_model_runs_the_grouped_kernels():
     assert rel_err(logits, fake.to(DEVICE)) <= TOLERANCE[torch.float32]
 
 
+@kernel_test
+def test_attached_packed_model_with_channel_rows_runs_the_grouped_kernels():
+    """DQS channel rows patched over the grouped kernels' outputs, through an attached model's forward,
+    before and after a switch, against the fake-quantized model."""
+    from test_packed_switching import LOW, NEW, dense_and_packed, tokens  # puts tests/switching on the path
+
+    s, dense_sw, packed_sw = dense_and_packed("olmoe")
+    s.model.to(DEVICE)
+    ids = tokens(LOW, 2, 16, seed=9)
+
+    def check() -> None:
+        with torch.no_grad():
+            got, want = s.model(ids.to(DEVICE)).logits, dense_sw.model(ids).logits
+        assert rel_err(got.cpu(), want) <= TOLERANCE[torch.float32]
+
+    check()
+    new = tokens(NEW, 4, 16, seed=5)
+    assert packed_sw.switch_to(new).widths == dense_sw.switch_to(new).widths
+    check()
+
+
 # --- host side, in the parent process ------------------------------------------------------
 
 
