@@ -23,6 +23,19 @@ from .config import ChannelUnit, QuantMethod
 from .errors import UserError
 
 EXPORT_DIR = "packed_model"
+LOADING_NOTE = """# Packed DynaMo checkpoint
+
+Routed experts hold packed low-bit codes (kernels/README.md in the DynaMo harness), described by
+`quantization_config` (`quant_method: dynamo`) in config.json. transformers can read it only after
+the harness registers the method, so load it with
+
+    from kernels.hf_quantizer import load_packed
+    model = load_packed("<this folder>")
+
+or evaluate it with `python run.py model=local model.path=<this folder> quant=fp16`. A plain
+`AutoModelForCausalLM.from_pretrained` without that import warns "Unknown quantization type" and
+leaves the experts randomly initialised.
+"""
 
 
 def check_export(cfg: DictConfig, model) -> None:
@@ -55,6 +68,7 @@ def export_packed(loaded, stage, run_dir: Path) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(LOADING_NOTE)
     shutil.rmtree(target, ignore_errors=True)
     tmp.replace(target)
     return _memory(model, stage.quantization["bits"]) | {

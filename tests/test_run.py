@@ -133,6 +133,7 @@ def test_exported_packed_model_reloads_and_evaluates_like_the_bq_model(tmp_path)
     assert abs(export["expert_nbytes_over_accounting"] - 1) <= 0.02 and export["channel_rows_nbytes"] > 0
     assert json.loads((packed / "config.json").read_text())["quantization_config"]["quant_method"] == "dynamo"
     assert not list(path.parent.glob(".packed_model*")), "the temporary export folder was left behind"
+    assert "load_packed" in (packed / "README.md").read_text()
 
     proc = run_py("experiment=smoke", "eval=ppl", "eval.datasets=[code,chat]", "model=local",
                   f"model.path={packed}", "quant=fp16", results_dir=tmp_path / "packed")
