@@ -77,12 +77,9 @@ def export_packed(loaded, stage, run_dir: Path) -> dict:
 
 def _memory(model, bits: dict) -> dict:
     """Measured bytes of the packed experts against the bit accounting of the plan."""
-    stacks = rows = 0
-    for name, p in model.named_parameters():
-        if ".experts.packed." in name:
-            n = p.numel() * p.element_size()
-            rows += n if ".channels." in name else 0
-            stacks += 0 if ".channels." in name else n
+    packed = [(name, p.numel() * p.element_size()) for name, p in model.named_parameters() if ".experts.packed." in name]
+    rows = sum(n for name, n in packed if ".channels." in name)
+    stacks = sum(n for _, n in packed) - rows
     accounted = bits["experts"] * bits["expert_params"] / 8
     return {"expert_nbytes": stacks, "channel_rows_nbytes": rows, "accounted_expert_nbytes": round(accounted),
             "expert_nbytes_over_accounting": round(stacks / accounted, 5),

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-PROJECTIONS = ("gate", "up", "down")
+from dynamo.adapters import PROJECTIONS
+
 GATHER_ELEMENTS = 1 << 24  # values gathered per chunk of routed rows in `patch_rows` (64 MiB in fp32)
 
 
@@ -47,22 +48,14 @@ class ChannelRows:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.index, self.values) for t in d.values())
 
-    def patch(self, projection: str, expert: int, x: torch.Tensor, out: torch.Tensor,
-              rows: torch.Tensor | None = None, col_offset: int = 0) -> None:
-        """Overwrite the cached rows' outputs: out[rows, col_offset + c] = x @ values[c]^T (fp32 accumulation).
+    def patch(self, projection: str, expert: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Overwrite the cached rows' outputs: out[:, c] = x @ values[c]^T (fp32 accumulation).
 
-        out holds x @ W^T computed from the codes for `expert`; x [m, K] are its inputs, `rows` [m]
-        the rows of `out` they belong to (None: all of out, in order).
+        out [m, N] holds x [m, K] @ W^T computed from the codes for `expert`.
         """
         channels = self.index[projection][expert]
-        if not channels.numel() or not x.shape[0]:
-            return
-        patched = (x.float() @ self.values[projection][expert].to(x.dtype).float().T).to(out.dtype)
-        cols = col_offset + channels
-        if rows is None:
-            out[:, cols] = patched
-        else:
-            out[rows[:, None], cols[None, :]] = patched
+        if channels.numel() and x.shape[0]:
+            out[:, channels] = (x.float() @ self.values[projection][expert].to(x.dtype).float().T).to(out.dtype)
 
     def patch_rows(self, projection: str, experts: torch.Tensor, x: torch.Tensor, in_div: int, out: torch.Tensor,
                    col_offset: int = 0) -> None:
@@ -78,10 +71,11 @@ class ChannelRows:
             return
         step = max(1, GATHER_ELEMENTS // (channels * cols))
         for start in range(0, experts.numel(), step):
-            rows = torch.arange(start, min(start + step, experts.numel()), device=experts.device)
-            e = experts[rows]
+            stop = min(start + step, experts.numel())  # Python ints: slicing `out` must not read the device
+            rows = torch.arange(start, stop, device=experts.device)
+            e = experts[start:stop]
             patched = torch.bmm(values[e].to(x.dtype).float(), x[rows // in_div].float().unsqueeze(-1)).squeeze(-1)
-            out[rows[0]:rows[-1] + 1].scatter_(1, col_offset + index[e], patched.to(out.dtype))
+            out[start:stop].scatter_(1, col_offset + index[e], patched.to(out.dtype))
 
     def to(self, device: torch.device | str) -> ChannelRows:
         return ChannelRows({p: t.to(device) for p, t in self.index.items()},

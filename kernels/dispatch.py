@@ -14,7 +14,7 @@ import torch
 
 from .experts import PackedExperts
 from .packing import PackedWeight
-from .reference import dequant_matmul_ref, expert_linear_ref, moe_experts_ref
+from .reference import dense_matmul, dequant_matmul_ref, moe_experts_ref, with_channels
 
 Backend = Literal["triton", "torch"]
 BACKENDS = ("triton", "torch")
@@ -49,12 +49,8 @@ def expert_linear(experts: PackedExperts, expert: int, projection: str, x: torch
                   backend: Backend | None = None) -> torch.Tensor:
     """x [m, K] @ W^T for one expert projection of a packed layer, its cached full-precision rows included."""
     w = experts.weight(expert, projection)
-    if _resolve(backend, x.device) == "torch" or not isinstance(w, PackedWeight):
-        return expert_linear_ref(experts, expert, projection, x)
-    y = dequant_matmul(x, w, backend="triton")
-    if experts.channels is not None:
-        experts.channels.patch(projection, expert, x, y)
-    return y
+    y = dequant_matmul(x, w, backend=backend) if isinstance(w, PackedWeight) else dense_matmul(x, w)
+    return with_channels(experts, expert, projection, x, y)
 
 
 def moe_experts(experts: PackedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor,

@@ -25,7 +25,9 @@ from torch import nn
 from dynamo.quant.rtn import quantize_rtn
 from dynamo.quant.spec import QSpec
 
-from .channels import PROJECTIONS, ChannelRows
+from dynamo.adapters import PROJECTIONS
+
+from .channels import ChannelRows
 from .experts import DENSE_BITS, ExpertWeight, PackedExperts, WeightStack
 from .packing import PackedWeight
 

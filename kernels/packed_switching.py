@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from dynamo.adapters import MoELayer
+from dynamo.adapters import PROJECTIONS, MoELayer
 from dynamo.errors import UserError
 from dynamo.switching.cache import SLICES, ChannelCache
 from dynamo.switching.store import Key
 
-from .channels import PROJECTIONS
 from .dispatch import expert_linear
 from .packed_model import packed_modules
 
@@ -41,13 +40,15 @@ class PackedChannelStore:
     def __init__(self, model, cache: ChannelCache):
         self.model, self.cache = model, cache
         self.modules = packed_modules(model)
+        self.validate()
+        self._check_indices()  # once: indices never change after packing, and the check reads them to the host
 
     def _values(self, key: Key) -> torch.Tensor:
         i, e, p = key
         return getattr(self.modules[i].channels, f"values_{p}")[e]
 
     def validate(self) -> None:
-        """The packed layers keep exactly the cache's channels (same layers, experts and row indices)."""
+        """The packed layers keep channel rows for the cache's layers (before every switch: no device reads)."""
         if sorted(self.modules) != self.cache.layers:
             raise UserError(f"the channel cache covers MoE layers {self.cache.layers}, the packed model has "
                             f"{sorted(self.modules)}")
@@ -55,6 +56,10 @@ class PackedChannelStore:
             if module.channels is None:
                 raise UserError(f"packed layer {i} keeps no channel rows: pack it with the cache "
                                 f"(pack_experts(model, codes, cache))")
+
+    def _check_indices(self) -> None:
+        """The packed layers' rows are exactly the cache's channels (same experts and row indices)."""
+        for i, module in self.modules.items():
             for p in PROJECTIONS:
                 name, _ = SLICES[self.cache.unit][p]
                 kept = getattr(module.channels, f"index_{p}")

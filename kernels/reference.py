@@ -27,12 +27,17 @@ def linear_ref(x: torch.Tensor, w: ExpertWeight) -> torch.Tensor:
     return dequant_matmul_ref(x, w) if isinstance(w, PackedWeight) else dense_matmul(x, w)
 
 
-def expert_linear_ref(experts: PackedExperts, expert: int, projection: str, x: torch.Tensor) -> torch.Tensor:
-    """x @ W^T for one expert projection, its cached full-precision rows included."""
-    y = linear_ref(x, experts.weight(expert, projection))
+def with_channels(experts: PackedExperts, expert: int, projection: str, x: torch.Tensor,
+                  y: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T from the codes, with the layer's cached full-precision rows (if any) written over."""
     if experts.channels is not None:
         experts.channels.patch(projection, expert, x, y)
     return y
+
+
+def expert_linear_ref(experts: PackedExperts, expert: int, projection: str, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for one expert projection, its cached full-precision rows included."""
+    return with_channels(experts, expert, projection, x, linear_ref(x, experts.weight(expert, projection)))
 
 
 def grouped_dequant_matmul_ref(x: torch.Tensor, stack: WeightStack, routing: Routing, in_div: int,
