@@ -4,6 +4,7 @@
     python scripts/make_tables.py baselines       # one of them
     python scripts/make_tables.py --check         # rebuild in memory, fail if a committed table differs
     python scripts/make_tables.py --figures       # also the PPL-vs-bits (Pareto) figure of every method
+    python scripts/make_tables.py --wandb         # also log the tables to W&B (offline; `wandb sync` later)
 
 Each table reads the `result.json` records under results/runs/ (recursively), picks for every
 (model, quant preset) the newest record made by the table's experiment presets, and writes Markdown with the
@@ -12,7 +13,7 @@ command that regenerates the runs, the PPL protocol, and the run ids it used.
 Comparative tables mark every cell compared with a reference row (FP16, GPTQ-3bit, or BQ for a
 DQS row: the `vs` column) by whether its 95% paired-bootstrap interval (dynamo.stats, over the
 per-window losses beside each record) excludes no change, and list the intervals below.
-`--wandb` also logs the tables to W&B (offline unless logger mode says otherwise).
+`--wandb` also logs the written tables to W&B (dynamo.loggers.publish_tables).
 """
 
 from __future__ import annotations
@@ -543,13 +544,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--check", action="store_true", help="compare with the committed tables, write nothing")
     parser.add_argument("--figures", action="store_true", help="also write pareto_<model>.png (not --check'ed)")
+    parser.add_argument("--wandb", choices=("offline", "online"), nargs="?", const="offline",
+                        help="also log the written tables to W&B as an artifact and wandb.Tables "
+                             "(offline by default: the run lands under <out>/wandb/, `wandb sync` uploads it)")
     args = parser.parse_args(argv)
     unknown = [t for t in args.tables if t not in RENDERERS]
     if unknown:
         parser.error(f"unknown table(s) {unknown}; choose from {', '.join(RENDERERS)}")
     _samples.cache_clear(), _compare.cache_clear()  # files may have changed since an earlier call
     records = load_records(args.runs)
-    stale = []
+    stale, written = [], []
     for name in args.tables or list(RENDERERS):
         markdown = RENDERERS[name](records)
         for path, text in ((args.out / f"{name}.md", markdown), (args.out / f"{name}.tex", to_latex(markdown))):
@@ -561,10 +565,17 @@ def main(argv: list[str] | None = None) -> int:
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(text)
             tmp.replace(path)
+            written.append(path)
             print(f"wrote {path}")
     if args.figures and not args.check:
         for path in write_pareto(records, args.out):
             print(f"wrote {path}")
+    if args.wandb and written:
+        from dynamo.config import LoggerBackend, LoggerConfig, WandbMode
+        from dynamo.loggers import publish_tables
+
+        cfg = LoggerConfig(name="wandb", backend=LoggerBackend.wandb, mode=WandbMode(args.wandb))
+        print(f"W&B ({args.wandb}): {publish_tables(written, cfg, args.out)}")
     if stale:
         print("error: these tables differ from what the records give; run python scripts/make_tables.py: "
               + ", ".join(stale), file=sys.stderr)
