@@ -463,7 +463,7 @@ RENDERERS = {**{name: (lambda records, spec=spec: render(spec, records)) for nam
 
 
 def to_latex(markdown: str) -> str:
-    """The Markdown tables of a rendered page as LaTeX tabulars (headings become comments)."""
+    """The Markdown tables of a rendered page as LaTeX tabulars (headings and legends become comments)."""
     out, rows = [], []
 
     def flush():
@@ -487,6 +487,8 @@ def to_latex(markdown: str) -> str:
         flush()
         if line.startswith("#"):
             out.append("% " + line.lstrip("# "))
+        elif line.strip():  # legends and notes travel with the tabular, as comments for the caption
+            out.append("% " + line)
     flush()
     return "\n".join(out).rstrip() + "\n"
 
