@@ -44,7 +44,8 @@ def _wandb():
 
 
 def artifact_name(text: str) -> str:
-    """W&B artifact names allow letters, digits, '-', '_' and '.' only (run ids of sweeps hold '/')."""
+    """W&B artifact names allow letters, digits, '-', '_' and '.' only (run ids of sweeps hold '/');
+    the same keeps table keys (from headings with spaces, backticks, %) readable in the UI."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "unnamed"
 
 
@@ -102,7 +103,7 @@ def markdown_tables(markdown: str) -> dict[str, tuple[list[str], list[list[str]]
 
 def publish_tables(paths: list[Path], cfg: LoggerConfig, wandb_dir: Path) -> str | None:
     """Log rendered tables (.md and .tex files) as one "tables" artifact, and each Markdown table as a
-    wandb.Table under tables/<file>/<heading>; returns where the tracker wrote the run."""
+    wandb.Table under tables/<file>/<heading as a name>; returns where the tracker wrote the run."""
     if cfg.backend == LoggerBackend.none:
         return None
     wandb = _wandb()
@@ -115,7 +116,7 @@ def publish_tables(paths: list[Path], cfg: LoggerConfig, wandb_dir: Path) -> str
         artifact.add_file(str(path), name=path.name)
         if path.suffix == ".md":
             for heading, (columns, rows) in markdown_tables(path.read_text()).items():
-                logged[f"tables/{path.stem}/{heading}"] = wandb.Table(columns=columns, data=rows)
+                logged[f"tables/{path.stem}/{artifact_name(heading)}"] = wandb.Table(columns=columns, data=rows)
     if logged:
         run.log(logged)
     run.log_artifact(artifact)

@@ -546,9 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--check", action="store_true", help="compare with the committed tables, write nothing")
     parser.add_argument("--figures", action="store_true", help="also write pareto_<model>.png (not --check'ed)")
-    parser.add_argument("--wandb", choices=("offline", "online"), nargs="?", const="offline",
+    parser.add_argument("--wandb", action="store_true",
                         help="also log the written tables to W&B as an artifact and wandb.Tables "
-                             "(offline by default: the run lands under <out>/wandb/, `wandb sync` uploads it)")
+                             "(the run lands under <out>/wandb/; offline: `wandb sync` uploads it later)")
+    parser.add_argument("--wandb-mode", choices=("offline", "online"), default="offline")
     args = parser.parse_args(argv)
     unknown = [t for t in args.tables if t not in RENDERERS]
     if unknown:
@@ -576,8 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         from dynamo.config import LoggerBackend, LoggerConfig, WandbMode
         from dynamo.loggers import publish_tables
 
-        cfg = LoggerConfig(name="wandb", backend=LoggerBackend.wandb, mode=WandbMode(args.wandb))
-        print(f"W&B ({args.wandb}): {publish_tables(written, cfg, args.out)}")
+        cfg = LoggerConfig(name="wandb", backend=LoggerBackend.wandb, mode=WandbMode(args.wandb_mode))
+        print(f"W&B ({args.wandb_mode}): {publish_tables(written, cfg, args.out)}")
     if stale:
         print("error: these tables differ from what the records give; run python scripts/make_tables.py: "
               + ", ".join(stale), file=sys.stderr)
