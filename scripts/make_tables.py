@@ -52,7 +52,7 @@ class TableSpec:
     experiments: tuple[str, ...]  # the experiment presets whose runs feed the table
     rows: tuple[Row, ...]          # in row order
     command: str
-    gap_closed: bool = False       # add "% of the GPTQ-3bit -> FP16 gap closed" on known domains
+    gap_closed: tuple[str, str] | None = None  # (FP16 row, GPTQ-3bit row): add "% of that gap closed" on known domains
     dqs_bits: bool = False         # add the exact bits DQS ran at (cached channels at their active width)
 
 
@@ -71,7 +71,7 @@ TABLES = {
          Row("DynaMo BQ, budget 3.0, shared experts at 3 bits", "dynamo_3bit_equal", vs=_GPTQ3),
          Row("gptq_4bit", "gptq_4bit", vs=_GPTQ3), Row("DynaMo BQ, fcm (paper)", "dynamo_paper", "ppl_bq", _GPTQ3)),
         "python run.py -m experiment=baselines_embedded && python run.py -m experiment=dynamo_embedded",
-        gap_closed=True),
+        gap_closed=("fp16", _GPTQ3)),
     "dynamo_ablation": TableSpec(
         "dynamo_ablation", "Ablation in the shape of the paper's Table III: GPTQ -> BQ -> BQ + DQS",
         ("baselines_embedded", "dynamo_embedded"),
@@ -123,47 +123,43 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+class StaleSamplesError(ValueError):
+    """A per-window file does not reproduce its record's metric: it belongs to another run or was edited."""
+
+
 @lru_cache(maxsize=None)
 def _samples(run_dir: str, name: str) -> dict[str, np.ndarray]:
     return stats.load_samples(Path(run_dir), name)
 
 
 def _units(record: dict, key: str, dataset: str) -> np.ndarray:
-    """The per-window values behind record["metrics"][key][dataset]; raises if absent or stale."""
+    """The per-window values behind record["metrics"][key][dataset]; MissingSamplesError when absent,
+    StaleSamplesError when they do not give the recorded number (never silently compare other data)."""
     values = _samples(record["_dir"], stats.SAMPLE_FILES[key])
     if dataset not in values:
         raise stats.MissingSamplesError(f"{record['_path']}/{stats.SAMPLE_FILES[key]} lacks '{dataset}'")
     window, recorded = values[dataset], record["metrics"][key][dataset]
     pooled = math.exp(window.mean()) if key.startswith("ppl") else window.mean()
     if not math.isclose(pooled, recorded, rel_tol=1e-6, abs_tol=1e-12):
-        raise stats.PairingError(f"{record['_path']}/{stats.SAMPLE_FILES[key]} does not give the recorded {key}.{dataset}")
+        raise StaleSamplesError(f"{record['_path']}/{stats.SAMPLE_FILES[key]} gives {key}.{dataset} = {pooled:.6g}, its "
+                                f"result.json says {recorded:.6g}: restore the run folder's files or re-run it")
     return window
 
 
-@lru_cache(maxsize=None)
-def _compare(kind: str, dir_ref: str, key_ref: str, dir_row: str, key_row: str, dataset: str,
-             records: tuple) -> stats.Interval | None:
-    """Interval of the row against its reference on one dataset (None: no per-window data to pair)."""
-    by_dir = dict(records)
-    try:
-        ref, row = _units(by_dir[dir_ref], key_ref, dataset), _units(by_dir[dir_row], key_row, dataset)
-        return stats.ppl_ratio(ref, row) if kind == "ppl" else stats.damage_removed(ref, row)
-    except (stats.MissingSamplesError, stats.PairingError):
-        return None
+_INTERVALS: dict[tuple, stats.Interval | None] = {}  # one bootstrap per pair of runs and dataset, per call
 
 
-class _Records(tuple):
-    """Records by folder, hashable by identity (lru_cache keys), for one table rendering."""
-
-    def __hash__(self):
-        return id(self)
-
-    def __eq__(self, other):
-        return self is other
-
-
-def _interval(kind: str, ref: tuple[dict, str], row: tuple[dict, str], dataset: str, pool: _Records):
-    return _compare(kind, ref[0]["_dir"], ref[1], row[0]["_dir"], row[1], dataset, pool)
+def _interval(kind: str, ref: tuple[dict, str], row: tuple[dict, str], dataset: str) -> stats.Interval | None:
+    """Interval of a (record, metrics key) row against its reference on one dataset: the PPL ratio
+    (kind "ppl") or the share of KL removed (kind "kl"); None when the runs have no per-window data to pair."""
+    key = (kind, ref[0]["_dir"], ref[1], row[0]["_dir"], row[1], dataset)
+    if key not in _INTERVALS:
+        try:
+            a, b = _units(ref[0], ref[1], dataset), _units(row[0], row[1], dataset)
+            _INTERVALS[key] = stats.ppl_ratio(a, b) if kind == "ppl" else stats.damage_removed(a, b)
+        except (stats.MissingSamplesError, stats.PairingError):
+            _INTERVALS[key] = None
+    return _INTERVALS[key]
 
 
 def _mark(interval: stats.Interval | None, null: float) -> str:
@@ -189,7 +185,6 @@ def _pct_change(interval: stats.Interval | None) -> str:
 
 def render(spec: TableSpec, records: list[dict]) -> str:
     chosen = pick(records, spec.experiments, {row.quant for row in spec.rows})
-    pool = _Records((r["_dir"], r) for r in chosen.values())
     lines = [f"# {spec.title}", "", "Generated by `python scripts/make_tables.py` from the run records; "
              f"regenerate the runs with `{spec.command}`.", ""]
     for model in MODELS:
@@ -208,16 +203,15 @@ def render(spec: TableSpec, records: list[dict]) -> str:
         if spec.dqs_bits:
             head.append("exact bits with DQS")
         lines += [f"## {model}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        ppl = {label: r["metrics"][key] for label, (r, key) in by_label.items()}
         for row, r in rows:
             bits = r["metrics"].get("avg_bits", {})
             vs = by_label.get(row.vs)
             cells = [row.label, row.vs if vs else "-", _fmt(bits.get("experts"), 3) or "16", _fmt(bits.get("all"), 3) or "16"]
             for d in known + novel:
-                mark = "" if vs is None else " " + _mark(_interval("ppl", vs, (r, row.key), d, pool), 1.0)
+                mark = "" if vs is None else " " + _mark(_interval("ppl", vs, (r, row.key), d), 1.0)
                 cells.append(_fmt(r["metrics"][row.key].get(d)) + mark)
             if spec.gap_closed:
-                cells.append(_gap_closed_cell(by_label, ppl, row.label, (r, row.key), known))
+                cells.append(_gap_closed_cell(by_label, spec.gap_closed, (r, row.key), known))
             if spec.dqs_bits:
                 switches = r.get("switching", {}).get("switches", {}) if row.key == "ppl" else {}
                 cells.append(f"{max(s['exact_bits'] for s in switches.values()):.3f} (max)" if switches else "")
@@ -232,7 +226,7 @@ def render(spec: TableSpec, records: list[dict]) -> str:
             lines += [f"{SIGNIFICANT} = the PPL ratio to the `vs` row over the same test windows has a 95% "
                       f"interval that excludes 1 (a significant difference); {NOT_SIGNIFICANT} = the interval "
                       f"contains 1 (the test split cannot tell the two apart); {NO_CI} = a run lacks per-window "
-                      "losses. Paired bootstrap over windows (BCa, 2000 resamples, seed 0; `dynamo.stats`); "
+                      "losses, or the two evaluated different windows. Paired bootstrap over windows (BCa, 2000 resamples, seed 0; `dynamo.stats`); "
                       "each cell is its own test, not corrected for multiple comparisons.", ""]
         if spec.gap_closed:
             lines += ["gap closed = mean over known domains of (PPL_GPTQ3 - PPL) / (PPL_GPTQ3 - PPL_FP16), with its "
@@ -240,24 +234,24 @@ def render(spec: TableSpec, records: list[dict]) -> str:
                       f"{SIGNIFICANT} = the interval excludes 0.", ""]
         if compared:
             lines += _interval_table(f"{model}: PPL change from the `vs` row, % (100 (ratio - 1)), 95% CI", "ppl",
-                                     compared, by_label, known + novel, pool, _pct_change)
-        lines += _kl_tables(model, rows, by_label, known, novel, pool)
+                                     compared, by_label, known + novel, _pct_change)
+        lines += _kl_tables(model, rows, by_label, known, novel)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _interval_table(title: str, kind: str, compared, by_label, domains, pool, fmt) -> list[str]:
+def _interval_table(title: str, kind: str, compared, by_label, domains, fmt) -> list[str]:
     head = ["quant", "vs", *domains]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, r in compared:
         vs = by_label[row.vs]
         key = row.key if kind == "ppl" else KL_KEYS[row.key]
         ref_key = vs[1] if kind == "ppl" else KL_KEYS[vs[1]]
-        cells = [fmt(_interval(kind, (vs[0], ref_key), (r, key), d, pool)) for d in domains]
+        cells = [fmt(_interval(kind, (vs[0], ref_key), (r, key), d)) for d in domains]
         lines.append("| " + " | ".join([row.label, row.vs, *cells]) + " |")
     return lines + [""]
 
 
-def _kl_tables(model: str, rows, by_label, known, novel, pool) -> list[str]:
+def _kl_tables(model: str, rows, by_label, known, novel) -> list[str]:
     """Mean KL(FP16 || model) per domain, for rows whose record has it (issue 14's metrics.kl*)."""
     has_kl = [(row, r) for row, r in rows if KL_KEYS.get(row.key) in r["metrics"]]
     if not has_kl:
@@ -275,7 +269,7 @@ def _kl_tables(model: str, rows, by_label, known, novel, pool) -> list[str]:
         cells = []
         for d in known + novel:
             mark = "" if not vs_has_kl else " " + _mark(
-                _interval("kl", (vs[0], KL_KEYS[vs[1]]), (r, KL_KEYS[row.key]), d, pool), 0.0)
+                _interval("kl", (vs[0], KL_KEYS[vs[1]]), (r, KL_KEYS[row.key]), d), 0.0)
             cells.append(("" if kl.get(d) is None else f"{kl[d]:.4g}") + mark)
         lines.append("| " + " | ".join([row.label, row.vs if vs_has_kl else "-", *cells]) + " |")
     lines += ["", f"{SIGNIFICANT} / {NOT_SIGNIFICANT}: whether the share of the `vs` row's KL that this row removes "
@@ -283,25 +277,23 @@ def _kl_tables(model: str, rows, by_label, known, novel, pool) -> list[str]:
                   "compared with FP16 have no mark (its KL is 0).", ""]
     if compared:
         lines += _interval_table(f"{model}: KL damage removed relative to the `vs` row, 95% CI", "kl", compared,
-                                 by_label, known + novel, pool, lambda i: _ci(i, 1, 100.0, "%"))
+                                 by_label, known + novel, lambda i: _ci(i, 1, 100.0, "%"))
     return lines
 
 
-def _gap_closed_cell(by_label: dict, ppl: dict, label: str, row: tuple[dict, str], known: list[str]) -> str:
+def _gap_closed_cell(by_label: dict, labels: tuple[str, str], row: tuple[dict, str], known: list[str]) -> str:
     """Mean share of the GPTQ-3bit -> FP16 gap closed on known domains, with its stratified interval."""
-    fp16 = next((by_label[name] for name in ("fp16", "FP16") if name in by_label), None)
-    gptq = next((by_label[name] for name in (_GPTQ3, "GPTQ-3bit") if name in by_label), None)
+    fp16, gptq = (by_label.get(label) for label in labels)
     if fp16 is None or gptq is None or row[0] is fp16[0] or row[0] is gptq[0]:
         return ""
-    usable = [d for d in known if gptq[0]["metrics"][gptq[1]][d] != fp16[0]["metrics"][fp16[1]][d]]
+    ppl = {name: r["metrics"][key] for name, (r, key) in (("fp16", fp16), ("gptq", gptq), ("row", row))}
+    usable = [d for d in known if ppl["gptq"][d] != ppl["fp16"][d]]  # no gap, no share of it
     if not usable:
         return ""
     try:
-        strata = [tuple(_units(rec, key, d) for rec, key in (fp16, gptq, row)) for d in usable]
-        interval = stats.mean_gap_closed(strata)
+        interval = stats.mean_gap_closed([tuple(_units(r, key, d) for r, key in (fp16, gptq, row)) for d in usable])
     except (stats.MissingSamplesError, stats.PairingError):
-        ref = {name: r["metrics"][key] for name, (r, key) in (("fp16", fp16), ("gptq", gptq), ("row", row))}
-        shares = [(ref["gptq"][d] - ref["row"][d]) / (ref["gptq"][d] - ref["fp16"][d]) for d in usable]
+        shares = [(ppl["gptq"][d] - ppl["row"][d]) / (ppl["gptq"][d] - ppl["fp16"][d]) for d in usable]
         return f"{100 * sum(shares) / len(shares):.0f}% {NO_CI}"
     return f"{_ci(interval, 0, 100.0, '%')} {_mark(interval, 0.0)}"
 
@@ -385,7 +377,6 @@ MC_NO_SAMPLES = "CI n/a (record predates per-question results)"
 
 def render_table2_embedded(records: list[dict]) -> str:
     chosen = pick(records, ("table2_embedded",))
-    pool = _Records((r["_dir"], r) for r in chosen.values())
     vs_of = {"fp16": None, _GPTQ3: "fp16", "dynamo_3bit": _GPTQ3}
     lines = ["# Embedded variant of paper Table II: multiple-choice accuracy (lm-eval)", "",
              "`dynamo_math_mc`: questions generated from the math test split, the true answer among 3 "
@@ -405,7 +396,7 @@ def render_table2_embedded(records: list[dict]) -> str:
             ppl = _fmt(r["metrics"][key].get("math"))
             if vs is not None and ppl:
                 vs_key = "ppl_bq" if "ppl_bq" in vs["metrics"] else "ppl"
-                ppl += " " + _mark(_interval("ppl", (vs, vs_key), (r, key), "math", pool), 1.0)
+                ppl += " " + _mark(_interval("ppl", (vs, vs_key), (r, key), "math"), 1.0)
             limit = r["protocol"].get("lm_eval", {}).get("limit")
             diffs = [_accuracy_cell(vs, r, metric) if vs is not None else "" for metric in ("acc", "acc_norm")]
             lines.append(f"| {model} | {quant} | {vs_quant if vs else '-'} | {_fmt(bits, 3) or '16'} | "
@@ -554,11 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in args.tables if t not in RENDERERS]
     if unknown:
         parser.error(f"unknown table(s) {unknown}; choose from {', '.join(RENDERERS)}")
-    _samples.cache_clear(), _compare.cache_clear()  # files may have changed since an earlier call
+    _samples.cache_clear(), _INTERVALS.clear()  # files may have changed since an earlier call
     records = load_records(args.runs)
     stale, written = [], []
-    for name in args.tables or list(RENDERERS):
-        markdown = RENDERERS[name](records)
+    try:  # every table rendered before any is written: an error leaves the committed set as it was
+        pages = {name: RENDERERS[name](records) for name in args.tables or list(RENDERERS)}
+    except StaleSamplesError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, markdown in pages.items():
         for path, text in ((args.out / f"{name}.md", markdown), (args.out / f"{name}.tex", to_latex(markdown))):
             if args.check:
                 if not path.is_file() or path.read_text() != text:

@@ -120,6 +120,17 @@ def test_every_compared_cell_says_whether_its_interval_excludes_no_change(tmp_pa
     assert "$^\\dagger$" in (out / "dynamo_bq.tex").read_text()
 
 
+def test_a_window_file_that_does_not_give_the_recorded_ppl_is_an_error_and_nothing_is_written(tmp_path, capsys):
+    tables = _load("make_tables")
+    runs, out = tmp_path / "runs", tmp_path / "tables"
+    dyn = _ablation_runs(runs)
+    (dyn / "window_nll.json").write_text(json.dumps({"code": [3.0] * 60, "chat": [4.6] * 40}))
+    assert tables.main(["--runs", str(runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: dyn/window_nll.json gives ppl.code = 20.0855")
+    assert not out.exists()
+
+
 def test_kl_tables_appear_with_intervals_when_the_records_have_kl(tmp_path):
     tables = _load("make_tables")
     runs, out = tmp_path / "runs", tmp_path / "tables"
