@@ -141,8 +141,8 @@ def _units(record: dict, key: str, dataset: str) -> np.ndarray:
     window, recorded = values[dataset], record["metrics"][key][dataset]
     pooled = math.exp(window.mean()) if key.startswith("ppl") else window.mean()
     if not math.isclose(pooled, recorded, rel_tol=1e-6, abs_tol=1e-12):
-        raise StaleSamplesError(f"{record['_path']}/{stats.SAMPLE_FILES[key]} gives {key}.{dataset} = {pooled:.6g}, its "
-                                f"result.json says {recorded:.6g}: restore the run folder's files or re-run it")
+        raise StaleSamplesError(f"{record['_path']}/{stats.SAMPLE_FILES[key]} gives {key}.{dataset} = {pooled:.6g}, "
+                                f"its result.json says {recorded:.6g}: restore the run folder's files or re-run it")
     return window
 
 
@@ -206,7 +206,8 @@ def render(spec: TableSpec, records: list[dict]) -> str:
         for row, r in rows:
             bits = r["metrics"].get("avg_bits", {})
             vs = by_label.get(row.vs)
-            cells = [row.label, row.vs if vs else "-", _fmt(bits.get("experts"), 3) or "16", _fmt(bits.get("all"), 3) or "16"]
+            cells = [row.label, row.vs if vs else "-", _fmt(bits.get("experts"), 3) or "16",
+                     _fmt(bits.get("all"), 3) or "16"]
             for d in known + novel:
                 mark = "" if vs is None else " " + _mark(_interval("ppl", vs, (r, row.key), d), 1.0)
                 cells.append(_fmt(r["metrics"][row.key].get(d)) + mark)
@@ -226,8 +227,9 @@ def render(spec: TableSpec, records: list[dict]) -> str:
             lines += [f"{SIGNIFICANT} = the PPL ratio to the `vs` row over the same test windows has a 95% "
                       f"interval that excludes 1 (a significant difference); {NOT_SIGNIFICANT} = the interval "
                       f"contains 1 (the test split cannot tell the two apart); {NO_CI} = a run lacks per-window "
-                      "losses, or the two evaluated different windows. Paired bootstrap over windows (BCa, 2000 resamples, seed 0; `dynamo.stats`); "
-                      "each cell is its own test, not corrected for multiple comparisons.", ""]
+                      "losses, or the two evaluated different windows. Paired bootstrap over windows (BCa, 2000 "
+                      "resamples, seed 0; `dynamo.stats`); each cell is its own test, not corrected for multiple "
+                      "comparisons.", ""]
         if spec.gap_closed:
             lines += ["gap closed = mean over known domains of (PPL_GPTQ3 - PPL) / (PPL_GPTQ3 - PPL_FP16), with its "
                       "95% interval from resampling each domain's windows (paired across the three runs); "
@@ -273,8 +275,8 @@ def _kl_tables(model: str, rows, by_label, known, novel) -> list[str]:
             cells.append(("" if kl.get(d) is None else f"{kl[d]:.4g}") + mark)
         lines.append("| " + " | ".join([row.label, row.vs if vs_has_kl else "-", *cells]) + " |")
     lines += ["", f"{SIGNIFICANT} / {NOT_SIGNIFICANT}: whether the share of the `vs` row's KL that this row removes "
-                  "(1 - KL / KL_vs, intervals below) has a 95% paired-bootstrap interval that excludes 0; rows "
-                  "compared with FP16 have no mark (its KL is 0).", ""]
+                  "(1 - KL / KL_vs, intervals below) has a 95% paired-bootstrap interval that excludes 0. No mark "
+                  "and `vs` = -: the reference has no KL (FP16 itself, or a run without eval.reference).", ""]
     if compared:
         lines += _interval_table(f"{model}: KL damage removed relative to the `vs` row, 95% CI", "kl", compared,
                                  by_label, known + novel, lambda i: _ci(i, 1, 100.0, "%"))
