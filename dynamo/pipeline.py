@@ -27,6 +27,7 @@ from .loggers import publish
 from .models import is_packed, load_model
 from .packed_export import check_export, export_packed
 from .records import RESULT_FILE, make_record, write_json_atomic
+from .stats import MC_CORRECT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,9 @@ def evaluate_perplexity(loaded, documents: dict, sources: dict, eval_cfg,
     return ppl, protocol, window_nll
 
 
-def evaluate_lm_eval(loaded, documents: dict, eval_cfg) -> dict:
-    from .eval.harness import build_local_tasks, run_lm_eval
+def evaluate_lm_eval(loaded, documents: dict, eval_cfg):
+    """lm-eval metrics and per-question correctness (dynamo.eval.harness.LmEvalResult)."""
+    from .eval.harness import build_local_tasks, evaluate_tasks
 
     wanted = list(eval_cfg.lm_eval.tasks)
     local, hub = [], []
@@ -99,9 +101,9 @@ def evaluate_lm_eval(loaded, documents: dict, eval_cfg) -> dict:
         limit = eval_cfg.lm_eval.limit
         if limit is not None and float(limit).is_integer():
             limit = int(limit)
-        return run_lm_eval(loaded.model, loaded.tokenizer, local + hub, Path(workdir) if local else None,
-                           batch_size=eval_cfg.lm_eval.batch_size, max_length=min(loaded.max_length, eval_cfg.seqlen),
-                           limit=limit, device=str(loaded.device))
+        return evaluate_tasks(loaded.model, loaded.tokenizer, local + hub, Path(workdir) if local else None,
+                              batch_size=eval_cfg.lm_eval.batch_size,
+                              max_length=min(loaded.max_length, eval_cfg.seqlen), limit=limit, device=str(loaded.device))
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
@@ -150,7 +152,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
 
     if cfg.eval.lm_eval.enabled and cfg.eval.lm_eval.tasks:
         t = time.perf_counter()
-        metrics["lm_eval"] = evaluate_lm_eval(loaded, documents, cfg.eval)
+        lm_eval = evaluate_lm_eval(loaded, documents, cfg.eval)
+        metrics["lm_eval"] = lm_eval.metrics
+        if lm_eval.per_question:  # for paired accuracy intervals (dynamo.stats.accuracy_difference)
+            write_json_atomic(run_dir / MC_CORRECT_FILE, lm_eval.per_question)
         timings["lm_eval_s"] = time.perf_counter() - t
         protocol["lm_eval"] = {"limit": cfg.eval.lm_eval.limit, "max_length": min(loaded.max_length, cfg.eval.seqlen),
                                "split": cfg.eval.split}

@@ -4,10 +4,16 @@
     python scripts/make_tables.py baselines       # one of them
     python scripts/make_tables.py --check         # rebuild in memory, fail if a committed table differs
     python scripts/make_tables.py --figures       # also the PPL-vs-bits (Pareto) figure of every method
+    python scripts/make_tables.py --wandb         # also log the tables to W&B (offline; `wandb sync` later)
 
 Each table reads the `result.json` records under results/runs/ (recursively), picks for every
 (model, quant preset) the newest record made by the table's experiment presets, and writes Markdown with the
 command that regenerates the runs, the PPL protocol, and the run ids it used.
+
+Comparative tables mark every cell compared with a reference row (FP16, GPTQ-3bit, or BQ for a
+DQS row: the `vs` column) by whether its 95% paired-bootstrap interval (dynamo.stats, over the
+per-window losses beside each record) excludes no change, and list the intervals below.
+`--wandb` also logs the written tables to W&B (dynamo.loggers.publish_tables).
 """
 
 from __future__ import annotations
@@ -17,12 +23,26 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere, like run.py
+
+from dynamo import stats  # noqa: E402
 RUNS = REPO / "results" / "runs"
 OUT = REPO / "results" / "tables"
 MODELS = ("tiny-olmoe", "tiny-qwen-moe")
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    quant: str          # quant preset
+    key: str = "ppl"    # metrics key of its PPL: "ppl", or "ppl_bq" for BQ alone in a DynaMo run
+    vs: str | None = None  # label of the reference row it is compared with (None: not compared)
 
 
 @dataclass(frozen=True)
@@ -30,35 +50,40 @@ class TableSpec:
     name: str
     title: str
     experiments: tuple[str, ...]  # the experiment presets whose runs feed the table
-    rows: tuple                    # (label, quant preset, metrics key of its PPL), in row order
+    rows: tuple[Row, ...]          # in row order
     command: str
-    gap_closed: bool = False       # add "% of the GPTQ-3bit -> FP16 gap closed" on known domains
+    gap_closed: tuple[str, str] | None = None  # (FP16 row, GPTQ-3bit row): add "% of that gap closed" on known domains
     dqs_bits: bool = False         # add the exact bits DQS ran at (cached channels at their active width)
 
 
+_GPTQ3 = "gptq_3bit"
 TABLES = {
     "baselines": TableSpec(
         "baselines", "Baselines on the embedded models (token PPL, every domain)", ("baselines_embedded",),
-        tuple((q, q, "ppl") for q in ("fp16", "rtn_2bit", "rtn_3bit", "rtn_4bit", "gptq_2bit", "gptq_3bit",
-                                      "gptq_4bit", "moeptq", "random_3bit", "bnb_nf4", "bnb_int8")),
+        (Row("fp16", "fp16"),) + tuple(Row(q, q, vs="fp16") for q in (
+            "rtn_2bit", "rtn_3bit", "rtn_4bit", "gptq_2bit", "gptq_3bit", "gptq_4bit", "moeptq", "random_3bit",
+            "bnb_nf4", "bnb_int8")),
         "python run.py -m experiment=baselines_embedded"),
     "dynamo_bq": TableSpec(
         "dynamo_bq", "DynaMo baseline quantization (BQ) against the baselines at ~3 bits", ("baselines_embedded", "dynamo_embedded"),
-        (("fp16", "fp16", "ppl"), ("gptq_3bit", "gptq_3bit", "ppl"), ("moeptq", "moeptq", "ppl"),
-         ("random_3bit", "random_3bit", "ppl"), ("DynaMo BQ, budget 3.0", "dynamo_3bit", "ppl_bq"),
-         ("DynaMo BQ, budget 3.0, shared experts at 3 bits", "dynamo_3bit_equal", "ppl"),
-         ("gptq_4bit", "gptq_4bit", "ppl"), ("DynaMo BQ, fcm (paper)", "dynamo_paper", "ppl_bq")),
+        (Row("fp16", "fp16"), Row(_GPTQ3, _GPTQ3, vs="fp16"), Row("moeptq", "moeptq", vs=_GPTQ3),
+         Row("random_3bit", "random_3bit", vs=_GPTQ3), Row("DynaMo BQ, budget 3.0", "dynamo_3bit", "ppl_bq", _GPTQ3),
+         Row("DynaMo BQ, budget 3.0, shared experts at 3 bits", "dynamo_3bit_equal", vs=_GPTQ3),
+         Row("gptq_4bit", "gptq_4bit", vs=_GPTQ3), Row("DynaMo BQ, fcm (paper)", "dynamo_paper", "ppl_bq", _GPTQ3)),
         "python run.py -m experiment=baselines_embedded && python run.py -m experiment=dynamo_embedded",
-        gap_closed=True),
+        gap_closed=("fp16", _GPTQ3)),
     "dynamo_ablation": TableSpec(
         "dynamo_ablation", "Ablation in the shape of the paper's Table III: GPTQ -> BQ -> BQ + DQS",
         ("baselines_embedded", "dynamo_embedded"),
-        (("FP16", "fp16", "ppl"), ("GPTQ-3bit", "gptq_3bit", "ppl"), ("BQ (budget 3.0)", "dynamo_3bit", "ppl_bq"),
-         ("BQ + DQS (budget 3.0)", "dynamo_3bit", "ppl"), ("BQ (fcm)", "dynamo_paper", "ppl_bq"),
-         ("BQ + DQS (fcm)", "dynamo_paper", "ppl")),
+        (Row("FP16", "fp16"), Row("GPTQ-3bit", _GPTQ3, vs="FP16"),
+         Row("BQ (budget 3.0)", "dynamo_3bit", "ppl_bq", "GPTQ-3bit"),
+         Row("BQ + DQS (budget 3.0)", "dynamo_3bit", vs="BQ (budget 3.0)"),
+         Row("BQ (fcm)", "dynamo_paper", "ppl_bq", "GPTQ-3bit"), Row("BQ + DQS (fcm)", "dynamo_paper", vs="BQ (fcm)")),
         "python run.py -m experiment=baselines_embedded && python run.py -m experiment=dynamo_embedded",
         dqs_bits=True),
 }
+KL_KEYS = {"ppl": "kl", "ppl_bq": "kl_bq"}  # the KL(FP16 || model) of the same pass as each PPL key
+SIGNIFICANT, NOT_SIGNIFICANT, NO_CI = "†", "n.s.", "(no CI)"
 
 
 def load_records(root: Path) -> list[dict]:
@@ -66,6 +91,7 @@ def load_records(root: Path) -> list[dict]:
     for path in sorted(root.rglob("result.json")):
         record = json.loads(path.read_text())
         record["_path"] = str(path.parent.relative_to(root))
+        record["_dir"] = str(path.parent.resolve())
         records.append(record)
     return records
 
@@ -97,52 +123,181 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+class StaleSamplesError(ValueError):
+    """A per-window file does not reproduce its record's metric: it belongs to another run or was edited."""
+
+
+@lru_cache(maxsize=None)
+def _samples(run_dir: str, name: str) -> dict[str, np.ndarray]:
+    return stats.load_samples(Path(run_dir), name)
+
+
+def _units(record: dict, key: str, dataset: str) -> np.ndarray:
+    """The per-window values behind record["metrics"][key][dataset]; MissingSamplesError when absent,
+    StaleSamplesError when they do not give the recorded number (never silently compare other data)."""
+    values = _samples(record["_dir"], stats.SAMPLE_FILES[key])
+    if dataset not in values:
+        raise stats.MissingSamplesError(f"{record['_path']}/{stats.SAMPLE_FILES[key]} lacks '{dataset}'")
+    window, recorded = values[dataset], record["metrics"][key][dataset]
+    pooled = math.exp(window.mean()) if key.startswith("ppl") else window.mean()
+    if not math.isclose(pooled, recorded, rel_tol=1e-6, abs_tol=1e-12):
+        raise StaleSamplesError(f"{record['_path']}/{stats.SAMPLE_FILES[key]} gives {key}.{dataset} = {pooled:.6g}, "
+                                f"its result.json says {recorded:.6g}: restore the run folder's files or re-run it")
+    return window
+
+
+_INTERVALS: dict[tuple, stats.Interval | None] = {}  # one bootstrap per pair of runs and dataset, per call
+
+
+def _interval(kind: str, ref: tuple[dict, str], row: tuple[dict, str], dataset: str) -> stats.Interval | None:
+    """Interval of a (record, metrics key) row against its reference on one dataset: the PPL ratio
+    (kind "ppl") or the share of KL removed (kind "kl"); None when the runs have no per-window data to pair."""
+    key = (kind, ref[0]["_dir"], ref[1], row[0]["_dir"], row[1], dataset)
+    if key not in _INTERVALS:
+        try:
+            a, b = _units(ref[0], ref[1], dataset), _units(row[0], row[1], dataset)
+            _INTERVALS[key] = stats.ppl_ratio(a, b) if kind == "ppl" else stats.damage_removed(a, b)
+        except (stats.MissingSamplesError, stats.PairingError):
+            _INTERVALS[key] = None
+    return _INTERVALS[key]
+
+
+def _mark(interval: stats.Interval | None, null: float) -> str:
+    if interval is None:
+        return NO_CI
+    return SIGNIFICANT if interval.excludes(null) else NOT_SIGNIFICANT
+
+
+def _ci(interval: stats.Interval | None, digits: int = 4, scale: float = 1.0, unit: str = "") -> str:
+    if interval is None:
+        return "n/a"
+    f = lambda x: f"{scale * x:.{digits}f}{unit}"  # noqa: E731
+    return f"{f(interval.estimate)} [{f(interval.low)}, {f(interval.high)}]"
+
+
+def _pct_change(interval: stats.Interval | None) -> str:
+    """A PPL ratio as a signed % change: DQS effects of 0.01% need the digits a ratio would hide."""
+    if interval is None:
+        return "n/a"
+    return (f"{100 * (interval.estimate - 1):+.3f} [{100 * (interval.low - 1):+.3f}, "
+            f"{100 * (interval.high - 1):+.3f}]")
+
+
 def render(spec: TableSpec, records: list[dict]) -> str:
-    chosen = pick(records, spec.experiments, {quant for _, quant, _ in spec.rows})
+    chosen = pick(records, spec.experiments, {row.quant for row in spec.rows})
     lines = [f"# {spec.title}", "", "Generated by `python scripts/make_tables.py` from the run records; "
              f"regenerate the runs with `{spec.command}`.", ""]
     for model in MODELS:
-        rows = [(label, chosen[(model, quant)], key) for label, quant, key in spec.rows
-                if (model, quant) in chosen and key in chosen[(model, quant)]["metrics"]]
+        rows = [(row, chosen[(model, row.quant)]) for row in spec.rows
+                if (model, row.quant) in chosen and row.key in chosen[(model, row.quant)]["metrics"]]
         if not rows:
             continue
+        by_label = {row.label: (record, row.key) for row, record in rows}
+        compared = [(row, record) for row, record in rows if row.vs in by_label]
         known = rows[0][1]["dataset"]["known"]
         domains = list(rows[0][1]["metrics"]["ppl"])
         novel = [d for d in domains if d not in known]
-        head = ["quant", "bits (experts)", "bits (all)", *[f"{d}*" for d in known], *novel]
+        head = ["quant", "vs", "bits (experts)", "bits (all)", *[f"{d}*" for d in known], *novel]
         if spec.gap_closed:
-            head.append("gap closed (known)")
+            head.append("gap closed (known), 95% CI")
         if spec.dqs_bits:
             head.append("exact bits with DQS")
         lines += [f"## {model}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        ppl = {label: r["metrics"][key] for label, r, key in rows}
-        for label, r, key in rows:
+        for row, r in rows:
             bits = r["metrics"].get("avg_bits", {})
-            cells = [label, _fmt(bits.get("experts"), 3) or "16", _fmt(bits.get("all"), 3) or "16"]
-            cells += [_fmt(r["metrics"][key].get(d)) for d in known + novel]
+            vs = by_label.get(row.vs)
+            cells = [row.label, row.vs if vs else "-", _fmt(bits.get("experts"), 3) or "16",
+                     _fmt(bits.get("all"), 3) or "16"]
+            for d in known + novel:
+                mark = "" if vs is None else " " + _mark(_interval("ppl", vs, (r, row.key), d), 1.0)
+                cells.append(_fmt(r["metrics"][row.key].get(d)) + mark)
             if spec.gap_closed:
-                cells.append(_gap_closed(ppl, label, known))
+                cells.append(_gap_closed_cell(by_label, spec.gap_closed, (r, row.key), known))
             if spec.dqs_bits:
-                switches = r.get("switching", {}).get("switches", {}) if key == "ppl" else {}
+                switches = r.get("switching", {}).get("switches", {}) if row.key == "ppl" else {}
                 cells.append(f"{max(s['exact_bits'] for s in switches.values()):.3f} (max)" if switches else "")
             lines.append("| " + " | ".join(cells) + " |")
         protocol = next(iter(rows[0][1]["protocol"]["ppl"].values()))
-        runs = sorted({r["_path"] for _, r, _ in rows})
+        runs = sorted({r["_path"] for _, r in rows})
         lines += ["", f"\\* known domain (calibration and analysis data). Token PPL on the test splits, "
                       f"seqlen {protocol['seqlen']}, every full window, tokenizer of the model. "
                       "bits = average code bits plus group scales/zeros.",
                   "Runs: " + ", ".join(f"`{p}`" for p in runs), ""]
+        if compared:
+            lines += [f"{SIGNIFICANT} = the PPL ratio to the `vs` row over the same test windows has a 95% "
+                      f"interval that excludes 1 (a significant difference); {NOT_SIGNIFICANT} = the interval "
+                      f"contains 1 (the test split cannot tell the two apart); {NO_CI} = a run lacks per-window "
+                      "losses, or the two evaluated different windows. Paired bootstrap over windows (BCa, 2000 "
+                      "resamples, seed 0; `dynamo.stats`); each cell is its own test, not corrected for multiple "
+                      "comparisons.", ""]
         if spec.gap_closed:
-            lines += ["gap closed = mean over known domains of (PPL_GPTQ3 - PPL) / (PPL_GPTQ3 - PPL_FP16).", ""]
+            lines += ["gap closed = mean over known domains of (PPL_GPTQ3 - PPL) / (PPL_GPTQ3 - PPL_FP16), with its "
+                      "95% interval from resampling each domain's windows (paired across the three runs); "
+                      f"{SIGNIFICANT} = the interval excludes 0.", ""]
+        if compared:
+            lines += _interval_table(f"{model}: PPL change from the `vs` row, % (100 (ratio - 1)), 95% CI", "ppl",
+                                     compared, by_label, known + novel, _pct_change)
+        lines += _kl_tables(model, rows, by_label, known, novel)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _gap_closed(ref: dict, label: str, known: list[str]) -> str:
-    if "fp16" not in ref or "gptq_3bit" not in ref or label in ("fp16", "gptq_3bit"):
+def _interval_table(title: str, kind: str, compared, by_label, domains, fmt) -> list[str]:
+    head = ["quant", "vs", *domains]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, r in compared:
+        vs = by_label[row.vs]
+        key = row.key if kind == "ppl" else KL_KEYS[row.key]
+        ref_key = vs[1] if kind == "ppl" else KL_KEYS[vs[1]]
+        cells = [fmt(_interval(kind, (vs[0], ref_key), (r, key), d)) for d in domains]
+        lines.append("| " + " | ".join([row.label, row.vs, *cells]) + " |")
+    return lines + [""]
+
+
+def _kl_tables(model: str, rows, by_label, known, novel) -> list[str]:
+    """Mean KL(FP16 || model) per domain, for rows whose record has it (issue 14's metrics.kl*)."""
+    has_kl = [(row, r) for row, r in rows if KL_KEYS.get(row.key) in r["metrics"]]
+    if not has_kl:
+        return []
+    head = ["quant", "vs", *[f"{d}*" for d in known], *novel]
+    lines = [f"### {model}: KL(FP16 || model), mean over predicted tokens", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    compared = []
+    for row, r in has_kl:
+        vs = by_label.get(row.vs)
+        vs_has_kl = vs is not None and KL_KEYS.get(vs[1]) in vs[0]["metrics"]
+        if vs_has_kl:
+            compared.append((row, r))
+        kl = r["metrics"][KL_KEYS[row.key]]
+        cells = []
+        for d in known + novel:
+            mark = "" if not vs_has_kl else " " + _mark(
+                _interval("kl", (vs[0], KL_KEYS[vs[1]]), (r, KL_KEYS[row.key]), d), 0.0)
+            cells.append(("" if kl.get(d) is None else f"{kl[d]:.4g}") + mark)
+        lines.append("| " + " | ".join([row.label, row.vs if vs_has_kl else "-", *cells]) + " |")
+    lines += ["", f"{SIGNIFICANT} / {NOT_SIGNIFICANT}: whether the share of the `vs` row's KL that this row removes "
+                  "(1 - KL / KL_vs, intervals below) has a 95% paired-bootstrap interval that excludes 0. No mark "
+                  "and `vs` = -: the reference has no KL (FP16 itself, or a run without eval.reference).", ""]
+    if compared:
+        lines += _interval_table(f"{model}: KL damage removed relative to the `vs` row, 95% CI", "kl", compared,
+                                 by_label, known + novel, lambda i: _ci(i, 1, 100.0, "%"))
+    return lines
+
+
+def _gap_closed_cell(by_label: dict, labels: tuple[str, str], row: tuple[dict, str], known: list[str]) -> str:
+    """Mean share of the GPTQ-3bit -> FP16 gap closed on known domains, with its stratified interval."""
+    fp16, gptq = (by_label.get(label) for label in labels)
+    if fp16 is None or gptq is None or row[0] is fp16[0] or row[0] is gptq[0]:
         return ""
-    shares = [(ref["gptq_3bit"][d] - ref[label][d]) / (ref["gptq_3bit"][d] - ref["fp16"][d]) for d in known
-              if ref["gptq_3bit"][d] != ref["fp16"][d]]
-    return f"{100 * sum(shares) / len(shares):.0f}%" if shares else ""
+    ppl = {name: r["metrics"][key] for name, (r, key) in (("fp16", fp16), ("gptq", gptq), ("row", row))}
+    usable = [d for d in known if ppl["gptq"][d] != ppl["fp16"][d]]  # no gap, no share of it
+    if not usable:
+        return ""
+    try:
+        interval = stats.mean_gap_closed([tuple(_units(r, key, d) for r, key in (fp16, gptq, row)) for d in usable])
+    except (stats.MissingSamplesError, stats.PairingError):
+        shares = [(ppl["gptq"][d] - ppl["row"][d]) / (ppl["gptq"][d] - ppl["fp16"][d]) for d in usable]
+        return f"{100 * sum(shares) / len(shares):.0f}% {NO_CI}"
+    return f"{_ci(interval, 0, 100.0, '%')} {_mark(interval, 0.0)}"
 
 
 # The paper's published numbers (arXiv 2503.21135 v3, Tables I and III), printed beside ours.
@@ -164,6 +319,7 @@ HUB_MODELS = ("olmoe", "moe-girl", "qwen-moe", "deepseek-moe")
 # model config -> mean zero-shot accuracy (%) over the six tasks: FP16, GPTQ-3bit, DynaMo (paper Table II)
 PAPER_TABLE_II = {"olmoe": (51.10, 46.43, 48.94), "moe-girl": (51.30, 46.86, 48.71),
                   "qwen-moe": (55.79, 46.85, 50.62), "deepseek-moe": (60.99, 57.43, 59.51)}
+MC_TASK = "dynamo_math_mc"
 ZERO_SHOT = ("arc_challenge", "arc_easy", "rte", "piqa", "copa", "cb")
 
 
@@ -218,25 +374,54 @@ def render_table3(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MC_NO_SAMPLES = "CI n/a (record predates per-question results)"
+
+
 def render_table2_embedded(records: list[dict]) -> str:
     chosen = pick(records, ("table2_embedded",))
+    vs_of = {"fp16": None, _GPTQ3: "fp16", "dynamo_3bit": _GPTQ3}
     lines = ["# Embedded variant of paper Table II: multiple-choice accuracy (lm-eval)", "",
              "`dynamo_math_mc`: questions generated from the math test split, the true answer among 3 "
              "distractors (chance 25%). Ours from `python run.py -m experiment=table2_embedded`; DynaMo is "
              "evaluated as BQ (lm-eval tasks are not one dataset to switch to).", "",
-             "| model | quant | bits (experts) | acc | acc_norm | questions | math PPL |", "|---|---|---|---|---|---|---|"]
+             "| model | quant | vs | bits (experts) | acc | acc - acc(vs), 95% CI | acc_norm | acc_norm - acc_norm(vs), 95% CI "
+             "| questions | math PPL |", "|---|---|---|---|---|---|---|---|---|---|"]
     for model in MODELS:
-        for quant in ("fp16", "gptq_3bit", "dynamo_3bit"):
+        for quant, vs_quant in vs_of.items():
             r = chosen.get((model, quant))
             if r is None:
                 continue
-            mc = r["metrics"].get("lm_eval", {}).get("dynamo_math_mc", {})
+            vs = chosen.get((model, vs_quant))
+            mc = r["metrics"].get("lm_eval", {}).get(MC_TASK, {})
             bits = r["metrics"].get("avg_bits", {}).get("experts")
-            ppl = r["metrics"].get("ppl_bq", r["metrics"]["ppl"]).get("math")
+            key = "ppl_bq" if "ppl_bq" in r["metrics"] else "ppl"
+            ppl = _fmt(r["metrics"][key].get("math"))
+            if vs is not None and ppl:
+                vs_key = "ppl_bq" if "ppl_bq" in vs["metrics"] else "ppl"
+                ppl += " " + _mark(_interval("ppl", (vs, vs_key), (r, key), "math"), 1.0)
             limit = r["protocol"].get("lm_eval", {}).get("limit")
-            lines.append(f"| {model} | {quant} | {_fmt(bits, 3) or '16'} | {_fmt(mc.get('acc'), 3)} | "
-                         f"{_fmt(mc.get('acc_norm'), 3)} | {'' if limit is None else int(limit)} | {_fmt(ppl)} |")
+            diffs = [_accuracy_cell(vs, r, metric) if vs is not None else "" for metric in ("acc", "acc_norm")]
+            lines.append(f"| {model} | {quant} | {vs_quant if vs else '-'} | {_fmt(bits, 3) or '16'} | "
+                         f"{_fmt(mc.get('acc'), 3)} | {diffs[0]} | {_fmt(mc.get('acc_norm'), 3)} | {diffs[1]} | "
+                         f"{'' if limit is None else int(limit)} | {ppl} |")
+    lines += ["", "Accuracy differences: paired bootstrap over the same questions (BCa, 2000 resamples, seed 0; "
+                  f"`dynamo.stats`), from each run's per-question `{stats.MC_CORRECT_FILE}`; {SIGNIFICANT} = the 95% "
+                  f"interval excludes 0. math PPL: {SIGNIFICANT} / {NOT_SIGNIFICANT} = the PPL ratio to the `vs` "
+                  "row has a 95% interval that excludes / contains 1 (paired over windows)."]
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_cell(vs: dict, row: dict, metric: str) -> str:
+    try:
+        a, b = (stats.load_mc_correct(Path(r["_dir"])) for r in (vs, row))
+        if MC_TASK not in a or MC_TASK not in b:
+            raise stats.MissingSamplesError(MC_TASK)
+        interval = stats.accuracy_difference(a[MC_TASK], b[MC_TASK], metric)
+    except stats.MissingSamplesError:
+        return MC_NO_SAMPLES
+    except stats.PairingError as err:
+        return f"CI n/a ({err})"
+    return f"{_ci(interval, 3)} {_mark(interval, 0.0)}"
 
 
 def render_overheads(records: list[dict]) -> str:
@@ -271,7 +456,7 @@ RENDERERS = {**{name: (lambda records, spec=spec: render(spec, records)) for nam
 
 
 def to_latex(markdown: str) -> str:
-    """The Markdown tables of a rendered page as LaTeX tabulars (headings become comments)."""
+    """The Markdown tables of a rendered page as LaTeX tabulars (headings and legends become comments)."""
     out, rows = [], []
 
     def flush():
@@ -295,13 +480,15 @@ def to_latex(markdown: str) -> str:
         flush()
         if line.startswith("#"):
             out.append("% " + line.lstrip("# "))
+        elif line.strip():  # legends and notes travel with the tabular, as comments for the caption
+            out.append("% " + line)
     flush()
     return "\n".join(out).rstrip() + "\n"
 
 
 def _tex(cell: str) -> str:
     for a, b in (("\\", "\\textbackslash{}"), ("_", "\\_"), ("%", "\\%"), ("&", "\\&"), ("#", "\\#"),
-                 ("->", "$\\to$"), ("*", "$^*$")):
+                 ("->", "$\\to$"), ("*", "$^*$"), ("†", "$^\\dagger$")):
         cell = cell.replace(a, b)
     return cell
 
@@ -352,14 +539,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--check", action="store_true", help="compare with the committed tables, write nothing")
     parser.add_argument("--figures", action="store_true", help="also write pareto_<model>.png (not --check'ed)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the written tables to W&B as an artifact and wandb.Tables "
+                             "(the run lands under <out>/wandb/; offline: `wandb sync` uploads it later)")
+    parser.add_argument("--wandb-mode", choices=("offline", "online"), default="offline")
     args = parser.parse_args(argv)
     unknown = [t for t in args.tables if t not in RENDERERS]
     if unknown:
         parser.error(f"unknown table(s) {unknown}; choose from {', '.join(RENDERERS)}")
+    _samples.cache_clear(), _INTERVALS.clear()  # files may have changed since an earlier call
     records = load_records(args.runs)
-    stale = []
-    for name in args.tables or list(RENDERERS):
-        markdown = RENDERERS[name](records)
+    stale, written = [], []
+    try:  # every table rendered before any is written: an error leaves the committed set as it was
+        pages = {name: RENDERERS[name](records) for name in args.tables or list(RENDERERS)}
+    except StaleSamplesError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, markdown in pages.items():
         for path, text in ((args.out / f"{name}.md", markdown), (args.out / f"{name}.tex", to_latex(markdown))):
             if args.check:
                 if not path.is_file() or path.read_text() != text:
@@ -369,10 +565,17 @@ def main(argv: list[str] | None = None) -> int:
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(text)
             tmp.replace(path)
+            written.append(path)
             print(f"wrote {path}")
     if args.figures and not args.check:
         for path in write_pareto(records, args.out):
             print(f"wrote {path}")
+    if args.wandb and written:
+        from dynamo.config import LoggerBackend, LoggerConfig, WandbMode
+        from dynamo.loggers import publish_tables
+
+        cfg = LoggerConfig(name="wandb", backend=LoggerBackend.wandb, mode=WandbMode(args.wandb_mode))
+        print(f"W&B ({args.wandb_mode}): {publish_tables(written, cfg, args.out)}")
     if stale:
         print("error: these tables differ from what the records give; run python scripts/make_tables.py: "
               + ", ".join(stale), file=sys.stderr)

@@ -38,6 +38,8 @@ def test_smoke_run_on_the_embedded_model_writes_a_complete_record(tmp_path):
     lm_eval = record["metrics"]["lm_eval"]
     assert {f"dynamo_{d}" for d in DOMAINS} | {"dynamo_math_mc"} == set(lm_eval)
     assert 0.0 <= lm_eval["dynamo_math_mc"]["acc"] <= 1.0
+    per_question = json.loads((path.parent / "mc_correct.json").read_text())["dynamo_math_mc"]
+    assert sum(per_question["acc"]) / len(per_question["acc"]) == pytest.approx(lm_eval["dynamo_math_mc"]["acc"])
     assert record["model"]["class"] == "OlmoeForCausalLM"
     assert record["config"]["model"]["name"] == "tiny-olmoe" and len(record["config_hash"]) == 16
     assert record["versions"]["transformers"] and record["device"]["type"] == "cpu"

@@ -2,6 +2,8 @@
 
 Local tasks are YAML files plus JSONL data written by `build_local_tasks`; `run_lm_eval` runs
 them (and any lm-eval hub task the caller's cache holds) through HFLM on a model object.
+`evaluate_tasks` does the same and also keeps each question's 0/1 correctness (multiple-choice
+tasks), so two runs' accuracies can be compared question by question (dynamo.stats).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import logging
 import random
 import re
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
@@ -127,14 +130,30 @@ def _write_task(workdir: Path, name: str, **fields) -> None:
     (workdir / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
 
+@dataclass
+class LmEvalResult:
+    metrics: dict[str, dict[str, float]]
+    # Multiple-choice tasks: {task: {"doc_id": [...], "acc": [0/1 per question], "acc_norm": [...]}}, by doc_id.
+    per_question: dict[str, dict[str, list]] = field(default_factory=dict)
+
+
 def run_lm_eval(model, tokenizer, tasks: list[str], include_path: Path | None, batch_size: int = 8,
                 max_length: int | None = None, limit: int | float | None = None,
                 device: str = "cpu") -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} of `evaluate_tasks` (no per-question results)."""
+    return evaluate_tasks(model, tokenizer, tasks, include_path, batch_size, max_length, limit, device,
+                          per_question=False).metrics
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[str], include_path: Path | None, batch_size: int = 8,
+                   max_length: int | None = None, limit: int | float | None = None, device: str = "cpu",
+                   per_question: bool = True) -> LmEvalResult:
     """Run lm_eval.simple_evaluate on an in-memory HF model (moved to device) through HFLM.
 
     Tasks under include_path load offline with lm-eval's built-in tasks left out (fast); any other
     task is looked up among lm-eval's own and needs its dataset from the hub or the HF cache.
-    Returns {task: {metric: value}} without lm-eval's ",none" suffix and without stderr entries.
+    Metrics are {task: {metric: value}} without lm-eval's ",none" suffix and without stderr entries;
+    with per_question, lm-eval's per-sample log gives each question's acc / acc_norm.
     Raises UserError naming the task when it is unknown or its data cannot be loaded.
     """
     import lm_eval  # heavy (~3 s): only when evaluating
@@ -158,15 +177,28 @@ def run_lm_eval(model, tokenizer, tasks: list[str], include_path: Path | None, b
         out = lm_eval.simple_evaluate(
             model=lm, tasks=loaded, task_manager=manager, limit=limit,
             bootstrap_iters=0,  # stderr is dropped anyway; perplexity stderr would bootstrap 100k times
-            log_samples=False,
+            log_samples=per_question,
             # None leaves the caller's global random/numpy/torch RNG states alone (0-shot needs no seeds).
             random_seed=None, numpy_random_seed=None, torch_random_seed=None)
     finally:
         lm_logger.setLevel(old_level)
         model.train(was_training)  # HFLM switches the model to eval mode
-    return {task: {key.removesuffix(",none"): float(value) for key, value in metrics.items()
-                   if key.endswith(",none") and "_stderr" not in key}
-            for task, metrics in out["results"].items()}
+    metrics = {task: {key.removesuffix(",none"): float(value) for key, value in values.items()
+                      if key.endswith(",none") and "_stderr" not in key}
+               for task, values in out["results"].items()}
+    return LmEvalResult(metrics, _per_question(out.get("samples") or {}))
+
+
+def _per_question(samples: dict[str, list[dict]]) -> dict[str, dict[str, list]]:
+    """Per-question 0/1 metrics of the tasks that have them (rolling tasks log (loglik, count) tuples)."""
+    out = {}
+    for task, rows in samples.items():
+        rows = sorted(rows, key=lambda row: row["doc_id"])
+        names = [m for m in ("acc", "acc_norm") if rows and all(isinstance(row.get(m), (int, float)) for row in rows)]
+        if names:
+            out[task] = {"doc_id": [int(row["doc_id"]) for row in rows],
+                         **{m: [float(row[m]) for row in rows] for m in names}}
+    return out
 
 
 def _load_task(manager, name: str) -> list:

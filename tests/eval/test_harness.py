@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from dynamo.errors import UserError
-from dynamo.eval.harness import MC_TASK, build_local_tasks, distractors, math_mc_docs, run_lm_eval
+from dynamo.eval.harness import MC_TASK, build_local_tasks, distractors, evaluate_tasks, math_mc_docs, run_lm_eval
 
 ROOT = Path(__file__).resolve().parents[2]
 MATH = """Question: What is 2 + 2?
@@ -133,11 +133,18 @@ def test_rolling_metrics_match_a_uniform_model(model, tokenizer, tmp_path, monke
 def test_rolling_and_mc_run_together(model, tokenizer, tmp_path):
     names = build_local_tasks({"code": DOCS}, tmp_path, mc_source=[MATH, OTHER_DOC])
     model.train()
-    results = run_lm_eval(model, tokenizer, names, tmp_path, limit=5)
+    out = evaluate_tasks(model, tokenizer, names, tmp_path, limit=5)
+    results = out.metrics
     assert model.training  # the caller's mode survives HFLM's model.eval()
     assert set(results) == {"dynamo_code", MC_TASK}
     assert set(results[MC_TASK]) == {"acc", "acc_norm"}
     assert all(0.0 <= v <= 1.0 for v in results[MC_TASK].values())
+    # Each question's correctness, in doc order, averaging to lm-eval's accuracy; none for rolling tasks.
+    per_question = out.per_question
+    assert set(per_question) == {MC_TASK} and per_question[MC_TASK]["doc_id"] == [0, 1, 2, 3, 4]
+    for metric in ("acc", "acc_norm"):
+        assert set(per_question[MC_TASK][metric]) <= {0.0, 1.0}
+        assert sum(per_question[MC_TASK][metric]) / 5 == pytest.approx(results[MC_TASK][metric])
     code = results["dynamo_code"]
     assert code["bits_per_byte"] == pytest.approx(math.log2(code["byte_perplexity"]), rel=1e-9)
 
