@@ -23,6 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dynamo.analysis.sensitivity import js_divergence, routing_frequencies  # noqa: E402
 from dynamo.config import ModelConfig, SourceConfig, SourceKind  # noqa: E402
 from dynamo.data import load_documents  # noqa: E402
 from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
@@ -33,29 +34,6 @@ DOMAINS = ["code", "docs", "speeches", "literature", "email", "legal", "math", "
 KNOWN = ["code", "docs", "speeches", "literature"]
 SEQLEN = 512
 SEPARATOR = "\n\n"
-
-
-def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
-    """Jensen-Shannon divergence in bits (0 = same routing, 1 = disjoint experts)."""
-    m = 0.5 * (p + q)
-
-    def kl(a, b):
-        mask = a > 0
-        return float((a[mask] * (a[mask] / b[mask]).log2()).sum())
-
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
-
-
-@torch.no_grad()
-def routing_frequencies(model, windows: torch.Tensor, top_k: int, batch_size: int = 8) -> torch.Tensor:
-    """[layers, experts] share of top-k selections, from the routers' logits."""
-    counts = None
-    for start in range(0, len(windows), batch_size):
-        out = model(input_ids=windows[start:start + batch_size], output_router_logits=True, use_cache=False)
-        per_layer = torch.stack([torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(),
-                                                minlength=logits.shape[-1]) for logits in out.router_logits])
-        counts = per_layer if counts is None else counts + per_layer
-    return counts.double() / counts.sum(dim=1, keepdim=True)
 
 
 def unigram_ppl(train_ids: torch.Tensor, test_windows: torch.Tensor, vocab: int) -> float:
