@@ -320,7 +320,7 @@ def train_model(name: str, max_steps: int | None, resume: bool, checkpoint_minut
         if step % recipe.eval_every == 0 or step == steps - 1:
             loss = eval_loss(model, held_out)
             point = {"step": step, "epoch": epoch, "tokens": (step + 1) * bs * SEQLEN,
-                     "train_loss": round(out.loss.detach().item(), 4), "aux_loss": round(float(out.aux_loss), 4),
+                     "train_loss": round(out.loss.detach().item(), 4), "aux_loss": round(float(out.aux_loss.detach()), 4),
                      "lr": lr_at(step), "seconds": round(seconds + time.time() - start, 1),
                      "held_out_loss": {d: round(v, 4) for d, v in loss.items()}}
             if recipe.track_sensitivity:
