@@ -124,6 +124,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     timings["load_model_s"] = time.perf_counter() - t
     if is_packed(loaded.model.config) and cfg.quant.method != QuantMethod.none:
         raise UserError(f"{cfg.model.path} is already quantized (a packed DynaMo checkpoint); evaluate it with quant=fp16")
+    check_export(cfg, loaded.model, sources_of(cfg.dataset))  # before any work: a run that cannot export fails now
     if cfg.eval.seqlen > loaded.max_length:
         raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {cfg.model.name} allows "
                         f"({loaded.max_length} positions); use eval.seqlen<={loaded.max_length}")
@@ -300,7 +301,6 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
     channel cache when DQS is on, and with the calibration its method needs), or calibration alone."""
     stage, stats = QuantStage(), None
     known = list(cfg.dataset.known)
-    check_export(cfg, loaded.model, sources_of(cfg.dataset))  # before any work: a run that cannot export fails now
     if cfg.quant.method != QuantMethod.none:
         from .quant.stage import needs_analysis, quantize
 

@@ -46,15 +46,20 @@ def write(loaded, stage, cfg: DictConfig, run_dir: Path) -> dict:
     if getattr(model.config, "quantization_config", None) is not None:
         raise UserError("quant.export=dequantized: the model carries a quantization_config; nothing to dequantize")
     target = run_dir / EXPORT_DIR
+    save_dequantized(model, loaded.tokenizer, target, info)
+    return {"format": "dequantized", "path": EXPORT_DIR, "switched_to": info["switched_to"], "dtype": dtype,
+            "checkpoint_nbytes": nbytes(target)}
+
+
+def save_dequantized(model, tokenizer, target: Path, info: dict) -> None:
+    """save_pretrained of a fake-quantized model with its note in config.json and a model card, all or nothing."""
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
         config[NOTE_KEY] = info
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(info, config.get("model_type")))
-    return {"format": "dequantized", "path": EXPORT_DIR, "switched_to": info["switched_to"], "dtype": dtype,
-            "checkpoint_nbytes": nbytes(target)}
 
 
 def model_card(info: dict, model_type: str | None) -> str:
