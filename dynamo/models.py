@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .export.guard import base_config, is_guarded, read_config_dict
 from .errors import UserError
+from .export.guard import base_config, is_guarded, read_config_dict
 
 log = logging.getLogger(__name__)
 

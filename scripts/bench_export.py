@@ -85,17 +85,19 @@ def main() -> None:
             ppl[name] = token_perplexity(m, windows, batch_size=4).ppl
             seconds[name].append(time.perf_counter() - t)
     median = {name: statistics.median(s) for name, s in seconds.items()}
+    memory = {name: param_nbytes(m) for name, m in loaded.items()}
     tokens = windows.numel()
     out = {
+        "benchmark": "export", "command": "OMP_NUM_THREADS=1 python scripts/bench_export.py " + " ".join(sys.argv[1:]),
         "model": "tiny-olmoe", "dtype": "float32", "bits": args.bits, "group_size": 128, "avg_bits_experts": avg_bits,
         "windows": len(windows), "seqlen": windows.shape[1], "rounds": args.rounds,
         "fp32_param_nbytes": fp_nbytes,
         "checkpoint_nbytes": disk,
-        "param_nbytes": {name: param_nbytes(m) for name, m in loaded.items()},
+        "param_nbytes": memory,
         "ppl": ppl, "ppl_packed_over_dequantized": ppl["packed"] / ppl["dequantized"],
         "seconds": seconds, "tokens_per_s": {name: tokens / s for name, s in median.items()},
         "packed_over_dequantized": {"checkpoint_nbytes": disk["packed"] / disk["dequantized"],
-                                    "param_nbytes": param_nbytes(loaded["packed"]) / param_nbytes(loaded["dequantized"]),
+                                    "param_nbytes": memory["packed"] / memory["dequantized"],
                                     "median_seconds": median["packed"] / median["dequantized"]},
         "device": device_info(torch.device("cpu")), "versions": package_versions(),
     }
