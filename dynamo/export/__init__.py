@@ -38,9 +38,10 @@ def check_export(cfg: DictConfig, model, sources: dict) -> None:
         raise UserError("quant.export_packed was replaced by quant.export=packed (also: dequantized, gptqmodel); "
                         "re-run with quant.export=packed")
     if quant.export_dataset is not None:
-        if quant.export == ExportFormat.none:
-            raise UserError("quant.export_dataset names the dataset to export the switched model for: "
-                            "add quant.export=dequantized")
+        if quant.export != ExportFormat.dequantized:
+            raise UserError(f"quant.export_dataset exports the model as DQS switched it, which only the dequantized "
+                            f"export holds (quant.export={quant.export.value}; a packed model saves BQ and switches "
+                            f"after loading, kernels.packed_switching): use quant.export=dequantized")
         if not quant.switching.enabled:
             raise UserError("quant.export_dataset switches the model with DQS before exporting: use a DynaMo quant "
                             "with switching (e.g. quant=dynamo_3bit)")

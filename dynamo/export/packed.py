@@ -52,10 +52,6 @@ def check(cfg: DictConfig, model) -> None:
                         f"kernels.packed_model.packed_forward on it)")
     if cfg.quant.switching.enabled and cfg.analysis.channel_unit != ChannelUnit.row:
         raise UserError("quant.export=packed keeps the DQS cache as output rows: use analysis.channel_unit=row")
-    if cfg.quant.export_dataset is not None:
-        raise UserError("quant.export=packed saves the BQ model (switch it after loading with "
-                        "kernels.packed_switching); for the model switched to quant.export_dataset use "
-                        "quant.export=dequantized")
 
 
 def write(loaded, stage, cfg: DictConfig, run_dir: Path) -> dict:

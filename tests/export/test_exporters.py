@@ -40,7 +40,8 @@ def test_every_export_format_has_an_exporter():
 
 @pytest.mark.parametrize("overrides,message", [
     (["quant.export_packed=true"], "replaced by quant.export=packed"),
-    (["quant.export_dataset=chat"], "add quant.export=dequantized"),
+    (["quant.export_dataset=chat"], "use quant.export=dequantized"),
+    (["quant.export=gptqmodel", "quant.export_dataset=chat"], "only the dequantized export holds"),
     (["quant=gptq_3bit", "quant.export=dequantized", "quant.export_dataset=chat"], "switches the model with DQS"),
     (["quant.export=packed", "quant.export_dataset=chat"], "use quant.export=dequantized"),
     (["quant=bnb_nf4", "quant.export=dequantized"], "rtn or gptq"),
