@@ -166,6 +166,14 @@ class SwitchingConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
+class ExportFormat(Enum):
+    """What a quantized run also writes at its end (dynamo/export/, README "Using the quantized model elsewhere")."""
+    none = "none"
+    packed = "packed"            # packed_model/: packed low-bit experts; loads with this harness only
+    dequantized = "dequantized"  # dequantized_model/: a standard checkpoint holding the quantized values
+    gptqmodel = "gptqmodel"      # gptqmodel_quantize_config.json: per-module widths (ModuleList experts only)
+
+
 @dataclass
 class QuantConfig:
     name: str = MISSING
@@ -180,10 +188,11 @@ class QuantConfig:
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     switching: SwitchingConfig = field(default_factory=SwitchingConfig)  # DQS, with fcm/budget allocations
     bnb_format: str = "nf4"                 # nf4 | int8
-    # Also write run_dir/packed_model: the BQ model with its routed experts packed (kernels/), a
-    # save_pretrained checkpoint that `model=local model.path=...` evaluates. Keeps every expert's
-    # integer codes (one byte per weight) until the end of the run.
-    export_packed: bool = False
+    # Also write the quantized model at the end of the run (dynamo/export/). packed keeps every
+    # expert's integer codes (one byte per weight) until then.
+    export: ExportFormat = ExportFormat.none
+    export_dataset: Optional[str] = None    # DQS runs, export=dequantized: the model as switched to this dataset
+    export_packed: bool = False             # replaced by export=packed; true is refused with that message
 
 
 @dataclass

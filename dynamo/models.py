@@ -10,6 +10,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
+from .export.guard import base_config, is_guarded, read_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class LoadedModel:
 
 
 def is_packed(config) -> bool:
-    """A checkpoint whose routed experts are packed by this project (quant.export_packed)."""
+    """A checkpoint whose routed experts are packed by this project (quant.export=packed)."""
     quant = getattr(config, "quantization_config", None)
     method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
     return method == "dynamo"
@@ -73,10 +74,15 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
         # The config first: it is where a checkpoint that needs remote code says so.
-        config = AutoConfig.from_pretrained(path, **common)
-        if is_packed(config):  # written by quant.export_packed: transformers learns the format from kernels/
-            import kernels.hf_quantizer  # noqa: F401  (registers quant_method "dynamo")
-        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        config_dict = read_config_dict(path, revision=cfg.revision)
+        if is_guarded(config_dict):
+            # written by quant.export=packed: the harness reads the format itself, never through remote code
+            config = base_config(config_dict)
+        else:
+            config = AutoConfig.from_pretrained(path, **common)
+            if is_packed(config):  # a plain save_pretrained of a packed model
+                import kernels.hf_quantizer  # noqa: F401  (registers quant_method "dynamo")
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config, **common)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import QuantMethod, SourceConfig, SourceKind, to_container
+from .config import ExportFormat, QuantMethod, SourceConfig, SourceKind, to_container
 from .data import load_documents, sources_of
 from .errors import UserError
 from .eval.perplexity import make_windows, token_perplexity, tokenize_corpus
 from .loggers import publish
 from .models import is_packed, load_model
-from .packed_export import check_export, export_packed
+from .export import check_export, write_export
 from .records import RESULT_FILE, make_record, write_json_atomic
 from .stats import MC_CORRECT_FILE
 
@@ -126,6 +126,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     timings["load_model_s"] = time.perf_counter() - t
     if is_packed(loaded.model.config) and cfg.quant.method != QuantMethod.none:
         raise UserError(f"{cfg.model.path} is already quantized (a packed DynaMo checkpoint); evaluate it with quant=fp16")
+    check_export(cfg, loaded.model, sources_of(cfg.dataset))  # before any work: a run that cannot export fails now
     if cfg.eval.seqlen > loaded.max_length:
         raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {cfg.model.name} allows "
                         f"({loaded.max_length} positions); use eval.seqlen<={loaded.max_length}")
@@ -165,9 +166,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
                   "params": sum(p.numel() for p in model.parameters()), "dtype": str(loaded.dtype).removeprefix("torch."),
                   "max_length": loaded.max_length}
     export = None
-    if cfg.quant.export_packed:
+    if cfg.quant.export != ExportFormat.none:
         t = time.perf_counter()
-        export = export_packed(loaded, stage, run_dir)
+        switched = {}
+        if cfg.quant.export_dataset is not None:  # DQS: export the model as switched to that dataset
+            switch_before_eval(stage.switcher, loaded.tokenizer, cfg, sources_of(cfg.dataset), switched,
+                               cfg.quant.export_dataset)
+        export = write_export(loaded, stage, cfg, run_dir) | ({"switch": switched} if switched else {})
         timings["export_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
     timings = {k: round(v, 3) for k, v in timings.items()}
@@ -197,7 +202,7 @@ class QuantStage:
     quantization: dict | None = None
     analysis: dict | None = None
     switcher: object | None = None   # dynamo.switching.DynamicSwitcher when DQS is on
-    codes: dict | None = None        # the quantizer's integer codes, kept for quant.export_packed
+    codes: dict | None = None        # the quantizer's integer codes, kept for quant.export=packed
     cache_s: float = 0.0
 
     def switching_summary(self) -> dict:
@@ -301,7 +306,6 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
     channel cache when DQS is on, and with the calibration its method needs), or calibration alone."""
     stage, stats = QuantStage(), None
     known = list(cfg.dataset.known)
-    check_export(cfg, loaded.model)  # before any work: a run that cannot export fails now
     if cfg.quant.method != QuantMethod.none:
         from .quant.stage import needs_analysis, quantize
 

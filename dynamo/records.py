@@ -30,6 +30,9 @@ RESULT_FILE = "result.json"
 UNHASHED_KEYS = ("logger", "results_dir", "hf_home", "tag", "force")
 # Nested keys of the same kind: where the analysis cache lives, whether figures are drawn.
 UNHASHED_NESTED = {"analysis": ("cache", "cache_dir", "figures")}
+# Keys added after records existed: left out of the hash while at their default, so a config that
+# does not use them keeps the hash of the records written before they existed.
+NEW_KEY_DEFAULTS = {"quant": {"export": "none", "export_dataset": None}}
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "lm_eval", "hydra-core", "omegaconf",
             "accelerate", "safetensors", "numpy", "wandb", "bitsandbytes", "triton")
 
@@ -40,6 +43,9 @@ def config_hash(config: dict) -> str:
     for key, inner in UNHASHED_NESTED.items():
         if isinstance(relevant.get(key), dict):
             relevant[key] = {k: v for k, v in relevant[key].items() if k not in inner}
+    for key, defaults in NEW_KEY_DEFAULTS.items():
+        if isinstance(relevant.get(key), dict):
+            relevant[key] = {k: v for k, v in relevant[key].items() if k not in defaults or v != defaults[k]}
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

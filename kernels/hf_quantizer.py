@@ -79,12 +79,20 @@ def register() -> None:
     AUTO_QUANTIZER_MAPPING.setdefault(METHOD, DynamoPackedQuantizer)
 
 
-def load_packed(path: str | Path, **kwargs):
-    """AutoModelForCausalLM.from_pretrained for a saved packed model (kwargs pass through, e.g. dtype)."""
+def load_packed(path: str | Path, *args, **kwargs):
+    """AutoModelForCausalLM.from_pretrained for a saved packed model (kwargs pass through, e.g. dtype).
+
+    Reads checkpoints written by `dynamo.export` (config.json behind `dynamo.export.guard`) and plain
+    `save_pretrained` ones alike, without remote code."""
     from transformers import AutoModelForCausalLM
 
+    from dynamo.export.guard import base_config, read_config_dict
+
     register()
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "config" not in kwargs:
+        hub = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        kwargs["config"] = base_config(read_config_dict(path, **hub))
+    return AutoModelForCausalLM.from_pretrained(path, *args, **kwargs)
 
 
 register()

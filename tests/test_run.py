@@ -65,7 +65,10 @@ def test_smoke_run_on_the_embedded_model_writes_a_complete_record(tmp_path):
     (["eval.seqlen=4096", "eval.datasets=[chat]"], "longer than tiny-olmoe allows"),
     (["dataset=wikitext2"], "could not load hub dataset"),
     (["eval.datasets=[klingon]"], "not in dataset 'embedded'"),
-    (["quant=fp16", "quant.export_packed=true"], "quant.export_packed needs integer codes"),
+    (["quant=fp16", "quant.export=packed"], "quant.export=packed needs integer codes"),
+    (["quant.export_packed=true"], "quant.export_packed was replaced by quant.export=packed"),
+    (["quant.export=gptqmodel"], "use quant.export=dequantized"),
+    (["quant.export=dequantized", "quant.export_dataset=klingon"], "quant.export_dataset=klingon is not a dataset"),
 ])
 def test_bad_input_is_one_line_nonzero_and_leaves_nothing(tmp_path, overrides, message):
     empty = tmp_path / "empty.jsonl"
@@ -125,15 +128,16 @@ def test_rtn_run_records_bit_accounting_and_the_plan(tmp_path):
 
 @pytest.mark.slow
 def test_exported_packed_model_reloads_and_evaluates_like_the_bq_model(tmp_path):
-    """quant.export_packed writes a transformers checkpoint of the packed BQ model; model=local evaluates it."""
-    proc = run_py("experiment=smoke", "eval=ppl", "eval.datasets=[code,chat]", "quant.export_packed=true",
+    """quant.export=packed writes a transformers checkpoint of the packed BQ model; model=local evaluates it."""
+    proc = run_py("experiment=smoke", "eval=ppl", "eval.datasets=[code,chat]", "quant.export=packed",
                   results_dir=tmp_path / "bq")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = records(tmp_path / "bq")
     record = json.loads(path.read_text())
     export, packed = record["export"], path.parent / "packed_model"
     assert abs(export["expert_nbytes_over_accounting"] - 1) <= 0.02 and export["channel_rows_nbytes"] > 0
-    assert json.loads((packed / "config.json").read_text())["quantization_config"]["quant_method"] == "dynamo"
+    config = json.loads((packed / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "dynamo" and config["model_type"] == "dynamo_packed"
     assert not list(path.parent.glob(".packed_model*")), "the temporary export folder was left behind"
     assert "load_packed" in (packed / "README.md").read_text()
 
@@ -162,3 +166,37 @@ def test_stream_mode_switches_once_per_change_of_dataset(tmp_path):
     for segment in segments[1:]:
         assert len(segment["switches"]) == 1 and segment["latency"] <= 8, segment
     assert set(record["metrics"]["ppl_bq"]) == {"code", "chat"} and record["switching"]["cache"]["nbytes"] > 0
+
+
+@pytest.mark.slow
+def test_dequantized_export_of_a_dqs_run_is_the_switched_model_any_tool_loads(tmp_path):
+    """quant.export=dequantized quant.export_dataset=chat: a plain transformers checkpoint that, loaded with
+    AutoModelForCausalLM alone, gives the run's chat PPL (measured after DQS switched to chat)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dynamo.config import SourceConfig
+    from dynamo.data import load_documents
+    from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus
+
+    proc = run_py("experiment=smoke", "eval=ppl", "eval.datasets=[chat]", "quant.export=dequantized",
+                  "quant.export_dataset=chat", results_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = records(tmp_path)
+    record = json.loads(path.read_text())
+    export = path.parent / "dequantized_model"
+    assert record["export"]["switched_to"] == "chat" and record["export"]["switch"]["chat"]["experts_changed"] >= 0
+    config = json.loads((export / "config.json").read_text())
+    assert "quantization_config" not in config and config["dynamo_export"]["switched_to"] == "chat"
+    assert "No memory saving" in (export / "README.md").read_text()
+    assert not list(path.parent.glob(".dequantized_model*")), "the temporary export folder was left behind"
+
+    model = AutoModelForCausalLM.from_pretrained(export).eval()  # no project code involved in loading
+    assert model.dtype == torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    protocol = record["protocol"]["ppl"]["chat"]
+    source = SourceConfig(path="chat")
+    ids = tokenize_corpus(tokenizer, load_documents(source, "test"), source.separator)
+    ppl = token_perplexity(model, make_windows(ids, protocol["seqlen"], protocol["windows"]), batch_size=4).ppl
+    assert ppl == pytest.approx(record["metrics"]["ppl"]["chat"], rel=1e-5)
+    assert ppl != pytest.approx(record["metrics"]["ppl_bq"]["chat"], rel=1e-5)  # the switch is in the weights

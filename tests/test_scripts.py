@@ -42,3 +42,13 @@ def test_gptq_transfer_diagnostic(tmp_path):
     assert set(report["domains"]) == {"code", "docs", "speeches", "literature", "email", "legal", "math", "chat"}
     for domain in report["domains"].values():
         assert 0 < domain["gptq_over_rtn"] < 1.0  # GPTQ's output error is below RTN's, summed over experts
+
+
+@pytest.mark.slow
+def test_export_benchmark(tmp_path):
+    out = tmp_path / "export.json"
+    run_script("bench_export.py", "--windows", "1", "--rounds", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    ratio = report["packed_over_dequantized"]
+    assert 0 < ratio["checkpoint_nbytes"] < 1 and 0 < ratio["param_nbytes"] < 1 and ratio["median_seconds"] > 0
+    assert report["ppl_packed_over_dequantized"] == pytest.approx(1, abs=1e-3)  # same values, fp16 scales

@@ -11,7 +11,7 @@ import torch
 from ..adapters import moe_layers
 from ..calibration import CalibrationStats, capture
 from ..calibration.stage import all_calibration_windows
-from ..config import Allocation, CalibConfig, QuantConfig, QuantMethod
+from ..config import Allocation, CalibConfig, ExportFormat, QuantConfig, QuantMethod
 from ..errors import UserError
 from .allocation import allocate, allocate_dynamo
 from .apply import GPTQOptions, QuantReport, apply_plan, quantize_sequential
@@ -28,7 +28,7 @@ class QuantResult:
     summary: dict                     # what the run record keeps under "quantization"
     plan: QuantPlan | None            # None for bitsandbytes (its formats are not plan widths)
     stats: CalibrationStats | None   # the calibration GPTQ used, for the coverage table
-    codes: dict | None = None         # QuantReport.codes, with quant.export_packed (kernels/ packs them)
+    codes: dict | None = None         # QuantReport.codes, with quant.export=packed (kernels/ packs them)
 
 
 def plan_from_config(cfg: QuantConfig, model, model_name: str) -> QuantPlan:
@@ -86,7 +86,7 @@ def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig
                 counts = {layer.index: torch.zeros(layer.n_experts) for layer in layers}
             allocate(plan, counts, {layer.index for layer in layers if layer.shared_expert is not None},
                      alloc.method.value, alloc.target_bits, alloc.low_bits, alloc.high_bits, alloc.seed)
-    keep = cfg.export_packed
+    keep = cfg.export == ExportFormat.packed
     if cfg.method == QuantMethod.rtn:
         report = apply_plan(model, plan, options=options, keep_codes=keep)
         return QuantResult(_summary(model, plan, report), plan, None, report.codes if keep else None)

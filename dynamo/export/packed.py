@@ -1,0 +1,93 @@
+"""quant.export=packed: the BQ model with its routed experts packed, saved as a transformers checkpoint.
+
+At the end of a run (after every evaluation, which runs on the fake-quantized model), the
+switcher (if any) goes back to BQ, the codes kept by the quantizer are packed with the DQS
+channel rows (kernels.packed_model), the packed layers replace the dense experts, and the model
+and tokenizer are saved to run_dir/packed_model, behind the loading guard (guard.py: without this
+project, transformers refuses it instead of loading random experts), written to a temporary folder
+first so a failure leaves nothing half-written. `python run.py model=local model.path=<that folder>
+quant=fp16` evaluates the packed model with the same protocol.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ..adapters import moe_layers
+from ..config import ChannelUnit, QuantMethod
+from ..errors import UserError
+from .files import atomic_dir, nbytes
+from .guard import guard_checkpoint
+
+EXPORT_DIR = "packed_model"
+LOADING_NOTE = """# Packed DynaMo checkpoint
+
+Routed experts hold packed low-bit codes (kernels/README.md in the DynaMo harness), described by
+`quantization_config` (`quant_method: dynamo`) in config.json. Only the harness reads them, so
+config.json names the model type `dynamo_packed` (the real one is under `dynamo_packed`): without
+the harness, `AutoModelForCausalLM.from_pretrained` refuses this folder ("contains custom code");
+with `trust_remote_code=True` the shipped `dynamo_packed.py` imports the harness or says how to get
+it. No tool can load it with randomly initialised experts.
+
+With the harness on the Python path (no remote code needed):
+
+    from kernels.hf_quantizer import load_packed
+    model = load_packed("<this folder>")
+
+or evaluate it with `python run.py model=local model.path=<this folder> quant=fp16`.
+For a checkpoint that lm-eval, vLLM or a notebook loads without the harness, export the run with
+`quant.export=dequantized` (same values, no memory saving).
+"""
+
+
+def check(cfg: DictConfig, model) -> None:
+    if cfg.quant.method not in (QuantMethod.rtn, QuantMethod.gptq):
+        raise UserError(f"quant.export=packed needs integer codes (quant.method rtn or gptq), not "
+                        f"quant.method={cfg.quant.method.value}")
+    if any(layer.adapter.storage != "fused_3d" for layer in moe_layers(model)):
+        raise UserError(f"quant.export=packed saves fused-expert (transformers-5) models; {cfg.model.name} keeps its "
+                        f"experts in a ModuleList (use quant.export=dequantized or gptqmodel, or run "
+                        f"kernels.packed_model.packed_forward on it)")
+    if cfg.quant.switching.enabled and cfg.analysis.channel_unit != ChannelUnit.row:
+        raise UserError("quant.export=packed keeps the DQS cache as output rows: use analysis.channel_unit=row")
+
+
+def write(loaded, stage, cfg: DictConfig, run_dir: Path) -> dict:
+    """Pack, attach and save; returns what the record keeps under "export"."""
+    from kernels.packed_model import attach_packed, pack_experts
+
+    if stage.codes is None:
+        raise UserError("quant.export=packed: the quantizer kept no codes")
+    model = loaded.model
+    cache = None
+    if stage.switcher is not None:
+        stage.switcher.restore_bq()
+        cache = stage.switcher.cache
+    attach_packed(model, pack_experts(model, stage.codes, cache))
+    stage.codes = None  # packed now; the codes' memory goes back
+    target = run_dir / EXPORT_DIR
+    save_packed(model, loaded.tokenizer, target)
+    return _memory(model, stage.quantization["bits"]) | {"path": EXPORT_DIR, "checkpoint_nbytes": nbytes(target)}
+
+
+def save_packed(model, tokenizer, target: Path) -> None:
+    """save_pretrained of a model with attached packed experts, behind the loading guard, all or nothing."""
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        guard_checkpoint(tmp)
+        (tmp / "README.md").write_text(LOADING_NOTE)
+
+
+def _memory(model, bits: dict) -> dict:
+    """Measured bytes of the packed experts against the bit accounting of the plan."""
+    packed = [(name, p.numel() * p.element_size()) for name, p in model.named_parameters() if ".experts.packed." in name]
+    rows = sum(n for name, n in packed if ".channels." in name)
+    stacks = sum(n for _, n in packed) - rows
+    accounted = bits["experts"] * bits["expert_params"] / 8
+    return {"expert_nbytes": stacks, "channel_rows_nbytes": rows, "accounted_expert_nbytes": round(accounted),
+            "expert_nbytes_over_accounting": round(stacks / accounted, 5),
+            "fp16_expert_nbytes": 2 * bits["expert_params"]}
