@@ -25,12 +25,15 @@ def local_source_name(dataset_cfg) -> str | None:
 
 
 def known_datasets(dataset_cfg) -> list[str]:
-    """DynaMo's known datasets: the suite's, or, for a suite that declares none (dataset=local), the
-    user's own file, whose calib split (a separate calib_path or its leading documents) is then the
-    one dataset calibration and the analysis see."""
+    """DynaMo's known datasets (what calibration and the analysis read, calib split only): the suite's
+    own list; for a suite that declares none, the user's `dataset.path` file, else the suite's only
+    source (dataset=wikitext2, dataset=code, ...: a one-dataset run calibrates on that dataset's
+    calib split, as GPTQ's protocol does). Empty only for a multi-source suite without a list."""
     known = list(dataset_cfg.known)
     if not known and dataset_cfg.path:
         known = [local_source_name(dataset_cfg)]
+    elif not known and len(dataset_cfg.sources) == 1:
+        known = list(dataset_cfg.sources)
     return known
 
 

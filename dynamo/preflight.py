@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-import shlex
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -174,8 +173,5 @@ def prepare(argv: list[str]) -> Prepared:
         label = model_label(cfg.model.name, OmegaConf.select(cfg, "model.path", throw_on_missing=False), path_given)
         suffix = f"_{cfg.tag}" if cfg.tag else ""
         claimed = claim(Path(cfg.results_dir), f"{label}_{cfg.quant.name}{suffix}")
-    return Prepared(argv=[*argv, f"{dir_key}={_quote(claimed)}"], claimed=claimed, multirun=multirun)
-
-
-def command_line(argv: list[str]) -> str:
-    return shlex.join(["python", "run.py", *argv])
+    # flags first: Hydra's argparse takes the overrides as one positional list
+    return Prepared(argv=[*flags, *overrides, f"{dir_key}={_quote(claimed)}"], claimed=claimed, multirun=multirun)
