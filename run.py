@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -100,10 +101,12 @@ def record_failure(run_dir: Path, hydra_cfg, error: str) -> None:
                                               "error": error})
 
 
-def sweep_failures(sweep_dir: Path) -> list[dict]:
+def sweep_failures(sweep_dir: Path, since_ns: int) -> list[dict]:
+    """The failed jobs of this sweep (a folder set by hand may hold older sweeps' failures)."""
     failures = []
     for path in sorted(sweep_dir.glob(f"*/{FAILED_FILE}")):
-        failures.append({**json.loads(path.read_text()), "folder": str(path.parent)})
+        if path.stat().st_mtime_ns >= since_ns:
+            failures.append({**json.loads(path.read_text()), "folder": str(path.parent)})
     return sorted(failures, key=lambda f: f["job"])
 
 
@@ -119,6 +122,7 @@ def cli(argv: list[str]) -> int:
         return 2
     if prepared.claimed is not None:
         os.environ[OWNED_ENV] = str(prepared.claimed)  # launcher subprocesses inherit it
+    started_ns = time.time_ns()
     saved, sys.argv = sys.argv, [sys.argv[0], *prepared.argv]
     try:
         main()
@@ -129,8 +133,8 @@ def cli(argv: list[str]) -> int:
         sys.argv = saved
     if status:
         return status
-    if prepared.multirun and prepared.claimed is not None:
-        failures = sweep_failures(prepared.claimed)
+    if prepared.sweep_dir is not None and prepared.sweep_dir.is_dir():
+        failures = sweep_failures(prepared.sweep_dir, started_ns - 1_000_000_000)  # coarse mtimes
         if failures:
             print(f"sweep: {len(failures)} job(s) failed:", file=sys.stderr)
             for f in failures:

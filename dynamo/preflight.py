@@ -37,6 +37,7 @@ class Prepared:
     argv: list[str]
     claimed: Path | None
     multirun: bool
+    sweep_dir: Path | None = None   # where a sweep's job folders go (claimed, or the user's hydra.sweep.dir)
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -164,8 +165,9 @@ def prepare(argv: list[str]) -> Prepared:
     cfg = configs[0]
     multirun = multirun or str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    if any(o.lstrip("+").startswith(f"{dir_key}=") for o in overrides):
-        return Prepared(argv=argv, claimed=None, multirun=multirun)  # the user's folder: not ours to delete
+    if any(o.lstrip("+").startswith(f"{dir_key}=") for o in overrides):  # the user's folder: not ours to delete
+        return Prepared(argv=argv, claimed=None, multirun=multirun,
+                        sweep_dir=Path(cfg.hydra.sweep.dir) if multirun else None)
     if multirun:
         claimed = claim(Path(cfg.results_dir), "")
     else:
@@ -174,4 +176,5 @@ def prepare(argv: list[str]) -> Prepared:
         suffix = f"_{cfg.tag}" if cfg.tag else ""
         claimed = claim(Path(cfg.results_dir), f"{label}_{cfg.quant.name}{suffix}")
     # flags first: Hydra's argparse takes the overrides as one positional list
-    return Prepared(argv=[*flags, *overrides, f"{dir_key}={_quote(claimed)}"], claimed=claimed, multirun=multirun)
+    return Prepared(argv=[*flags, *overrides, f"{dir_key}={_quote(claimed)}"], claimed=claimed, multirun=multirun,
+                    sweep_dir=claimed if multirun else None)

@@ -1,9 +1,9 @@
 """Every `python run.py ...` command in README.md runs, under smoke settings.
 
 Each command is run in process through run.py's command line with smaller settings prepended
-(`experiment=smoke` and SMOKE below: one 128-token window per dataset, no W&B; the code and chat
-domains only, one known and one novel, where the command does not choose; lm-eval only for the
-plain `python run.py`, with one document) and the README's own overrides after them, so the
+(`experiment=smoke` and SMOKE below: one 128-token window per dataset, no W&B, no figures, no
+lm-eval, which tests/test_run.py's smoke run covers; the code and chat domains only, one known and
+one novel, where the command does not choose) and the README's own overrides after them, so the
 command's choices win. A sweep runs its first job only (each
 swept key at its first value, an experiment preset's sweeper.params included). A command whose
 model or data live on the Hugging Face hub must end, offline, in the one `error:` line the README
@@ -13,6 +13,7 @@ that no longer matches a README command fails, and so does a README with too few
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 
@@ -27,7 +28,7 @@ register_hydra()
 README = REPO / "README.md"
 SMOKE = ["logger=none", "eval.max_windows=1", "eval.seqlen=128", "analysis.windows=1", "analysis.seqlen=128",
          "calib.windows=1", "calib.seqlen=128", "eval.lm_eval.limit=1", "eval.stream_windows=4",
-         "quant.switching.sample_windows=1"]
+         "quant.switching.sample_windows=1", "analysis.figures=false", "eval.lm_eval.enabled=false"]
 DOMAINS = ["code", "chat"]
 SKIPPED = {
     "-m experiment=table1_ppl hydra/launcher=slurm": "submits to a SLURM cluster (tests/test_launchers.py checks the config)",
@@ -106,8 +107,6 @@ def smoke_settings(args: list[str]) -> list[str]:
     """The settings prepended to a README command (see the module docstring)."""
     preset = any(a.startswith("experiment=") for a in args)
     smoke = [*([] if preset else ["experiment=smoke"]), *SMOKE]
-    if args:
-        smoke.append("eval.lm_eval.enabled=false")
     cfg = _compose([*smoke, *[a for a in args if a not in ("-m", "--multirun")]])
     if not any(a.startswith("eval.datasets=") for a in args) and set(DOMAINS) <= set(cfg.dataset.sources) \
             and cfg.eval.datasets is None:
@@ -143,6 +142,10 @@ def test_readme_command_runs_under_smoke_settings(command, cli, tmp_path, placeh
         command = command.replace("results/runs/<run>/packed_model", _packed_model(cli, tmp_path, placeholders))
     results = tmp_path / "runs"
     status, err, argv = run_command(cli, command, results)
+    if needs_hub(argv) and "-m" in argv:  # a sweep records the failed job and exits 1
+        failures = [json.loads(p.read_text()) for p in results.rglob("failed.json")]
+        assert status == 1 and failures and all(OFFLINE_ERROR in f["error"] for f in failures), err[-3000:]
+        return
     if needs_hub(argv):
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert status == 2 and len(errors) == 1 and OFFLINE_ERROR in errors[0], err[-3000:]
