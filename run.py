@@ -4,23 +4,29 @@
     python run.py model=qwen-moe dataset=wikitext2 eval=paper
     python run.py -m model=tiny-olmoe,tiny-qwen-moe  # a sweep (Hydra multirun)
 
-See README.md and conf/config.yaml. Every run writes results/runs/<run-id>/result.json.
+See README.md and conf/config.yaml. Every run writes results/runs/<run-id>/result.json; bad input
+is one `error:` line and exit status 2, leaving no folder; a sweep records a failed job in its
+folder's failed.json, goes on, and exits 1.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
-import shutil
+import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dynamo.config import CONF_DIR, SCHEMAS, group_choices, register_hydra
 from dynamo.errors import UserError
+from dynamo.rundir import FAILED_FILE, OWNED_ENV, release
 
 log = logging.getLogger("dynamo")
 GROUPS = (*SCHEMAS, "experiment")
@@ -44,6 +50,7 @@ def check_group_choices(argv: list[str]) -> None:
 def main(cfg: DictConfig) -> None:
     import torch
 
+    from dynamo.data import known_datasets
     from dynamo.pipeline import run
     from dynamo.report import summary_table
     from dynamo.resume import discard_run_dir, reusable_record
@@ -57,28 +64,84 @@ def main(cfg: DictConfig) -> None:
         logging.shutdown()
         discard_run_dir(run_dir, reused)
         return
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         record = run(cfg, run_dir, list(hydra_cfg.overrides.task))
     except UserError as err:
-        # A rejected run leaves nothing behind: no record, no half-filled run folder.
         logging.shutdown()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if multirun:  # a sweep goes on: the failure is recorded beside the sweep's records
+            record_failure(run_dir, hydra_cfg, f"error: {err}")
+            return
+        # A rejected run leaves nothing behind: no record, no half-filled run folder (only its own).
+        release(run_dir)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        if not multirun:
+            raise
+        log.exception("job %s failed", hydra_cfg.job.num)  # the traceback stays in the job's log
+        record_failure(run_dir, hydra_cfg, f"{type(err).__name__}: {err}")
+        return
     finally:
         # Multirun jobs share this process: free the model before the next one, on the GPU too
         # (only where this process has used CUDA; asking otherwise would start a CUDA context).
         gc.collect()
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
-    print(summary_table(record, list(cfg.dataset.known)))
+    print(summary_table(record, known_datasets(cfg.dataset)))
     print(f"record: {run_dir / 'result.json'}")
 
 
-if __name__ == "__main__":
+def record_failure(run_dir: Path, hydra_cfg, error: str) -> None:
+    """failed.json in the failed job's folder: which job, its overrides, the error line."""
+    from dynamo.records import write_json_atomic
+
+    print(f"job {hydra_cfg.job.num} failed: {error}", file=sys.stderr)
+    write_json_atomic(run_dir / FAILED_FILE, {"job": hydra_cfg.job.num, "overrides": list(hydra_cfg.overrides.task),
+                                              "error": error})
+
+
+def sweep_failures(sweep_dir: Path, since_ns: int) -> list[dict]:
+    """The failed jobs of this sweep (a folder set by hand may hold older sweeps' failures)."""
+    failures = []
+    for path in sorted(sweep_dir.glob(f"*/{FAILED_FILE}")):
+        if path.stat().st_mtime_ns >= since_ns:
+            failures.append({**json.loads(path.read_text()), "folder": str(path.parent)})
+    return sorted(failures, key=lambda f: f["job"])
+
+
+def cli(argv: list[str]) -> int:
+    """Check the command line, claim the run folder, run Hydra; the process's exit status."""
+    from dynamo.preflight import prepare
+
     try:
-        check_group_choices(sys.argv[1:])
+        check_group_choices(argv)
+        prepared = prepare(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    main()
+        return 2
+    if prepared.claimed is not None:
+        os.environ[OWNED_ENV] = str(prepared.claimed)  # launcher subprocesses inherit it
+    started_ns = time.time_ns()
+    saved, sys.argv = sys.argv, [sys.argv[0], *prepared.argv]
+    try:
+        main()
+        status = 0
+    except SystemExit as done:  # a rejected run (2) or Hydra's own failure (1)
+        status = done.code if isinstance(done.code, int) else 1
+    finally:
+        sys.argv = saved
+    if status:
+        return status
+    if prepared.sweep_dir is not None and prepared.sweep_dir.is_dir():
+        failures = sweep_failures(prepared.sweep_dir, started_ns - 1_000_000_000)  # coarse mtimes
+        if failures:
+            print(f"sweep: {len(failures)} job(s) failed:", file=sys.stderr)
+            for f in failures:
+                print(f"  job {f['job']} ({' '.join(f['overrides'])}): {f['error']}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

@@ -16,12 +16,33 @@ from .errors import UserError
 EMBEDDED_DIR = REPO_ROOT / "assets" / "data"
 
 
+def local_source_name(dataset_cfg) -> str | None:
+    """The name the user's `dataset.path` file gets among the suite's sources (None: no such file)."""
+    if not dataset_cfg.path:
+        return None
+    stem = Path(dataset_cfg.path).expanduser().stem
+    return stem if stem not in dataset_cfg.sources else f"local_{stem}"
+
+
+def known_datasets(dataset_cfg) -> list[str]:
+    """DynaMo's known datasets (what calibration and the analysis read, calib split only): the suite's
+    own list; for a suite that declares none, the user's `dataset.path` file, else the suite's only
+    source (dataset=wikitext2, dataset=code, ...: a one-dataset run calibrates on that dataset's
+    calib split, as GPTQ's protocol does). Empty only for a multi-source suite without a list."""
+    known = list(dataset_cfg.known)
+    if not known and dataset_cfg.path:
+        known = [local_source_name(dataset_cfg)]
+    elif not known and len(dataset_cfg.sources) == 1:
+        known = list(dataset_cfg.sources)
+    return known
+
+
 def sources_of(dataset_cfg) -> dict[str, SourceConfig]:
     """The named sources of a dataset suite, plus the user's file if `dataset.path` is set."""
     sources = dict(dataset_cfg.sources)
     if dataset_cfg.path:
         path = Path(dataset_cfg.path).expanduser()
-        name = path.stem if path.stem not in sources else f"local_{path.stem}"
+        name = local_source_name(dataset_cfg)
         calib_path = getattr(dataset_cfg, "calib_path", None)
         calib = str(Path(calib_path).expanduser()) if calib_path else None
         sources[name] = SourceConfig(kind=SourceKind.local, path=str(path), calib_path=calib)
@@ -40,34 +61,59 @@ def load_documents(source: SourceConfig, split: str) -> list[str]:
         docs = _local_split(source, split)
     else:
         docs = _hub_split(source, split)
+    bad = next((d for d in docs if not isinstance(d, str)), "")
+    if not isinstance(bad, str):
+        raise UserError(f"{source.path} [{split}]: field '{source.text_field}' holds {type(bad).__name__} values, "
+                        "not text; set text_field to a text column")
     docs = [d for d in docs if d.strip()]
     if source.max_documents is not None:
         docs = docs[: source.max_documents]
     if not docs:
-        raise UserError(f"{source.path}: no text in the {split} split; check the file or its text field "
+        where = source.calib_path if source.kind == SourceKind.local and source.calib_path and split == "calib" \
+            else source.path
+        raise UserError(f"{where}: no text in the {split} split; check the file or its text field "
                         f"'{source.text_field}'")
     return docs
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; a binary file or another encoding is refused, naming what it looks like."""
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise UserError(f"{path}: a binary file, not text; give a UTF-8 .jsonl or .txt file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(raw).best()
+        guess = f" (it looks like {best.encoding})" if best is not None else ""
+        raise UserError(f"{path}: not UTF-8 text{guess}: byte 0x{raw[err.start]:02x} at offset {err.start}; "
+                        f"convert it, e.g. iconv -f {best.encoding if best else '<encoding>'} -t utf-8") from None
+
+
 def _read_file(path: Path, text_field: str) -> list[str]:
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a data file (.jsonl with a '{text_field}' field, or .txt)")
     if not path.is_file():
         raise UserError(f"data file not found: {path}; check the path (an embedded domain must be one of "
                         f"{sorted(p.name for p in EMBEDDED_DIR.iterdir() if p.is_dir())})")
     if path.suffix == ".jsonl":
         docs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    docs.append(record[text_field])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object with a string field "
-                                    f"'{text_field}' (set the field name with text_field)") from None
+        for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                text = None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{lineno}: expected a JSON object with a string field "
+                                f"'{text_field}' (set the field name with text_field)")
+            docs.append(text)
         return docs
     if path.suffix in (".txt", ".md", ""):
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = _read_text(path)
         return [block for block in text.split("\n\n") if block.strip()]
     raise UserError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl (field 'text') or .txt")
 

@@ -55,6 +55,7 @@ def _looks_local(path: str) -> bool:
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -84,7 +85,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
                 import kernels.hf_quantizer  # noqa: F401  (registers quant_method "dynamo")
         tokenizer = AutoTokenizer.from_pretrained(path, config=config, **common)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a corrupt weights file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "trust_remote_code" in str(err):
             raise UserError(f"{cfg.path} ships its own modelling code; if you trust it, re-run with "

@@ -20,14 +20,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ExportFormat, QuantMethod, SourceConfig, SourceKind, to_container
-from .data import load_documents, sources_of
+from .data import known_datasets, load_documents, sources_of
 from .errors import UserError
+from .finite import check_finite, check_weights_finite
 from .eval.perplexity import make_windows, token_perplexity, tokenize_corpus
 from .loggers import publish
 from .models import is_packed, load_model
 from .export import check_export, write_export
 from .records import RESULT_FILE, make_record, write_json_atomic
 from .stats import MC_CORRECT_FILE
+from .validate import check_required, validate_run
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +44,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def check_required(cfg: DictConfig) -> None:
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise UserError(f"missing required value(s): {', '.join(missing)}; set them on the command line, "
-                        f"e.g. {missing[0]}=...")
 
 
 def selected_sources(cfg: DictConfig) -> dict:
@@ -118,12 +113,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     timings = {}
     t = time.perf_counter()
     sources = selected_sources(cfg)
+    validate_run(cfg, sources)  # values, calibration files, checkpoint: before any model work
     documents = {name: load_documents(src, cfg.eval.split) for name, src in sources.items()}
     timings["load_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     loaded = load_model(cfg.model)
     timings["load_model_s"] = time.perf_counter() - t
+    check_weights_finite(loaded.model, f"model {cfg.model.path}", "the checkpoint is corrupt; re-download or "
+                         "re-save it")
     if is_packed(loaded.model.config) and cfg.quant.method != QuantMethod.none:
         raise UserError(f"{cfg.model.path} is already quantized (a packed DynaMo checkpoint); evaluate it with quant=fp16")
     check_export(cfg, loaded.model, sources_of(cfg.dataset))  # before any work: a run that cannot export fails now
@@ -141,9 +139,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     calibration, quantization, analysis = stage.calibration, stage.quantization, stage.analysis
 
     ppl, ppl_protocol, switching = evaluate_run(loaded, documents, sources, cfg, stage, metrics, window_nll, timings)
-    for key, name in (("run", WINDOW_NLL_FILE), ("fp16", WINDOW_NLL_FP16_FILE), ("bq", WINDOW_NLL_BQ_FILE)):
-        if key in window_nll:
-            write_json_atomic(run_dir / name, window_nll[key])
     metrics = {"ppl": ppl, **metrics}
     protocol = {"ppl": ppl_protocol}
     if quantization is not None:
@@ -189,6 +184,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         record["quantization"] = quantization
     if export is not None:
         record["export"] = export
+    hint = (f"the model's outputs overflowed or its weights are broken (model.dtype={cfg.model.dtype}; "
+            "try model.dtype=float32); nothing was recorded")
+    check_finite(record, "the run's record", hint)
+    check_finite(window_nll, "the per-window losses", hint)
+    for key, name in (("run", WINDOW_NLL_FILE), ("fp16", WINDOW_NLL_FP16_FILE), ("bq", WINDOW_NLL_BQ_FILE)):
+        if key in window_nll:
+            write_json_atomic(run_dir / name, window_nll[key])
     write_json_atomic(run_dir / RESULT_FILE, record)
     publish(record, cfg.logger, run_dir)
     return record
@@ -243,7 +245,7 @@ def switch_before_eval(switcher, tokenizer, cfg: DictConfig, sources: dict, repo
     from .calibration.stage import calibration_windows
 
     sample = OmegaConf.merge(cfg.analysis, {"windows": cfg.quant.switching.sample_windows})
-    windows = calibration_windows(tokenizer, sources, [name], sample)[name]
+    windows = calibration_windows(tokenizer, sources, [name], sample, node="analysis")[name]
     report = switcher.switch_to(windows)
     summary = report.to_dict()
     summary.pop("shares", None)
@@ -305,7 +307,7 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
     """The quantization stage (after DynaMo's analysis when its allocation needs it, with the FP16
     channel cache when DQS is on, and with the calibration its method needs), or calibration alone."""
     stage, stats = QuantStage(), None
-    known = list(cfg.dataset.known)
+    known = known_datasets(cfg.dataset)
     if cfg.quant.method != QuantMethod.none:
         from .quant.stage import needs_analysis, quantize
 
@@ -319,6 +321,8 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
                           cfg.model.name, significance=significance,
                           errors=cache.rtn_error if cache is not None else None)  # measured once, by the cache
         timings["quantize_s"] = time.perf_counter() - t
+        check_weights_finite(loaded.model, "after quantization", "raise quant.damp (e.g. quant.damp=0.1) "
+                             "or try quant.method=rtn on this model")
         stats, stage.quantization, stage.codes = result.stats, result.summary, result.codes
         if result.plan is not None:
             result.plan.save(run_dir / "plan.json")
@@ -366,7 +370,7 @@ def run_analysis(loaded, cfg: DictConfig, run_dir: Path, timings: dict):
 
     t = time.perf_counter()
     significance, report = analyze(loaded.model, loaded.tokenizer, sources_of(cfg.dataset),
-                                   analysis_datasets(cfg.analysis, list(cfg.dataset.known)), cfg.analysis,
+                                   analysis_datasets(cfg.analysis, known_datasets(cfg.dataset)), cfg.analysis,
                                    model_path=cfg.model.path, revision=cfg.model.revision, seed=cfg.seed)
     timings["analysis_s"] = time.perf_counter() - t
     significance.save(run_dir / "significance")

@@ -88,7 +88,8 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a record is meant to be read
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, sort_keys=False, default=str)
+            # strict JSON: NaN/Infinity are not JSON, and a record holding them must never be written
+            json.dump(payload, f, indent=2, sort_keys=False, default=str, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -120,6 +121,15 @@ def make_record(*, run_id: str, config: dict, overrides: list[str], device: torc
     }
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def load_strict_json(path: Path):
+    """A JSON file, refusing NaN/Infinity (Python's json accepts them by default)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f, parse_constant=_refuse_constant)
+
+
 def read_record(run_dir: Path) -> dict:
-    with open(Path(run_dir) / RESULT_FILE, encoding="utf-8") as f:
-        return json.load(f)
+    return load_strict_json(Path(run_dir) / RESULT_FILE)

@@ -8,7 +8,6 @@ leaves none, and re-launching a killed sweep recomputes only the jobs that are m
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .config import to_container
-from .records import RESULT_FILE, config_hash
+from .records import RESULT_FILE, config_hash, load_strict_json
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +28,8 @@ def find_record(results_dir: str | Path, digest: str) -> Path | None:
     matches = []
     for path in root.rglob(RESULT_FILE):
         try:
-            with open(path, encoding="utf-8") as f:
-                record = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            record = load_strict_json(path)  # a record with NaN/Infinity is never reused
+        except (OSError, UnicodeDecodeError, ValueError) as err:
             # not ours to judge or delete: a hand-edited or foreign file must not stop a sweep
             log.warning("skipping unreadable record %s: %s", path, err)
             continue

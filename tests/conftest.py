@@ -54,3 +54,50 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     AutoModelForCausalLM.from_config(tiny_olmoe_config(len(tokenizer))).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _load_run_py():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dynamo_run_py", REPO / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def run_py_module():
+    return _load_run_py()
+
+
+@pytest.fixture
+def cli(run_py_module, capsys, monkeypatch):
+    """`python run.py ARGS` in this process (seconds cheaper than a subprocess): (exit status, stdout,
+    stderr). Hydra's logging setup and run.py's claimed-folder variable are undone after each call."""
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dynamo.rundir import OWNED_ENV
+
+    def call(*argv: str) -> tuple[int, str, str]:
+        root = logging.getLogger()
+        saved = (root.handlers[:], root.level)
+        monkeypatch.delenv(OWNED_ENV, raising=False)
+        GlobalHydra.instance().clear()
+        capsys.readouterr()
+        try:
+            status = run_py_module.cli(list(argv))
+        finally:
+            for handler in root.handlers[:]:
+                if handler not in saved[0]:
+                    root.removeHandler(handler)
+                    handler.close()
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
+            GlobalHydra.instance().clear()
+            os.environ.pop(OWNED_ENV, None)
+        out = capsys.readouterr()
+        return status, out.out, out.err
+
+    return call

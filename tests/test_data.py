@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 from dynamo.config import DatasetConfig, SourceConfig, SourceKind
-from dynamo.data import EMBEDDED_DIR, load_documents, sources_of
+from dynamo.data import EMBEDDED_DIR, known_datasets, load_documents, sources_of
 from dynamo.errors import UserError
 
 DOMAINS = ["code", "docs", "speeches", "literature", "email", "legal", "math", "chat"]
@@ -115,3 +115,29 @@ def test_dataset_path_with_its_own_calibration_file(tmp_path):
     cfg = DatasetConfig(name="local", path=str(test), calib_path=str(calib))
     source = sources_of(cfg)["mine"]
     assert load_documents(source, "calib") == ["profile me"] and load_documents(source, "test") == ["evaluate me"]
+
+
+def test_known_datasets_fall_back_to_the_users_file_or_the_only_source(tmp_path):
+    from omegaconf import OmegaConf
+
+    def suite(**fields):
+        return OmegaConf.merge(OmegaConf.structured(DatasetConfig), {"name": "s", **fields})
+
+    one = {"wikitext2": {"kind": "hub", "path": "Salesforce/wikitext"}}
+    two = {"code": {"path": "code"}, "chat": {"path": "chat"}}
+    assert known_datasets(suite(sources=one)) == ["wikitext2"]
+    assert known_datasets(suite(sources=two)) == []
+    assert known_datasets(suite(sources=two, known=["chat"])) == ["chat"]
+    assert known_datasets(suite(path=str(tmp_path / "mine.jsonl"))) == ["mine"]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x7fELF\x02\x01\x00\x00binary", "a binary file, not text"),
+    ("caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade\n\nmore".encode("latin-1"), "not UTF-8 text (it looks like"),
+    (b'{"text": ["a", "list"]}\n', "expected a JSON object with a string field 'text'"),
+])
+def test_files_that_are_not_utf8_text_are_refused_in_one_line(tmp_path, content, message):
+    path = tmp_path / ("data.jsonl" if content.startswith(b"{") else "data.txt")
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        load_documents(SourceConfig(kind=SourceKind.local, path=str(path), calib_path=str(path)), "test")

@@ -5,15 +5,20 @@ its router weights, so a retrained or different checkpoint never hits), the exac
 windows (a hash of the ids: dataset, split, tokenizer, seqlen and sample count all enter
 through them), and the seed. The channel metric is not part of the key: every metric is
 derived from the same capture, so one capture serves a metric sweep. Each entry is a folder
-`<cache_dir>/<key>/` with the capture (safetensors + JSON, no pickles) and `key.json`,
-written last: an entry without `key.json` is an interrupted write and is ignored.
+`<cache_dir>/<key>/` with the capture (safetensors + JSON, no pickles) and `key.json`, which
+holds the key and the SHA-256 of the capture files. An entry is written in a temporary folder and
+renamed into place, so readers never see a partial one; an entry whose files do not match their
+checksums (truncated, edited) or do not load is recomputed with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +26,8 @@ import torch
 from ..adapters import moe_layers
 from ..calibration import CalibrationStats
 from ..records import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 CAPTURE_VERSION = 1  # bump when capture statistics change meaning
 
@@ -43,22 +50,44 @@ def _folder(cache_dir: Path, key: dict) -> Path:
     return cache_dir / f"{key['dataset']}-{digest}"
 
 
+def _checksums(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("capture.*"))}
+
+
 def load(cache_dir: Path, key: dict) -> tuple[CalibrationStats, float] | None:
-    """(capture, seconds it took to compute) or None on a miss."""
+    """(capture, seconds it took to compute) or None on a miss; a corrupt entry is a miss, with a warning."""
     folder = _folder(cache_dir, key)
     try:
         stored = json.loads((folder / "key.json").read_text())
     except (OSError, ValueError):
         return None
-    if stored.get("key") != key:
+    if not isinstance(stored, dict) or stored.get("key") != key:
         return None
-    return CalibrationStats.load(folder / "capture"), float(stored.get("capture_s", 0.0))
+    try:
+        if stored.get("sha256") != _checksums(folder):
+            raise ValueError("its files do not match their checksums")
+        return CalibrationStats.load(folder / "capture"), float(stored.get("capture_s", 0.0))
+    except Exception as err:  # any damage (safetensors, JSON, missing tensors): recompute, never fail the run
+        log.warning("analysis cache entry %s is corrupt (%s: %s); recomputing it", folder, type(err).__name__, err)
+        return None
 
 
 def store(cache_dir: Path, key: dict, stats: CalibrationStats, capture_s: float) -> Path:
+    """Write the entry in a temporary folder, then rename it into place (replacing a corrupt one)."""
     folder = _folder(cache_dir, key)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    stats.save(folder / "capture")
-    write_json_atomic(folder / "key.json", {"key": key, "capture_s": round(capture_s, 3)})
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{folder.name}."))
+    try:
+        stats.save(tmp / "capture")
+        write_json_atomic(tmp / "key.json", {"key": key, "capture_s": round(capture_s, 3),
+                                             "sha256": _checksums(tmp)})
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "key.json").is_file():
+                raise
+            # another run stored the same entry meanwhile: theirs is as good as ours
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

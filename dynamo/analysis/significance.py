@@ -125,20 +125,20 @@ class Significance:
 
     def dynamic_channels(self, frac: float) -> dict[int, dict[str, torch.Tensor]]:
         """Per layer and unit, [E, k] channel indices: the k = max(1, round(frac * C)) channels of each
-        expert whose within-expert share varies most (std over datasets). Needs two datasets or more."""
+        expert whose within-expert share varies most (std over datasets). With one dataset nothing
+        varies: the k channels with the largest share of that dataset are cached instead (the ones a
+        switch is most likely to need at full precision)."""
         if not 0 < frac <= 1:
             raise ValueError(f"dynamic_channel_frac must be in (0, 1], got {frac}")
-        if len(self.datasets) < 2:
-            raise ValueError(f"dynamic channels vary across datasets; the analysis has only {self.datasets}")
         out = {}
         for i in self.layers:
             out[i] = {}
             for unit in self.channels[self.datasets[0]][i]:
                 shares = torch.stack([_within_expert(self.channels[d][i][unit]) for d in self.datasets])
-                spread = shares.std(dim=0, unbiased=False)        # [E, C]
-                k = max(1, round(frac * spread.shape[1]))
-                # stable: equal spreads keep the lower channel index first
-                order = torch.sort(spread, dim=1, descending=True, stable=True).indices
+                score = shares.std(dim=0, unbiased=False) if len(self.datasets) > 1 else shares[0]  # [E, C]
+                k = max(1, round(frac * score.shape[1]))
+                # stable: equal scores keep the lower channel index first
+                order = torch.sort(score, dim=1, descending=True, stable=True).indices
                 out[i][unit] = order[:, :k].contiguous()
         return out
 

@@ -28,7 +28,7 @@ def analysis_datasets(cfg: AnalysisConfig, known: list[str]) -> list[str]:
 def analyze(model, tokenizer, sources: dict, names: list[str], cfg: AnalysisConfig, *, model_path: str,
             revision: str | None = None, seed: int = 0) -> tuple[Significance, dict]:
     """Significance of every dataset in `names`, and a report (cache hits, capture seconds)."""
-    windows = calibration_windows(tokenizer, sources, names, cfg)
+    windows = calibration_windows(tokenizer, sources, names, cfg, node="analysis")
     layers = list(moe_layers(model))
     cache_dir = Path(cfg.cache_dir).expanduser()
     fingerprint = cache.model_fingerprint(model, model_path, revision)

@@ -16,7 +16,9 @@ from .stats import CalibrationStats
 log = logging.getLogger(__name__)
 
 
-def calibration_windows(tokenizer, sources: dict, names: list[str], cfg: CalibConfig) -> dict[str, torch.Tensor]:
+def calibration_windows(tokenizer, sources: dict, names: list[str], cfg: CalibConfig,
+                        node: str = "calib") -> dict[str, torch.Tensor]:
+    """Each named source's calib-split windows; `node` is the config node of `cfg` (calib or analysis)."""
     if cfg.split == "test":
         raise UserError("calib.split=test would calibrate on the evaluation data; use calib.split=calib")
     unknown = [n for n in names if n not in sources]
@@ -25,7 +27,8 @@ def calibration_windows(tokenizer, sources: dict, names: list[str], cfg: CalibCo
     windows = {}
     for name in names:
         ids = tokenize_corpus(tokenizer, load_documents(sources[name], cfg.split), sources[name].separator)
-        windows[name] = make_windows(ids, cfg.seqlen, cfg.windows, name)
+        windows[name] = make_windows(ids, cfg.seqlen, cfg.windows, f"{name} ({cfg.split} split)",
+                                     setting=f"{node}.seqlen")
     return windows
 
 

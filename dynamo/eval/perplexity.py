@@ -41,11 +41,13 @@ def tokenize_corpus(tokenizer, documents: list[str], separator: str) -> torch.Te
     return torch.tensor(ids, dtype=torch.long)
 
 
-def make_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, name: str = "dataset") -> torch.Tensor:
+def make_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, name: str = "dataset",
+                 setting: str = "eval.seqlen") -> torch.Tensor:
+    """`setting` names the config key of `seqlen` in the message (calibration passes its own)."""
     available = ids.numel() // seqlen
     if available == 0:
-        raise UserError(f"{name}: {ids.numel()} tokens is less than one window of eval.seqlen={seqlen}; "
-                        "lower eval.seqlen or add text")
+        raise UserError(f"{name}: {ids.numel()} tokens is less than one window of {setting}={seqlen}; "
+                        f"lower {setting} or add text")
     n = available if max_windows is None else min(available, max_windows)
     return ids[: n * seqlen].view(n, seqlen)
 

@@ -128,3 +128,37 @@ def test_analysis_reuses_its_cache(tmp_path):
         next(iter(moe_layers(model))).router.weight.mul_(1.01)
     _, report4 = analyze(model, tokenizer, sources, ["code"], cfg, model_path=str(path))
     assert report4["captures"]["code"]["cache"] == "miss"
+
+
+def test_one_dataset_caches_its_most_significant_channels():
+    """No cross-dataset variation with one dataset: the channels with the largest share are chosen."""
+    channels = torch.ones(2, 10, dtype=torch.double)
+    channels[0, 3], channels[1, 8] = 9.0, 5.0
+    sig = Significance(metric="act_l2", unit="row", datasets=["a"], channels={"a": {0: {"down": channels}}},
+                       tokens={"a": {0: torch.ones(2)}}, router_weight={"a": {0: torch.ones(2)}})
+    assert sig.dynamic_channels(0.1)[0]["down"].flatten().tolist() == [3, 8]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit"])
+def test_a_corrupt_cache_entry_is_recomputed_with_a_warning(tmp_path, caplog, damage):
+    from dynamo.analysis import cache
+
+    model = build("olmoe")
+    stats = _captures(model, n=1)["d0"]
+    key = {"capture_version": 1, "model": "m", "dataset": "d0", "windows": 3, "seqlen": 12, "token_ids": "t",
+           "seed": 0}
+    folder = cache.store(tmp_path, key, stats, 1.5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "the temporary folder is renamed into place"
+    loaded, seconds = cache.load(tmp_path, key)
+    assert seconds == 1.5 and loaded.layers.keys() == stats.layers.keys()
+    weights = folder / "capture.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:  # same size, one byte changed: only the checksum notices
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    assert cache.load(tmp_path, key) is None
+    assert "is corrupt" in caplog.text and "recomputing" in caplog.text
+    cache.store(tmp_path, key, stats, 2.0)
+    assert cache.load(tmp_path, key)[1] == 2.0
