@@ -125,7 +125,7 @@ def _packed_model(cli, tmp_path, placeholders) -> str:
     """results/runs/<run>/packed_model: from the README's own export command (run here if not yet)."""
     if "path" not in placeholders["packed"]:
         results = tmp_path / "export"
-        status, err, _ = run_command(cli, "quant.export_packed=true", results)
+        status, err, _ = run_command(cli, "quant.export=packed", results)
         assert status == 0, err[-3000:]
         placeholders["packed"]["path"] = str(next(results.rglob("packed_model")))
     return placeholders["packed"]["path"]
@@ -152,5 +152,5 @@ def test_readme_command_runs_under_smoke_settings(command, cli, tmp_path, placeh
         return
     assert status == 0, err[-3000:]
     assert list(results.rglob("result.json")), "the command wrote no record"
-    if "quant.export_packed=true" in command:
+    if "quant.export=packed" in command:
         placeholders["packed"]["path"] = str(next(results.rglob("packed_model")))
