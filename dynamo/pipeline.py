@@ -10,6 +10,7 @@ import os
 import random
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,11 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from .config import QuantMethod, SourceConfig, SourceKind, to_container
 from .data import load_documents, sources_of
 from .errors import UserError
+from .eval.fidelity import ReferenceLogprobs
 from .eval.perplexity import make_windows, token_perplexity, tokenize_corpus
 from .loggers import publish
 from .models import is_packed, load_model
 from .packed_export import check_export, export_packed
-from .records import RESULT_FILE, make_record, write_json_atomic
+from .records import RESULT_FILE, WINDOW_KL_BQ_FILE, WINDOW_KL_FILE, make_record, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +65,43 @@ def selected_sources(cfg: DictConfig) -> dict:
 
 
 def evaluate_perplexity(loaded, documents: dict, sources: dict, eval_cfg,
-                        before: Callable[[str], None] | None = None) -> tuple[dict, dict, dict]:
-    """PPL per dataset, its protocol, and each window's mean loss (for paired comparisons of runs).
+                        before: Callable[[str], None] | None = None, reference: ReferenceLogprobs | None = None,
+                        record_reference: bool = False) -> tuple[dict, dict, dict, dict]:
+    """PPL per dataset, its protocol, each window's mean loss (for paired comparisons of runs) and,
+    with `reference`, each window's fidelity to it (dataset -> WindowFidelity; the reference pass
+    itself, `record_reference`, stores its log-probs there instead).
     `before(name)` runs before each dataset is evaluated (DQS switches the model there)."""
-    ppl, protocol, window_nll = {}, {}, {}
+    ppl, protocol, window_nll, fidelity = {}, {}, {}, {}
     for name, docs in documents.items():
         if before is not None:
             before(name)
         ids = tokenize_corpus(loaded.tokenizer, docs, sources[name].separator)
         windows = make_windows(ids, eval_cfg.seqlen, eval_cfg.max_windows, name)
+        on_logits = None
+        if reference is not None and record_reference:
+            on_logits = reference.recorder(name, windows, loaded.model.get_output_embeddings().out_features)
+        elif reference is not None:
+            on_logits, fidelity[name] = reference.comparer(name, windows)
         result = token_perplexity(loaded.model, windows, eval_cfg.batch_size,
                                   available_windows=ids.numel() // eval_cfg.seqlen, corpus_tokens=ids.numel(),
-                                  desc=f"ppl {name}")
+                                  desc=f"ppl {name}", on_logits=on_logits)
         ppl[name] = result.ppl
         window_nll[name] = result.window_nll
         protocol[name] = {**result.protocol(), "split": eval_cfg.split, "documents": len(docs),
                           "separator": sources[name].separator,
                           "tokenizer": getattr(loaded.tokenizer, "name_or_path", None)}
-        log.info("ppl %-12s %10.3f  (%d windows x %d tokens)", name, result.ppl, result.windows, result.seqlen)
-    return ppl, protocol, window_nll
+        log.info("ppl %-12s %10.3f  (%d windows x %d tokens)%s", name, result.ppl, result.windows, result.seqlen,
+                 f"  KL {fidelity[name].mean_kl:.5f}  top-1 {fidelity[name].mean_top1:.4f}" if name in fidelity else "")
+    return ppl, protocol, window_nll, fidelity
+
+
+def record_fidelity(metrics: dict, window_kl: dict, fidelity: dict, key: str, suffix: str = "") -> None:
+    """metrics.kl<suffix> / metrics.top1_agree<suffix> per dataset, and the per-window KL for window_kl*.json."""
+    if not fidelity:
+        return
+    metrics[f"kl{suffix}"] = {name: f.mean_kl for name, f in fidelity.items()}
+    metrics[f"top1_agree{suffix}"] = {name: f.mean_top1 for name, f in fidelity.items()}
+    window_kl[key] = {name: f.kl for name, f in fidelity.items()}
 
 
 def evaluate_lm_eval(loaded, documents: dict, eval_cfg) -> dict:
@@ -128,19 +148,28 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {cfg.model.name} allows "
                         f"({loaded.max_length} positions); use eval.seqlen<={loaded.max_length}")
 
-    metrics, window_nll = {}, {}
-    if cfg.eval.reference and cfg.quant.method != QuantMethod.none:
-        t = time.perf_counter()
-        metrics["ppl_fp16"], _, window_nll["fp16"] = evaluate_perplexity(loaded, documents, sources, cfg.eval)
-        timings["eval_ppl_fp16_s"] = time.perf_counter() - t
+    metrics, window_nll, window_kl = {}, {}, {}
+    with ExitStack() as cleanup:
+        reference = None
+        if cfg.eval.reference and cfg.quant.method != QuantMethod.none:
+            # the FP16 pass also stores its log-probs (on disk) for the KL of every later pass
+            reference = cleanup.enter_context(ReferenceLogprobs(cfg.eval.kl_topk))
+            t = time.perf_counter()
+            metrics["ppl_fp16"], _, window_nll["fp16"], _ = evaluate_perplexity(
+                loaded, documents, sources, cfg.eval, reference=reference, record_reference=True)
+            timings["eval_ppl_fp16_s"] = time.perf_counter() - t
 
-    stage = quantize_or_calibrate(loaded, cfg, run_dir, timings)
-    calibration, quantization, analysis = stage.calibration, stage.quantization, stage.analysis
+        stage = quantize_or_calibrate(loaded, cfg, run_dir, timings)
+        calibration, quantization, analysis = stage.calibration, stage.quantization, stage.analysis
 
-    ppl, ppl_protocol, switching = evaluate_run(loaded, documents, sources, cfg, stage, metrics, window_nll, timings)
+        ppl, ppl_protocol, switching = evaluate_run(loaded, documents, sources, cfg, stage, metrics, window_nll,
+                                                    timings, reference=reference, window_kl=window_kl)
     for key, name in (("run", WINDOW_NLL_FILE), ("fp16", WINDOW_NLL_FP16_FILE), ("bq", WINDOW_NLL_BQ_FILE)):
         if key in window_nll:
             write_json_atomic(run_dir / name, window_nll[key])
+    for key, name in (("run", WINDOW_KL_FILE), ("bq", WINDOW_KL_BQ_FILE)):
+        if key in window_kl:
+            write_json_atomic(run_dir / name, window_kl[key])
     metrics = {"ppl": ppl, **metrics}
     protocol = {"ppl": ppl_protocol}
     if quantization is not None:
@@ -203,19 +232,25 @@ class QuantStage:
 
 
 def evaluate_run(loaded, documents: dict, sources: dict, cfg: DictConfig, stage: QuantStage, metrics: dict,
-                 window_nll: dict, timings: dict) -> tuple[dict, dict, dict | None]:
-    """The run's PPL; with DQS, BQ alone first (metrics.ppl_bq), then BQ + DQS switched to each
-    dataset's calib split before it is evaluated, then the stream if eval.stream asks for it."""
+                 window_nll: dict, timings: dict, reference: ReferenceLogprobs | None = None,
+                 window_kl: dict | None = None) -> tuple[dict, dict, dict | None]:
+    """The run's PPL (and, with `reference`, its KL to FP16); with DQS, BQ alone first (metrics.ppl_bq,
+    metrics.kl_bq), then BQ + DQS switched to each dataset's calib split before it is evaluated, then
+    the stream if eval.stream asks for it."""
     switcher, switching, before = stage.switcher, None, None
+    window_kl = {} if window_kl is None else window_kl
     if switcher is not None:
         t = time.perf_counter()
-        metrics["ppl_bq"], _, window_nll["bq"] = evaluate_perplexity(loaded, documents, sources, cfg.eval,
-                                                                     before=lambda name: switcher.restore_bq())
+        metrics["ppl_bq"], _, window_nll["bq"], fidelity = evaluate_perplexity(
+            loaded, documents, sources, cfg.eval, before=lambda name: switcher.restore_bq(), reference=reference)
+        record_fidelity(metrics, window_kl, fidelity, "bq", "_bq")
         timings["eval_ppl_bq_s"] = time.perf_counter() - t
         switching = {"switches": {}}
         before = partial(switch_before_eval, switcher, loaded.tokenizer, cfg, sources, switching["switches"])
     t = time.perf_counter()
-    ppl, protocol, window_nll["run"] = evaluate_perplexity(loaded, documents, sources, cfg.eval, before=before)
+    ppl, protocol, window_nll["run"], fidelity = evaluate_perplexity(loaded, documents, sources, cfg.eval,
+                                                                     before=before, reference=reference)
+    record_fidelity(metrics, window_kl, fidelity, "run")
     timings["eval_ppl_s"] = time.perf_counter() - t
     if switcher is not None:
         switcher.restore_bq()  # lm-eval and anything after see BQ

@@ -9,6 +9,7 @@ context carried across windows). This is not lm-eval's `word_perplexity`.
 from __future__ import annotations
 
 import math
+from typing import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -57,7 +58,9 @@ def input_device(model: torch.nn.Module) -> torch.device:
 @torch.no_grad()
 def token_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
                      available_windows: int | None = None, corpus_tokens: int | None = None,
-                     desc: str = "ppl") -> PerplexityResult:
+                     desc: str = "ppl", on_logits: Callable[[int, torch.Tensor], None] | None = None
+                     ) -> PerplexityResult:
+    """`on_logits(first window index, logits [b, T, V])` sees every batch's logits (the KL meter)."""
     device = input_device(model)
     total_nll, predicted, window_nll = 0.0, 0, []
     batches = range(0, len(windows), batch_size)
@@ -67,6 +70,8 @@ def token_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: 
         # fp32 loss: bf16 logits lose ~0.5% of PPL on large vocabularies
         token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
                                      reduction="none").view(len(batch), -1)
+        if on_logits is not None:
+            on_logits(start, logits)
         total_nll += token_loss.sum().item()
         window_nll += token_loss.mean(dim=1).tolist()
         predicted += batch[:, 1:].numel()
