@@ -28,6 +28,7 @@ from .eval.perplexity import make_windows, token_perplexity, tokenize_corpus
 from .loggers import publish
 from .models import is_packed, load_model
 from .packed_export import check_export, export_packed
+from .registry import SWITCH_POLICIES
 from .records import RESULT_FILE, WINDOW_KL_BQ_FILE, WINDOW_KL_FILE, make_record, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -222,13 +223,10 @@ class QuantStage:
     analysis: dict | None = None
     switcher: object | None = None   # dynamo.switching.DynamicSwitcher when DQS is on
     codes: dict | None = None        # the quantizer's integer codes, kept for quant.export_packed
-    cache_s: float = 0.0
+    cache_s: float = 0.0             # the DQS policy's preparation on the FP16 model (cache or master copy)
 
     def switching_summary(self) -> dict:
-        sw = self.switcher
-        return {"channel_mode": sw.channel_mode, "mix": sw.mix, "cache": sw.cache.summary(),
-                "cache_build_s": round(self.cache_s, 3), "bq_copy_nbytes": sw.bq_copy_nbytes,
-                "artifact": "channel_cache"}
+        return {**self.switcher.summary(), "prepare_s": round(self.cache_s, 3)}
 
 
 def evaluate_run(loaded, documents: dict, sources: dict, cfg: DictConfig, stage: QuantStage, metrics: dict,
@@ -273,6 +271,7 @@ def switch_before_eval(switcher, tokenizer, cfg: DictConfig, sources: dict, repo
     summary = report.to_dict()
     summary.pop("shares", None)
     reports[name] = summary
+    summary.pop("top", None)
     log.info("DQS %-12s %d expert(s) changed, %.1f ms (profile %.1f ms), exact bits %.3f", name,
              report.experts_changed, 1e3 * report.total_s, 1e3 * report.profile_s, report.exact_bits)
 
@@ -318,9 +317,12 @@ def check_switching(cfg: DictConfig) -> None:
     if not needs_analysis(cfg.quant):
         raise UserError("quant.switching.enabled=true needs a DynaMo allocation (quant.allocation.method=fcm or "
                         "budget) and no quant.plan file")
-    if sw.channel_mode.value == "requant" and cfg.analysis.channel_unit.value == "neuron":
+    if sw.policy.value == "paper" and sw.channel_mode.value == "requant" and cfg.analysis.channel_unit.value == "neuron":
         raise UserError("quant.switching.channel_mode=requant needs analysis.channel_unit=row (a neuron's down "
                         "column shares its quantization groups); use channel_mode=fp16")
+    if not 0.0 < sw.budget_frac < 1.0:
+        raise UserError(f"quant.switching.budget_frac must be in (0, 1) (a share of the routed experts' FP16 bytes), "
+                        f"got {sw.budget_frac}")
     if not 0.0 <= sw.mix <= 1.0 or sw.sample_windows < 1:
         raise UserError(f"quant.switching: mix must be in [0, 1] and sample_windows >= 1, got mix={sw.mix}, "
                         f"sample_windows={sw.sample_windows}")
@@ -335,15 +337,18 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
     if cfg.quant.method != QuantMethod.none:
         from .quant.stage import needs_analysis, quantize
 
-        significance, cache = None, None
+        significance, policy, prepared = None, None, None
         if needs_analysis(cfg.quant):
             significance, stage.analysis = run_analysis(loaded, cfg, run_dir, timings)
-            if cfg.quant.switching.enabled:
-                cache = build_channel_cache(loaded, cfg, significance, run_dir, stage)
+            if cfg.quant.switching.enabled:  # what a switch restores from, taken before quantizing
+                policy = SWITCH_POLICIES.get(cfg.quant.switching.policy)
+                t = time.perf_counter()
+                prepared = policy.prepare(loaded.model, cfg, significance, run_dir)
+                stage.cache_s = time.perf_counter() - t
         t = time.perf_counter()
         result = quantize(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), known, cfg.quant, cfg.calib,
                           cfg.model.name, significance=significance,
-                          errors=cache.rtn_error if cache is not None else None)  # measured once, by the cache
+                          errors=policy.quantize_errors(prepared) if policy is not None else None)
         timings["quantize_s"] = time.perf_counter() - t
         stats, stage.quantization, stage.codes = result.stats, result.summary, result.codes
         if result.plan is not None:
@@ -354,13 +359,8 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
             offline = stage.analysis["capture_s"] + timings["quantize_s"]
             stage.analysis["share_of_offline"] = round(stage.analysis["capture_s"] / offline, 4) if offline else None
             write_dynamo_figures(cfg, run_dir, significance, result.plan)
-        if cache is not None:
-            from .switching import DynamicSwitcher
-
-            sw = cfg.quant.switching
-            stage.switcher = DynamicSwitcher(loaded.model, result.plan, significance, cache, cfg.quant.allocation,
-                                             channel_mode=sw.channel_mode.value, mix=sw.mix,
-                                             batch_size=cfg.analysis.batch_size)
+        if policy is not None:
+            stage.switcher = policy.build(loaded.model, result.plan, significance, prepared, cfg)
     elif cfg.calib.enabled:
         from .calibration.stage import calibrate
 
@@ -370,20 +370,6 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
     if stats is not None:
         stage.calibration = report_coverage(stats, list(cfg.calib.datasets or known), run_dir)
     return stage
-
-
-def build_channel_cache(loaded, cfg: DictConfig, significance, run_dir: Path, stage: QuantStage):
-    """DQS's FP16 cache of the dynamic channels, from the model before it is quantized."""
-    from .switching import ChannelCache
-
-    t = time.perf_counter()
-    alloc = cfg.quant.allocation
-    cache = ChannelCache.build(loaded.model, significance, cfg.analysis.dynamic_channel_frac,
-                               widths=list(alloc.widths) if alloc.method.value == "budget" else [],
-                               group_size=cfg.quant.group_size, sym=cfg.quant.sym)
-    stage.cache_s = time.perf_counter() - t
-    cache.save(run_dir / "channel_cache")
-    return cache
 
 
 def run_analysis(loaded, cfg: DictConfig, run_dir: Path, timings: dict):
