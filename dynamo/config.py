@@ -170,8 +170,9 @@ class SwitchCandidates(Enum):
 
 
 class SwitchScoring(Enum):
-    output = "output"          # gate/up errors carried to the expert's output (through h and down)
-    local = "local"            # each projection's error in its own output space
+    hessian = "hessian"        # second order: routed, router-weighted X^T X per expert (GPTQ's errors are correlated)
+    output = "output"          # its diagonal E[x^2] only; gate/up errors carried to the expert's output
+    local = "local"            # the diagonal, each projection's error in its own output space
 
 
 @dataclass
@@ -182,8 +183,8 @@ class SwitchingConfig:
     enabled: bool = False
     policy: SwitchPolicy = SwitchPolicy.adaptive
     budget_frac: float = 0.01               # adaptive: device-resident slot bytes / routed experts' FP16 bytes
-    candidates: SwitchCandidates = SwitchCandidates.rows_cols
-    scoring: SwitchScoring = SwitchScoring.output
+    candidates: SwitchCandidates = SwitchCandidates.all
+    scoring: SwitchScoring = SwitchScoring.hessian
     channel_mode: ChannelMode = ChannelMode.fp16
     mix: float = 1.0                        # paper: weight of the new dataset's significance against the known
                                             #   ones (1.0: the paper re-clusters on the new dataset alone)

@@ -44,7 +44,7 @@ from .store import Key
 from .switch import check_token_windows
 
 CANDIDATES = ("rows", "rows_cols", "experts8", "all")
-SCORINGS = ("output", "local")
+SCORINGS = ("hessian", "output", "local")
 INDEX_BYTES = 4     # int32 slot indices
 VALUE_BYTES = 2     # FP16 slot values
 ROW, COLUMN, EXPERT = 0, 1, 2
@@ -136,7 +136,7 @@ class AdaptiveSwitcher:
     """Holds a BQ-quantized model; a switch restores the slots its new data needs most."""
 
     def __init__(self, model, plan: QuantPlan, master: ExpertMaster, *, budget_frac: float = 0.01,
-                 candidates: str = "rows_cols", scoring: str = "output", batch_size: int = 8):
+                 candidates: str = "all", scoring: str = "hessian", batch_size: int = 8):
         if candidates not in CANDIDATES:
             raise UserError(f"unknown quant.switching.candidates '{candidates}'; choose one of {', '.join(CANDIDATES)}")
         if scoring not in SCORINGS:
@@ -182,7 +182,8 @@ class AdaptiveSwitcher:
         t0 = time.perf_counter()
         windows = check_token_windows(windows, self.vocab)
         self.master.validate(self.model)
-        stats = capture(self.model, windows, batch_size=self.batch_size, hessians=False)
+        stats = capture(self.model, windows, batch_size=self.batch_size, hessians=self.scoring == "hessian",
+                        hessian_weighting="router")
         t1 = time.perf_counter()
         chosen, expected, top = self.select(stats)
         t2 = time.perf_counter()
@@ -194,51 +195,64 @@ class AdaptiveSwitcher:
         report.top = top
         return report
 
+    def _reductions(self, d: torch.Tensor, second: tuple, gain: torch.Tensor | None):
+        """(per-row, per-column reductions, total error) of restoring rows/columns of error matrix d [out, in].
+
+        Output error of d over the profiled tokens: sum_r d_r^T H d_r, H = sum of router-weighted x x^T.
+        Restoring row r removes d_r^T H d_r; restoring column j removes sum_r (2 d_rj (d_r H)_j - d_rj^2 H_jj).
+        `diag`/`local`/`output` scoring keep only H's diagonal a (then both are sums of d^2 a)."""
+        hessian, diag = second
+        g = d @ hessian if hessian is not None else d * diag[None, :]
+        dg = d * g
+        w = gain[:, None] if gain is not None else 1.0
+        rows = (dg * w).sum(1)
+        cols = ((2 * dg - d.square() * diag[None, :]) * w).sum(0)
+        return rows, cols, float(rows.sum())
+
     def _scores(self, stats) -> tuple[list, float]:
         """Every candidate: (reduction, cost bytes, slot kind, key, index); and the total scored BQ error."""
-        rows, total = [], 0.0
+        cands, total = [], 0.0
+        use_hessian = self.scoring == "hessian"
+        spec8 = QSpec(8, self.plan.default.group_size, self.plan.default.sym)
         for i, layer in self.layers.items():
             routed = stats.layers[i].routed
-            a_in = routed.channels["input"]["wsq"].double().cpu()      # [E, H]: gate/up inputs
-            a_mid = routed.channels["neuron"]["wsq"].double().cpu()    # [E, I]: down inputs
+            ch = {u: routed.channels[u]["wsq"].double().cpu() for u in ("input", "neuron", "gate", "up")}
             for e in range(layer.n_experts):
                 if int(routed.tokens[e]) == 0:
                     continue
+                second = {"in": (routed.hessian_in[e].double().cpu() if use_hessian else None, ch["input"][e]),
+                          "mid": (routed.hessian_mid[e].double().cpu() if use_hessian else None, ch["neuron"][e])}
+                if use_hessian:
+                    second = {k: (h, torch.diagonal(h).clone()) for k, (h, _) in second.items()}
                 down_master = self.master.weights[(i, e, "down")].double()
                 expert_err, expert_err8, expert_extra = 0.0, 0.0, 0
                 for p in PROJECTIONS:
                     key = (i, e, p)
                     master = self.master.weights[key].double()
-                    d2 = (master - self.bq_weight(key).double().cpu()).square()   # [out, in]
-                    a = a_mid[e] if p == "down" else a_in[e]
-                    weighted = d2 * a[None, :]
-                    if p != "down" and self.scoring == "output":
-                        y = routed.channels[p]["wsq"][e].double().cpu()
-                        h = routed.channels["neuron"]["wsq"][e].double().cpu()
-                        gain = down_master.square().sum(0) * h / y.clamp_min(1e-12)   # [I]
-                        weighted = weighted * gain[:, None]
-                    row_red, col_red = weighted.sum(1), weighted.sum(0)
-                    total += float(row_red.sum())
-                    expert_err += float(row_red.sum())
+                    d = master - self.bq_weight(key).double().cpu()   # [out, in]
+                    gain = None
+                    if p != "down" and self.scoring != "local":
+                        # first order: neuron r's output error = its relative error times ||W_down[:, r]||
+                        gain = down_master.square().sum(0) * ch["neuron"][e] / ch[p][e].clamp_min(1e-12)
+                    sec = second["mid" if p == "down" else "in"]
+                    row_red, col_red, err = self._reductions(d, sec, gain)
+                    total += err
+                    expert_err += err
                     out, inp = master.shape
                     if self.candidates in ("rows", "rows_cols", "all"):
-                        rows += [(float(r), inp * VALUE_BYTES + INDEX_BYTES, ROW, key, j)
-                                 for j, r in enumerate(row_red.tolist()) if r > 0]
+                        cands += [(r, inp * VALUE_BYTES + INDEX_BYTES, ROW, key, j)
+                                  for j, r in enumerate(row_red.tolist()) if r > 0]
                     if self.candidates in ("rows_cols", "all"):
-                        rows += [(float(c), out * VALUE_BYTES + INDEX_BYTES, COLUMN, key, j)
-                                 for j, c in enumerate(col_red.tolist()) if c > 0]
+                        cands += [(c, out * VALUE_BYTES + INDEX_BYTES, COLUMN, key, j)
+                                  for j, c in enumerate(col_red.tolist()) if c > 0]
                     if self.candidates in ("experts8", "all") and self.bq_bits[key] < 8:
-                        spec = QSpec(8, self.plan.default.group_size, self.plan.default.sym)
-                        q8 = quantize_rtn(master.float(), spec).dequantize().double()
-                        w8 = (master - q8).square() * a[None, :]
-                        if p != "down" and self.scoring == "output":
-                            w8 = w8 * gain[:, None]
-                        expert_err8 += float(w8.sum())
+                        d8 = master - quantize_rtn(master.float(), spec8).dequantize().double()
+                        expert_err8 += self._reductions(d8, sec, gain)[2]
                         # the 8-bit codes replace the BQ codes in place: the extra bytes are the difference
                         expert_extra += (8 - self.bq_bits[key]) * out * inp // 8
                 if self.candidates in ("experts8", "all") and expert_extra > 0:
-                    rows.append((expert_err - expert_err8, expert_extra, EXPERT, (i, e, "*"), -1))
-        return rows, total
+                    cands.append((expert_err - expert_err8, expert_extra, EXPERT, (i, e, "*"), -1))
+        return cands, total
 
     def select(self, stats) -> tuple[list, float, list]:
         """The best candidates under the byte budget (greedy by reduction per byte)."""

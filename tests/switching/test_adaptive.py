@@ -1,0 +1,126 @@
+"""The adaptive switch: slots chosen per dataset under one byte budget, restored from the FP16 master, atomic."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import dynamo.switching.adaptive as adaptive_module
+from switching_setup import HIGH, LOW, VOCAB, logits, quantized, state, tokens
+
+from dynamo.adapters import PROJECTIONS, moe_layers
+from dynamo.config import SwitchingConfig, SwitchPolicy
+from dynamo.errors import UserError
+from dynamo.quant import QSpec, quantize_rtn
+from dynamo.registry import SWITCH_POLICIES
+from dynamo.switching.adaptive import COLUMN, EXPERT, ROW, AdaptiveSwitcher, ExpertMaster
+
+FAMILIES = ["olmoe", "qwen2_moe"]
+
+
+def setup(family: str, **kwargs):
+    s = quantized(family)
+    fp16 = copy.deepcopy(s.model)
+    fp16.load_state_dict(s.fp16_state)
+    return s, fp16, AdaptiveSwitcher(s.model, s.plan, ExpertMaster(fp16), **kwargs)
+
+
+def kl_to(reference, model, ids) -> float:
+    p, q = (torch.log_softmax(logits(m, ids).double(), -1) for m in (reference, model))
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("candidates", ["rows_cols", "experts8", "all"])
+def test_switch_writes_master_values_into_chosen_slots_only_within_budget(family, candidates):
+    s, fp16, sw = setup(family, budget_frac=0.05, candidates=candidates)
+    bq = {(layer.index, e, p): layer.weight(e, p).clone() for layer in moe_layers(s.model)
+          for e in range(layer.n_experts) for p in PROJECTIONS}
+    report = sw.switch_to(tokens(HIGH, 2, 12, 5))
+    assert sw.slots and 0 < report.extra_nbytes <= report.budget_nbytes == sw.budget_nbytes
+    expected = {k: w.clone() for k, w in bq.items()}
+    for slot in sw.slots:
+        master = sw.master.weights[slot.key].float()
+        value = quantize_rtn(master, QSpec(8, s.plan.default.group_size)).dequantize() if slot.kind == EXPERT \
+            else slot.read(master)
+        slot.write(expected[slot.key], value)
+    for (i, e, p), w in expected.items():
+        assert torch.equal(sw.weight((i, e, p)), w), (i, e, p)
+    kinds = {slot.kind for slot in sw.slots}
+    assert kinds <= ({ROW, COLUMN} if candidates == "rows_cols" else {EXPERT} if candidates == "experts8"
+                     else {ROW, COLUMN, EXPERT})
+    assert report.exact_bits > sum(s.plan.spec_for(*k).bits * w.numel() for k, w in bq.items()) / \
+        sum(w.numel() for w in bq.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_switch_brings_the_model_closer_to_fp16_on_its_data(family):
+    s, fp16, sw = setup(family, budget_frac=0.05)
+    ids = tokens(LOW, 2, 12, 7)
+    before = kl_to(fp16, s.model, ids)
+    sw.switch_to(ids)
+    assert kl_to(fp16, s.model, ids) < 0.9 * before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restore_bq_is_bit_identical_after_several_switches(family):
+    s, _, sw = setup(family, budget_frac=0.05)
+    bq = state(s.model)
+    sw.switch_to(tokens(LOW, 2, 12, 1))
+    sw.switch_to(tokens(HIGH, 2, 12, 2))
+    sw.restore_bq()
+    assert all(torch.equal(v, bq[k]) for k, v in s.model.state_dict().items())
+    assert sw.slots == [] and sw.extra_nbytes() == 0
+
+
+def test_a_failed_switch_leaves_the_model_bit_identical(monkeypatch):
+    s, _, sw = setup("olmoe", budget_frac=0.05)
+    sw.switch_to(tokens(LOW, 2, 12, 1))
+    before, slots = state(s.model), list(sw.slots)
+    calls = {"n": 0}
+    real = adaptive_module._write
+
+    def failing(weight, slot, values):
+        calls["n"] += 1
+        if calls["n"] > len(slots) + 3:   # after undoing the old slots and writing a few new ones
+            raise RuntimeError("device write failed")
+        real(weight, slot, values)
+
+    monkeypatch.setattr(adaptive_module, "_write", failing)
+    with pytest.raises(RuntimeError, match="device write failed"):
+        sw.switch_to(tokens(HIGH, 2, 12, 2))
+    assert all(torch.equal(v, before[k]) for k, v in s.model.state_dict().items())
+    assert sw.slots == slots
+
+
+@pytest.mark.parametrize("bad,message", [
+    (torch.empty(0, 4, dtype=torch.long), "non-empty"),
+    (torch.full((1, 4), VOCAB), "outside the model's vocabulary"),
+    (torch.zeros(1, 4), "integer token ids"),
+])
+def test_bad_input_is_refused_and_changes_nothing(bad, message):
+    s, _, sw = setup("olmoe")
+    before = state(s.model)
+    with pytest.raises(UserError, match=message):
+        sw.switch_to(bad)
+    assert all(torch.equal(v, before[k]) for k, v in s.model.state_dict().items())
+
+
+def test_bad_setups_are_refused():
+    s, fp16, _ = setup("olmoe")
+    with pytest.raises(UserError, match="candidates"):
+        AdaptiveSwitcher(s.model, s.plan, ExpertMaster(fp16), candidates="neurons")
+    with pytest.raises(UserError, match="budget_frac"):
+        AdaptiveSwitcher(s.model, s.plan, ExpertMaster(fp16), budget_frac=0.0)
+
+
+def test_policies_are_one_table_and_the_config_enum_follows_it():
+    assert [p.value for p in SwitchPolicy] == list(SWITCH_POLICIES.names) == ["adaptive", "paper"]
+    assert OmegaConf.structured(SwitchingConfig).policy == SwitchPolicy.adaptive
+    for name in SWITCH_POLICIES.names:
+        assert SWITCH_POLICIES.get(name).name == name
+    with pytest.raises(UserError, match="unknown quant.switching.policy 'oracle'; choose one of adaptive, paper"):
+        SWITCH_POLICIES.get("oracle")
