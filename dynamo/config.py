@@ -182,9 +182,11 @@ class SwitchingConfig:
     paper: the FP16 cache of channels fixed offline, re-allocated per dataset (channel_mode, mix)."""
     enabled: bool = False
     policy: SwitchPolicy = SwitchPolicy.adaptive
+    # adaptive defaults: the best on held-out calib windows of the novel domains (scripts/dqs_fidelity.py)
     budget_frac: float = 0.01               # adaptive: device-resident slot bytes / routed experts' FP16 bytes
-    candidates: SwitchCandidates = SwitchCandidates.all
+    candidates: SwitchCandidates = SwitchCandidates.rows_cols
     scoring: SwitchScoring = SwitchScoring.hessian
+    slot_bits: int = 8                      # adaptive: rows/columns restored as RTN-8 (8, half the bytes) or FP16 (16)
     channel_mode: ChannelMode = ChannelMode.fp16
     mix: float = 1.0                        # paper: weight of the new dataset's significance against the known
                                             #   ones (1.0: the paper re-clusters on the new dataset alone)

@@ -61,7 +61,9 @@ def export_packed(loaded, stage, run_dir: Path) -> dict:
     cache = None
     if stage.switcher is not None:
         stage.switcher.restore_bq()
-        cache = stage.switcher.cache
+        # the paper policy's channel cache travels as packed channel rows; the adaptive policy's slots
+        # (chosen per dataset at run time, rows and columns) have no packed layout yet: BQ alone is exported
+        cache = getattr(stage.switcher, "cache", None)
     attach_packed(model, pack_experts(model, stage.codes, cache))
     stage.codes = None  # packed now; the codes' memory goes back
     target, tmp = run_dir / EXPORT_DIR, run_dir / f".{EXPORT_DIR}.tmp"
@@ -72,6 +74,8 @@ def export_packed(loaded, stage, run_dir: Path) -> dict:
     shutil.rmtree(target, ignore_errors=True)
     tmp.replace(target)
     return _memory(model, stage.quantization["bits"]) | {
+        "dqs": "paper channel rows" if cache is not None else ("none: adaptive slots are not packed yet"
+                                                               if stage.switcher is not None else "none"),
         "path": EXPORT_DIR, "checkpoint_nbytes": sum(f.stat().st_size for f in target.glob("*.safetensors"))}
 
 

@@ -158,6 +158,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             t = time.perf_counter()
             metrics["ppl_fp16"], _, window_nll["fp16"], _ = evaluate_perplexity(
                 loaded, documents, sources, cfg.eval, reference=reference, record_reference=True)
+            if cfg.eval.stream and cfg.quant.switching.enabled:
+                record_stream_reference(loaded, stream_segments(loaded, documents, sources, cfg), reference,
+                                        cfg.eval.batch_size)
             timings["eval_ppl_fp16_s"] = time.perf_counter() - t
 
         stage = quantize_or_calibrate(loaded, cfg, run_dir, timings)
@@ -255,7 +258,7 @@ def evaluate_run(loaded, documents: dict, sources: dict, cfg: DictConfig, stage:
         switching.update(stage.switching_summary())
         if cfg.eval.stream:
             t = time.perf_counter()
-            metrics["stream"] = evaluate_stream(loaded, documents, sources, cfg, switcher)
+            metrics["stream"] = evaluate_stream(loaded, documents, sources, cfg, switcher, reference)
             switcher.restore_bq()
             timings["eval_stream_s"] = time.perf_counter() - t
     return ppl, protocol, switching
@@ -276,24 +279,55 @@ def switch_before_eval(switcher, tokenizer, cfg: DictConfig, sources: dict, repo
              report.experts_changed, 1e3 * report.total_s, 1e3 * report.profile_s, report.exact_bits)
 
 
-def evaluate_stream(loaded, documents: dict, sources: dict, cfg: DictConfig, switcher) -> dict:
-    """Serve eval.stream's datasets one after another; the detector decides when DQS switches."""
-    from .switching import RoutingShiftDetector, run_stream
-
+def stream_segments(loaded, documents: dict, sources: dict, cfg: DictConfig) -> list[tuple[str, torch.Tensor]]:
+    """eval.stream's (dataset, windows): test windows evenly spaced over each split, so a segment is
+    the dataset, not its first few documents."""
     segments = []
     for name in cfg.eval.stream:
         ids = tokenize_corpus(loaded.tokenizer, documents[name], sources[name].separator)
         windows = make_windows(ids, cfg.eval.seqlen, None, name)
-        # evenly spaced over the split, so a segment is the dataset, not its first few documents
         pick = torch.linspace(0, len(windows) - 1, min(cfg.eval.stream_windows, len(windows))).round().long()
         segments.append((name, windows[pick]))
+    return segments
+
+
+def record_stream_reference(loaded, segments: list, reference: ReferenceLogprobs, batch_size: int) -> None:
+    """The FP16 model's log-probs of the stream's windows, for its KL before and after each switch."""
+    vocab = loaded.model.get_output_embeddings().out_features
+    for k, (name, windows) in enumerate(segments):
+        token_perplexity(loaded.model, windows, batch_size, desc=f"stream reference {name}",
+                         on_logits=reference.recorder(f"stream/{k}", windows, vocab))
+
+
+def evaluate_stream(loaded, documents: dict, sources: dict, cfg: DictConfig, switcher,
+                    reference: ReferenceLogprobs | None = None) -> dict:
+    """Serve eval.stream's datasets one after another; the detector decides when DQS switches.
+    With `reference`, each segment also reports its KL to FP16 before and after its first switch."""
+    from .switching import RoutingShiftDetector, run_stream
+
+    segments = stream_segments(loaded, documents, sources, cfg)
+    meters = [reference.comparer(f"stream/{k}", w) for k, (_, w) in enumerate(segments)] if reference else None
     d = cfg.quant.switching.detector
     detector = RoutingShiftDetector(window=d.window, threshold=d.threshold, patience=d.patience, cooldown=d.cooldown)
-    report = run_stream(loaded.model, segments, detector, switcher, batch_size=cfg.eval.stream_batch_size)
-    for segment in report.segments:
-        log.info("stream %-12s batches %3d-%3d  ppl %9.3f  switches at %s", segment.dataset, segment.first_batch,
-                 segment.first_batch + segment.batches - 1, segment.ppl, segment.switches or "-")
+    report = run_stream(loaded.model, segments, detector, switcher, batch_size=cfg.eval.stream_batch_size,
+                        on_logits=(lambda s, start, logits: meters[s][0](start, logits)) if meters else None)
     out = report.to_dict()
+    for k, segment in enumerate(report.segments):
+        kl = ""
+        if meters:
+            per_window = meters[k][1].kl
+            seg = out["segments"][k]
+            seg["kl"] = float(np.mean(per_window))
+            seg["window_kl"] = per_window
+            if segment.switches:  # the switch applies from the batch after the one that fired
+                cut = (segment.switches[0] - segment.first_batch + 1) * cfg.eval.stream_batch_size
+                seg["kl_before_switch"] = float(np.mean(per_window[:cut]))
+                seg["kl_after_switch"] = float(np.mean(per_window[cut:])) if cut < len(per_window) else None
+                kl = f"  KL {seg['kl_before_switch']:.5f} -> {seg['kl_after_switch'] or float('nan'):.5f}"
+            else:
+                kl = f"  KL {seg['kl']:.5f}"
+        log.info("stream %-12s batches %3d-%3d  ppl %9.3f  switches at %s%s", segment.dataset, segment.first_batch,
+                 segment.first_batch + segment.batches - 1, segment.ppl, segment.switches or "-", kl)
     for event in out["events"]:  # keep the record readable: the switch's widths live in the run log
         if event["switch"] is not None:
             event["switch"] = {k: event["switch"][k] for k in ("experts_changed", "total_s", "exact_bits")}

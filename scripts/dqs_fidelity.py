@@ -50,8 +50,9 @@ from dynamo.records import device_info, package_versions, write_json_atomic  # n
 from dynamo.switching.policies import AdaptivePolicy, PaperPolicy  # noqa: E402
 
 NOVEL = ["email", "legal", "math", "chat"]
-ADAPTIVE = [("rows", "hessian"), ("rows_cols", "hessian"), ("experts8", "hessian"), ("all", "hessian"),
-            ("rows", "output"), ("rows_cols", "output"), ("rows_cols", "local")]
+# (candidates, scoring, slot_bits)
+ADAPTIVE = [("rows_cols", "hessian", 16), ("experts8", "hessian", 16), ("all", "hessian", 16),
+            ("rows_cols", "output", 16), ("rows_cols", "hessian", 8), ("all", "hessian", 8)]
 # what the issue measured on tiny-olmoe (BQ): an oracle ~1% choice, and full GPTQ on the new data
 CEILINGS = {"oracle_1pct_choice": [0.085, 0.137], "full_gptq_on_new_data": 0.24}
 TARGET_DAMAGE_REMOVED = 0.30
@@ -96,9 +97,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-olmoe")
     parser.add_argument("--quant", default="dynamo_3bit")
-    parser.add_argument("--calib-eval-windows", type=int, default=24,
+    parser.add_argument("--calib-eval-windows", type=int, default=8,
                         help="held-out calib windows per domain for the design choice")
-    parser.add_argument("--test-windows", type=int, default=None, help="cap on test windows (default: all)")
+    parser.add_argument("--test-windows", type=int, default=30,
+                        help="test windows per domain, evenly spaced over the split (0: all)")
     parser.add_argument("--domains", nargs="+", default=NOVEL)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -122,8 +124,10 @@ def main() -> None:
         calib = make_windows(calib_ids, cfg.analysis.seqlen, None, d)
         held = calib[sample:]
         pick = torch.linspace(0, len(held) - 1, min(args.calib_eval_windows, len(held))).round().long()
-        windows[d] = {"profile": calib[:sample], "calib": held[pick],
-                      "test": make_windows(test_ids, cfg.eval.seqlen, args.test_windows, d)}
+        test = make_windows(test_ids, cfg.eval.seqlen, None, d)
+        if args.test_windows:  # evenly spaced over the split (the issue's protocol), not its first documents
+            test = test[torch.linspace(0, len(test) - 1, min(args.test_windows, len(test))).round().long()]
+        windows[d] = {"profile": calib[:sample], "calib": held[pick], "test": test}
 
     with ReferenceLogprobs() as reference, tempfile.TemporaryDirectory() as tmp:
         fp16 = {(d, split): evaluate(model, windows[d][split], reference, f"{d}/{split}", record=True)
@@ -139,7 +143,7 @@ def main() -> None:
         adaptive = AdaptivePolicy.build(model, result.plan, significance, master, cfg)
 
         variants = {"paper": (paper, None)}
-        variants.update({f"adaptive/{c}/{s}": (adaptive, (c, s)) for c, s in ADAPTIVE})
+        variants.update({f"adaptive/{c}/{s}/{b}": (adaptive, (c, s, b)) for c, s, b in ADAPTIVE})
         report = {d: {} for d in users}
         for d in users:
             bq = {split: evaluate(model, windows[d][split], reference, f"{d}/{split}") for split in ("calib", "test")}
@@ -151,7 +155,7 @@ def main() -> None:
             kl_by_variant = {}
             for name, (switcher, choice) in variants.items():
                 if choice is not None:
-                    switcher.candidates, switcher.scoring = choice
+                    switcher.candidates, switcher.scoring, switcher.slot_bits = choice
                 sw = switcher.switch_to(windows[d]["profile"])
                 row = {"switch": {k: v for k, v in sw.to_dict().items()
                                   if k in ("total_s", "profile_s", "experts_changed", "exact_bits", "extra_nbytes",

@@ -137,7 +137,7 @@ def test_rtn_run_records_bit_accounting_and_the_plan(tmp_path):
 def test_exported_packed_model_reloads_and_evaluates_like_the_bq_model(tmp_path):
     """quant.export_packed writes a transformers checkpoint of the packed BQ model; model=local evaluates it."""
     proc = run_py("experiment=smoke", "eval=ppl", "eval.datasets=[code,chat]", "quant.export_packed=true",
-                  results_dir=tmp_path / "bq")
+                  "quant.switching.policy=paper", results_dir=tmp_path / "bq")  # its channel rows are packed
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = records(tmp_path / "bq")
     record = json.loads(path.read_text())
@@ -171,6 +171,9 @@ def test_stream_mode_switches_once_per_change_of_dataset(tmp_path):
     assert segments[0]["switches"] == []  # the first segment is the detector's reference
     for segment in segments[1:]:
         assert len(segment["switches"]) == 1 and segment["latency"] <= 8, segment
+        # KL to FP16 over the stream, before and after the switch the detector fired
+        assert 0 < segment["kl_before_switch"] < 1 and 0 < segment["kl_after_switch"] < 1, segment
+    assert all(len(s["window_kl"]) == 32 and 0 < s["kl"] < 1 for s in segments)
     assert set(record["metrics"]["ppl_bq"]) == {"code", "chat"} and record["switching"]["policy"] == "adaptive"
 
 

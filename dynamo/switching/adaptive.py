@@ -6,8 +6,9 @@ BQ's KL damage removed). Here the channels are chosen per dataset, from its own 
 
 Kept: the FP16 master copy of every routed expert (`ExpertMaster`, host memory, taken before
 quantization). On the device: BQ, plus slots worth at most `budget_frac` of the routed experts'
-FP16 bytes (values + int32 indices for rows and columns; for an expert raised to 8 bits, the
-extra bytes of its 8-bit codes and group scales over its BQ codes).
+FP16 bytes: rows and columns at `slot_bits` (16: FP16 values; 8: RTN-8 codes with an fp16 scale
+and zero per group, about half the bytes, so twice the slots) + an int32 index each; an expert
+raised to 8 bits costs the extra bytes of its 8-bit codes over its BQ codes.
 
 `switch_to(windows)`:
 1. profile the windows (a routed capture of the model as it is, i.e. quantized): per expert, the
@@ -136,17 +137,20 @@ class AdaptiveSwitcher:
     """Holds a BQ-quantized model; a switch restores the slots its new data needs most."""
 
     def __init__(self, model, plan: QuantPlan, master: ExpertMaster, *, budget_frac: float = 0.01,
-                 candidates: str = "all", scoring: str = "hessian", batch_size: int = 8):
+                 candidates: str = "rows_cols", scoring: str = "hessian", slot_bits: int = 8, batch_size: int = 8):
         if candidates not in CANDIDATES:
             raise UserError(f"unknown quant.switching.candidates '{candidates}'; choose one of {', '.join(CANDIDATES)}")
         if scoring not in SCORINGS:
             raise UserError(f"unknown quant.switching.scoring '{scoring}'; choose one of {', '.join(SCORINGS)}")
         if not 0.0 < budget_frac < 1.0:
             raise UserError(f"quant.switching.budget_frac must be in (0, 1), got {budget_frac}")
+        if slot_bits not in (16, 8):
+            raise UserError(f"quant.switching.slot_bits must be 16 or 8, got {slot_bits}")
         master.validate(model)
         self.model, self.plan, self.master = model, plan, master
         self.candidates, self.scoring, self.batch_size = candidates, scoring, batch_size
-        self.budget_frac = float(budget_frac)
+        self.budget_frac, self.slot_bits = float(budget_frac), int(slot_bits)
+        self.group_size = plan.default.group_size
         self.budget_nbytes = int(budget_frac * master.fp16_nbytes)
         self.layers = {layer.index: layer for layer in moe_layers(model)}
         self.vocab = model.get_input_embeddings().num_embeddings
@@ -240,10 +244,10 @@ class AdaptiveSwitcher:
                     expert_err += err
                     out, inp = master.shape
                     if self.candidates in ("rows", "rows_cols", "all"):
-                        cands += [(r, inp * VALUE_BYTES + INDEX_BYTES, ROW, key, j)
+                        cands += [(r, self.slot_nbytes(inp), ROW, key, j)
                                   for j, r in enumerate(row_red.tolist()) if r > 0]
                     if self.candidates in ("rows_cols", "all"):
-                        cands += [(c, out * VALUE_BYTES + INDEX_BYTES, COLUMN, key, j)
+                        cands += [(c, self.slot_nbytes(out), COLUMN, key, j)
                                   for j, c in enumerate(col_red.tolist()) if c > 0]
                     if self.candidates in ("experts8", "all") and self.bq_bits[key] < 8:
                         d8 = master - quantize_rtn(master.float(), spec8).dequantize().double()
@@ -270,7 +274,7 @@ class AdaptiveSwitcher:
             gained += reduction
             if kind == EXPERT:
                 experts8.add(key[:2])
-            if self.budget_nbytes - spent < INDEX_BYTES + VALUE_BYTES:
+            if self.budget_nbytes - spent < self.slot_nbytes(1):
                 break
         if experts8:  # rows/columns of an expert chosen before its whole expert was: refunded, not written
             chosen = [c for c in chosen if c[2] == EXPERT or c[3][:2] not in experts8]
@@ -291,8 +295,12 @@ class AdaptiveSwitcher:
                 slot = Slot(k, kind, j)
                 slot.bq = slot.read(bq_cache[k])
                 master = self.master.weights[k]
-                values = (quantize_rtn(master.float(), spec8).dequantize() if kind == EXPERT
-                          else slot.read(master))
+                if kind == EXPERT:
+                    values = quantize_rtn(master.float(), spec8).dequantize()
+                elif self.slot_bits == 8:  # the slice on its own 8-bit grid (groups along it)
+                    values = quantize_rtn(slot.read(master).float()[None], spec8).dequantize()[0]
+                else:
+                    values = slot.read(master)
                 writes.append((slot, values))
                 new_slots.append(slot)
         return writes, new_slots
@@ -313,14 +321,22 @@ class AdaptiveSwitcher:
 
     # --- accounting -------------------------------------------------------------------------
 
+    def slot_nbytes(self, length: int) -> int:
+        """Device bytes of one row/column slot of `length` values: FP16 values, or 8-bit codes with an
+        fp16 scale and zero per group; plus its int32 index."""
+        if self.slot_bits == 16:
+            return length * VALUE_BYTES + INDEX_BYTES
+        group = length if self.group_size == -1 else self.group_size
+        return length + -(-length // group) * 2 * VALUE_BYTES + INDEX_BYTES
+
     def extra_nbytes(self) -> int:
         total = 0
         for s in self.slots:
             out, inp = self.master.weights[s.key].shape
             if s.kind == ROW:
-                total += inp * VALUE_BYTES + INDEX_BYTES
+                total += self.slot_nbytes(inp)
             elif s.kind == COLUMN:
-                total += out * VALUE_BYTES + INDEX_BYTES
+                total += self.slot_nbytes(out)
             else:
                 total += (8 - self.bq_bits[s.key]) * out * inp // 8
         return total
@@ -330,7 +346,8 @@ class AdaptiveSwitcher:
         bits = {k: torch.full(self.master.weights[k].shape, float(b)) for k, b in self.bq_bits.items()
                 if any(s.key == k for s in self.slots)}
         for s in self.slots:
-            s.write(bits[s.key], torch.tensor(8.0 if s.kind == EXPERT else 16.0).expand_as(s.read(bits[s.key])))
+            width = 8.0 if s.kind == EXPERT else float(self.slot_bits)
+            s.write(bits[s.key], torch.tensor(width).expand_as(s.read(bits[s.key])))
         total = sum(self.master.weights[k].numel() for k in self.bq_bits)
         exact = sum(b * self.master.weights[k].numel() for k, b in self.bq_bits.items() if k not in bits)
         exact += sum(float(t.sum()) for t in bits.values())
@@ -347,7 +364,7 @@ class AdaptiveSwitcher:
                               weights_rewritten=written)
 
     def summary(self) -> dict:
-        return {"policy": "adaptive", "candidates": self.candidates, "scoring": self.scoring,
+        return {"policy": "adaptive", "candidates": self.candidates, "scoring": self.scoring, "slot_bits": self.slot_bits,
                 "budget_frac": self.budget_frac, "budget_nbytes": self.budget_nbytes,
                 "expert_fp16_nbytes": self.master.fp16_nbytes, "master_nbytes": self.master.nbytes,
                 "master_location": "host"}

@@ -66,4 +66,4 @@ class AdaptivePolicy:
 
         sw = cfg.quant.switching
         return AdaptiveSwitcher(model, plan, prepared, budget_frac=sw.budget_frac, candidates=sw.candidates.value,
-                                scoring=sw.scoring.value, batch_size=cfg.analysis.batch_size)
+                                scoring=sw.scoring.value, slot_bits=sw.slot_bits, batch_size=cfg.analysis.batch_size)

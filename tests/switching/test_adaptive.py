@@ -124,3 +124,21 @@ def test_policies_are_one_table_and_the_config_enum_follows_it():
         assert SWITCH_POLICIES.get(name).name == name
     with pytest.raises(UserError, match="unknown quant.switching.policy 'oracle'; choose one of adaptive, paper"):
         SWITCH_POLICIES.get("oracle")
+
+
+def test_8_bit_slots_fit_more_rows_and_restore_exactly():
+    s, fp16, sw16 = setup("olmoe", budget_frac=0.05, candidates="rows_cols")
+    bq = state(s.model)
+    sw8 = AdaptiveSwitcher(s.model, s.plan, sw16.master, budget_frac=0.05, candidates="rows_cols", slot_bits=8)
+    ids = tokens(HIGH, 2, 12, 3)
+    n16 = len(sw16.switch_to(ids) and sw16.slots)
+    sw16.restore_bq()
+    report = sw8.switch_to(ids)
+    # (about twice as many at real row lengths; here rows hold 8-16 values, so group scales weigh more)
+    assert report.extra_nbytes <= sw8.budget_nbytes and len(sw8.slots) > n16
+    for slot in sw8.slots[-1:]:  # the last written (a row and a column may share a weight; the later wins)
+        expected = quantize_rtn(slot.read(sw8.master.weights[slot.key]).float()[None],
+                                QSpec(8, s.plan.default.group_size)).dequantize()[0]
+        assert torch.equal(slot.read(sw8.weight(slot.key)), expected)
+    sw8.restore_bq()
+    assert all(torch.equal(v, bq[k]) for k, v in s.model.state_dict().items())
