@@ -78,14 +78,14 @@ def evaluate_perplexity(loaded, documents: dict, sources: dict, eval_cfg,
             before(name)
         ids = tokenize_corpus(loaded.tokenizer, docs, sources[name].separator)
         windows = make_windows(ids, eval_cfg.seqlen, eval_cfg.max_windows, name)
-        on_logits = None
+        on_logprobs = None
         if reference is not None and record_reference:
-            on_logits = reference.recorder(name, windows, loaded.model.get_output_embeddings().out_features)
+            on_logprobs = reference.recorder(name, windows, loaded.model.get_output_embeddings().out_features)
         elif reference is not None:
-            on_logits, fidelity[name] = reference.comparer(name, windows)
+            on_logprobs, fidelity[name] = reference.comparer(name, windows)
         result = token_perplexity(loaded.model, windows, eval_cfg.batch_size,
                                   available_windows=ids.numel() // eval_cfg.seqlen, corpus_tokens=ids.numel(),
-                                  desc=f"ppl {name}", on_logits=on_logits)
+                                  desc=f"ppl {name}", on_logprobs=on_logprobs)
         ppl[name] = result.ppl
         window_nll[name] = result.window_nll
         protocol[name] = {**result.protocol(), "split": eval_cfg.split, "documents": len(docs),
@@ -296,7 +296,7 @@ def record_stream_reference(loaded, segments: list, reference: ReferenceLogprobs
     vocab = loaded.model.get_output_embeddings().out_features
     for k, (name, windows) in enumerate(segments):
         token_perplexity(loaded.model, windows, batch_size, desc=f"stream reference {name}",
-                         on_logits=reference.recorder(f"stream/{k}", windows, vocab))
+                         on_logprobs=reference.recorder(f"stream/{k}", windows, vocab))
 
 
 def evaluate_stream(loaded, documents: dict, sources: dict, cfg: DictConfig, switcher,
@@ -310,7 +310,8 @@ def evaluate_stream(loaded, documents: dict, sources: dict, cfg: DictConfig, swi
     d = cfg.quant.switching.detector
     detector = RoutingShiftDetector(window=d.window, threshold=d.threshold, patience=d.patience, cooldown=d.cooldown)
     report = run_stream(loaded.model, segments, detector, switcher, batch_size=cfg.eval.stream_batch_size,
-                        on_logits=(lambda s, start, logits: meters[s][0](start, logits)) if meters else None)
+                        on_logits=(lambda s, start, logits: meters[s][0](
+                            start, torch.log_softmax(logits[:, :-1].float(), dim=-1))) if meters else None)
     out = report.to_dict()
     for k, segment in enumerate(report.segments):
         kl = ""

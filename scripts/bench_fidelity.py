@@ -66,10 +66,10 @@ def main() -> None:
             times["plain"].append(timed(lambda: token_perplexity(loaded.model, windows, args.batch_size)))
             rec = ref.recorder(args.domain, windows, vocab)
             times["record"].append(timed(lambda: token_perplexity(loaded.model, windows, args.batch_size,
-                                                                  on_logits=rec)))
+                                                                  on_logprobs=rec)))
             cmp, _ = ref.comparer(args.domain, windows)
             times["compare"].append(timed(lambda: token_perplexity(loaded.model, windows, args.batch_size,
-                                                                   on_logits=cmp)))
+                                                                   on_logprobs=cmp)))
             nbytes = ref.nbytes
     med = {k: statistics.median(v) for k, v in times.items()}
     run_ratio = (med["record"] + 2 * med["compare"]) / (3 * med["plain"])

@@ -74,7 +74,7 @@ def evaluate(model, windows: torch.Tensor, reference: ReferenceLogprobs, key: st
         callback, fid = reference.recorder(key, windows, vocab), None
     else:
         callback, fid = reference.comparer(key, windows)
-    result = token_perplexity(model, windows, batch_size=8, on_logits=callback)
+    result = token_perplexity(model, windows, batch_size=8, on_logprobs=callback)
     out = {"nll": result.window_nll, "ppl": result.ppl}
     if fid is not None:
         out.update(kl=fid.kl, top1=fid.top1)

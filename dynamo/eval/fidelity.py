@@ -8,9 +8,12 @@ later pass over the same windows reads them back window by window and compares. 
 reference is held in RAM beyond one batch, so a big vocabulary costs disk, not memory.
 
 What is stored per predicted token, by `topk`:
-- None (default): the full log-probability vector in float16 (vocab * 2 bytes; 8 MiB per
-  512-token window at the embedded models' 8k vocabulary). KL is exact up to that rounding,
-  which is common to every pass compared against the same reference.
+- None (default): the full probability vector p in float16 (vocab * 2 bytes; 8 MiB per
+  512-token window at the embedded models' 8k vocabulary), with sum p log p and sum p over those
+  stored p (float32) and the argmax. A later pass reuses the log-probs its loss is computed from
+  (dynamo.eval.perplexity), so KL = sum p log p - sum p log q is one product-sum per token.
+  Exact up to the float16 rounding of p, which is common to every pass compared against the
+  same reference (an identical model scores 0).
 - k: the k largest log-probabilities (float16) and their token ids (int32), sorted. KL is then
   the KL of the distributions coarsened to {top-k tokens, the rest}: sum over the top k of
   p (log p - log q) + p_rest (log p_rest - log q_rest), a lower bound of the full KL (data
@@ -46,12 +49,6 @@ class WindowFidelity:
     @property
     def mean_top1(self) -> float:
         return float(np.mean(self.top1))
-
-
-def _kl_full(ref: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ref, logq: [b, T, V] log-probs -> per-token KL(ref || q) and top-1 agreement [b, T]."""
-    kl = (ref.exp() * (ref - logq)).sum(-1)
-    return kl.clamp_min(0.0), (ref.argmax(-1) == logq.argmax(-1)).float()
 
 
 def _kl_topk(values: torch.Tensor, index: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,35 +91,42 @@ class ReferenceLogprobs:
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.dir.glob("*.npy"))
 
-    def _open(self, name: str, suffix: str, dtype) -> np.memmap:
-        return np.lib.format.open_memmap(self._path(name, suffix), mode="w+", dtype=dtype, shape=self.shapes[name])
+    def _open(self, name: str, suffix: str, dtype, shape: tuple) -> np.memmap:
+        return np.lib.format.open_memmap(self._path(name, suffix), mode="w+", dtype=dtype, shape=shape)
 
     def _path(self, name: str, suffix: str) -> Path:
         return self.dir / f"{list(self.shapes).index(name)}_{suffix}.npy"  # dataset names need not be file-safe
 
     def recorder(self, name: str, windows: torch.Tensor, vocab: int):
-        """Callback (first window index, logits [b, T, V]) that stores the reference of `windows`."""
+        """Callback (first window index, next-token log-probs [b, T - 1, V]) storing the reference of `windows`."""
         n, seqlen = windows.shape
         width = vocab if self.topk is None else min(self.topk, vocab)
         self.shapes[name] = (n, seqlen - 1, width)
         self.done[name] = 0
-        values = self._open(name, "values", np.float16)
-        index = self._open(name, "index", np.int32) if self.topk is not None else None
+        values = self._open(name, "values", np.float16, self.shapes[name])
+        if self.topk is None:  # per token: sum p log p and sum p over the stored p, and the argmax
+            extra = (self._open(name, "token", np.float32, (n, seqlen - 1, 2)),
+                     self._open(name, "top1", np.int32, (n, seqlen - 1)))
+        else:
+            extra = (self._open(name, "index", np.int32, self.shapes[name]),)
 
-        def record(start: int, logits: torch.Tensor) -> None:
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            stop = start + len(logits)
-            if index is None:
-                values[start:stop] = logp.to(torch.float16).cpu().numpy()
-            else:
-                top = logp.topk(width, dim=-1, sorted=True)
-                values[start:stop] = top.values.to(torch.float16).cpu().numpy()
-                index[start:stop] = top.indices.to(torch.int32).cpu().numpy()
-            self.done[name] = max(self.done[name], stop)
+        def record(start: int, logprobs: torch.Tensor) -> None:
+            for w in range(len(logprobs)):  # one window at a time: [T, V] temporaries, not [b, T, V]
+                logp = logprobs[w]
+                if self.topk is None:
+                    p = logp.exp().to(torch.float16)
+                    pf = p.float()
+                    values[start + w] = p.cpu().numpy()
+                    extra[0][start + w] = torch.stack([(pf * logp).sum(-1), pf.sum(-1)], -1).cpu().numpy()
+                    extra[1][start + w] = logp.argmax(-1).to(torch.int32).cpu().numpy()
+                else:
+                    top = logp.topk(width, dim=-1, sorted=True)
+                    values[start + w] = top.values.to(torch.float16).cpu().numpy()
+                    extra[0][start + w] = top.indices.to(torch.int32).cpu().numpy()
+            self.done[name] = max(self.done[name], start + len(logprobs))
             if self.done[name] == n:
-                values.flush()
-                if index is not None:
-                    index.flush()
+                for m in (values, *extra):
+                    m.flush()
 
         return record
 
@@ -134,21 +138,26 @@ class ReferenceLogprobs:
         if tuple(windows.shape) != (n, t + 1):
             raise RuntimeError(f"'{name}': the reference covers {n} windows of {t + 1} tokens, "
                                f"this pass {tuple(windows.shape)}")
-        values = np.load(self._path(name, "values"), mmap_mode="r")
-        index = np.load(self._path(name, "index"), mmap_mode="r") if self.topk is not None else None
+        load = lambda suffix: np.load(self._path(name, suffix), mmap_mode="r")  # noqa: E731
+        values = load("values")
+        extra = (load("token"), load("top1")) if self.topk is None else (load("index"),)
         out = WindowFidelity()
 
-        def compare(start: int, logits: torch.Tensor) -> None:
-            logq = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            stop = start + len(logits)
-            ref = torch.from_numpy(np.array(values[start:stop])).to(logq.device).float()
-            if index is None:
-                kl, agree = _kl_full(ref, logq)
-            else:
-                ids = torch.from_numpy(np.array(index[start:stop])).to(logq.device).long()
-                kl, agree = _kl_topk(ref, ids, logq)
-            out.kl += kl.double().mean(dim=1).tolist()
-            out.top1 += agree.double().mean(dim=1).tolist()
+        def compare(start: int, logprobs: torch.Tensor) -> None:
+            for w in range(len(logprobs)):  # one window at a time: [T, V] temporaries, not [b, T, V]
+                logq = logprobs[w]
+                ref = torch.from_numpy(np.array(values[start + w])).to(logq.device).float()
+                if self.topk is None:
+                    # KL = sum p log p (stored) - sum p log q: one product-sum per token
+                    token = torch.from_numpy(np.array(extra[0][start + w])).to(logq.device)
+                    kl = (token[:, 0] - (ref * logq).sum(-1)).clamp_min(0.0)
+                    top1 = torch.from_numpy(np.array(extra[1][start + w])).to(logq.device)
+                    agree = (logq.argmax(-1) == top1).float()
+                else:
+                    ids = torch.from_numpy(np.array(extra[0][start + w])).to(logq.device).long()
+                    kl, agree = _kl_topk(ref, ids, logq)
+                out.kl.append(float(kl.double().mean()))
+                out.top1.append(float(agree.double().mean()))
 
         return compare, out
 

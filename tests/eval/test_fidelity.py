@@ -20,11 +20,13 @@ def _exact(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 def _run(ref: ReferenceLogprobs, p_logits, q_logits, batch=4):
     windows = torch.zeros(p_logits.shape[:2], dtype=torch.long)
     record = ref.recorder("d", windows, p_logits.shape[-1])
+    logp = torch.log_softmax(p_logits[:, :-1], -1)   # what token_perplexity hands the meter
+    logq = torch.log_softmax(q_logits[:, :-1], -1)
     for start in range(0, len(p_logits), batch):
-        record(start, p_logits[start:start + batch])
+        record(start, logp[start:start + batch])
     compare, out = ref.comparer("d", windows)
     for start in range(0, len(q_logits), batch):
-        compare(start, q_logits[start:start + batch])
+        compare(start, logq[start:start + batch])
     return out
 
 
@@ -66,3 +68,30 @@ def test_comparer_refuses_other_windows_or_missing_reference():
             ref.comparer("d", torch.zeros(3, 9, dtype=torch.long))
         with pytest.raises(RuntimeError, match="no complete reference"):
             ref.comparer("other", torch.zeros(6, 9, dtype=torch.long))
+
+
+class _LM(torch.nn.Module):
+    def __init__(self, vocab=40, hidden=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = torch.nn.Embedding(vocab, hidden), torch.nn.Linear(hidden, vocab)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids, use_cache=False):
+        return type("Out", (), {"logits": self.head(self.emb(input_ids)) * 4})()
+
+
+def test_the_meter_sees_the_losses_log_probs_and_leaves_ppl_unchanged():
+    from dynamo.eval.perplexity import token_perplexity
+
+    model, windows = _LM(), torch.randint(0, 40, (5, 7), generator=torch.Generator().manual_seed(1))
+    plain = token_perplexity(model, windows, batch_size=2)
+    with ReferenceLogprobs() as ref:
+        recorded = token_perplexity(model, windows, batch_size=2, on_logprobs=ref.recorder("d", windows, 40))
+        compare, out = ref.comparer("d", windows)
+        compared = token_perplexity(model, windows, batch_size=2, on_logprobs=compare)
+    assert recorded.window_nll == pytest.approx(plain.window_nll, rel=1e-6)
+    assert compared.ppl == pytest.approx(plain.ppl, rel=1e-6)
+    assert max(out.kl) < 1e-3 and out.mean_top1 == 1.0 and len(out.kl) == 5
