@@ -161,8 +161,3 @@ class ReferenceLogprobs:
 
         return compare, out
 
-
-def stored_bytes_per_token(vocab: int, topk: int | None) -> int:
-    """Disk bytes the reference takes per predicted token (for sizing eval.kl_topk)."""
-    return 2 * vocab if topk is None else 6 * min(topk, vocab)
-
