@@ -9,10 +9,7 @@ switcher once BQ is in the model. A switcher offers `switch_to(windows)` (a repo
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 class PaperPolicy:
