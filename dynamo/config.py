@@ -15,6 +15,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from .registry import SWITCH_POLICIES
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 
@@ -156,12 +158,38 @@ class DetectorConfig:
     cooldown: int = 8                       # batches after a switch before the next one may fire
 
 
+# One member per entry of dynamo.registry.SWITCH_POLICIES (the table is the single source of names).
+SwitchPolicy = Enum("SwitchPolicy", {name: name for name in SWITCH_POLICIES.names})
+
+
+class SwitchCandidates(Enum):
+    rows = "rows"              # output rows of every projection
+    rows_cols = "rows_cols"    # rows and input columns under one budget
+    experts8 = "experts8"      # whole experts raised to 8 bits
+    all = "all"                # all three
+
+
+class SwitchScoring(Enum):
+    hessian = "hessian"        # second order: routed, router-weighted X^T X per expert (GPTQ's errors are correlated)
+    output = "output"          # its diagonal E[x^2] only; gate/up errors carried to the expert's output
+    local = "local"            # the diagonal, each projection's error in its own output space
+
+
 @dataclass
 class SwitchingConfig:
-    """DynaMo's online stage (spec Step 3, DQS): channel-level switching from an FP16 cache."""
+    """DynaMo's online stage (spec Step 3, DQS). `policy` picks what a switch restores:
+    adaptive (ours): slots chosen per dataset from an FP16 master copy (candidates, scoring, budget_frac);
+    paper: the FP16 cache of channels fixed offline, re-allocated per dataset (channel_mode, mix)."""
     enabled: bool = False
+    policy: SwitchPolicy = SwitchPolicy.adaptive
+    # adaptive defaults: the best on held-out calib windows of the novel domains (scripts/dqs_fidelity.py)
+    budget_frac: float = 0.01               # adaptive: device-resident slot bytes / routed experts' FP16 bytes
+    candidates: SwitchCandidates = SwitchCandidates.rows_cols
+    scoring: SwitchScoring = SwitchScoring.hessian
+    slot_bits: int = 8                      # adaptive: rows/columns restored as RTN-8 (8, half the bytes) or FP16 (16)
     channel_mode: ChannelMode = ChannelMode.fp16
-    mix: float = 0.5                        # weight of the new dataset's significance against the known ones
+    mix: float = 1.0                        # paper: weight of the new dataset's significance against the known
+                                            #   ones (1.0: the paper re-clusters on the new dataset alone)
     sample_windows: int = 4                 # calib-split windows (analysis.seqlen) a switch profiles; never test
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
@@ -225,7 +253,10 @@ class EvalConfig:
     split: str = "test"
     seqlen: int = 512
     max_windows: Optional[int] = None       # per dataset; None = every full window
-    reference: bool = False                 # quantized runs: also the 16-bit model's PPL, before quantizing
+    reference: bool = False                 # quantized runs: also the 16-bit model's PPL, before quantizing,
+                                            #   and every later pass's KL to it (dynamo/eval/fidelity.py)
+    kl_topk: Optional[int] = None           # reference log-probs kept per token: None = all (vocab x 2 bytes
+                                            #   on disk), k = the top k + the rest's mass (big vocabularies)
     stream: Optional[list[str]] = None      # DQS runs: also serve these datasets' test windows in this order,
     stream_windows: int = 16                #   this many windows each, with the routing-shift detector on
     stream_batch_size: int = 2

@@ -10,6 +10,7 @@ import os
 import random
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,12 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ExportFormat, QuantMethod, SourceConfig, SourceKind, to_container
 from .data import known_datasets, load_documents, sources_of
 from .errors import UserError
-from .finite import check_finite, check_weights_finite
+from .eval.fidelity import ReferenceLogprobs
 from .eval.perplexity import make_windows, token_perplexity, tokenize_corpus
+from .export import check_export, write_export
+from .finite import check_finite, check_weights_finite
 from .loggers import publish
 from .models import is_packed, load_model
-from .export import check_export, write_export
-from .records import RESULT_FILE, make_record, write_json_atomic
+from .records import RESULT_FILE, WINDOW_KL_BQ_FILE, WINDOW_KL_FILE, make_record, write_json_atomic
+from .registry import SWITCH_POLICIES
 from .stats import MC_CORRECT_FILE
 from .validate import check_required, validate_run
 
@@ -59,25 +62,43 @@ def selected_sources(cfg: DictConfig) -> dict:
 
 
 def evaluate_perplexity(loaded, documents: dict, sources: dict, eval_cfg,
-                        before: Callable[[str], None] | None = None) -> tuple[dict, dict, dict]:
-    """PPL per dataset, its protocol, and each window's mean loss (for paired comparisons of runs).
+                        before: Callable[[str], None] | None = None, reference: ReferenceLogprobs | None = None,
+                        record_reference: bool = False) -> tuple[dict, dict, dict, dict]:
+    """PPL per dataset, its protocol, each window's mean loss (for paired comparisons of runs) and,
+    with `reference`, each window's fidelity to it (dataset -> WindowFidelity; the reference pass
+    itself, `record_reference`, stores its log-probs there instead).
     `before(name)` runs before each dataset is evaluated (DQS switches the model there)."""
-    ppl, protocol, window_nll = {}, {}, {}
+    ppl, protocol, window_nll, fidelity = {}, {}, {}, {}
     for name, docs in documents.items():
         if before is not None:
             before(name)
         ids = tokenize_corpus(loaded.tokenizer, docs, sources[name].separator)
         windows = make_windows(ids, eval_cfg.seqlen, eval_cfg.max_windows, name)
+        on_logprobs = None
+        if reference is not None and record_reference:
+            on_logprobs = reference.recorder(name, windows, loaded.model.get_output_embeddings().out_features)
+        elif reference is not None:
+            on_logprobs, fidelity[name] = reference.comparer(name, windows)
         result = token_perplexity(loaded.model, windows, eval_cfg.batch_size,
                                   available_windows=ids.numel() // eval_cfg.seqlen, corpus_tokens=ids.numel(),
-                                  desc=f"ppl {name}")
+                                  desc=f"ppl {name}", on_logprobs=on_logprobs)
         ppl[name] = result.ppl
         window_nll[name] = result.window_nll
         protocol[name] = {**result.protocol(), "split": eval_cfg.split, "documents": len(docs),
                           "separator": sources[name].separator,
                           "tokenizer": getattr(loaded.tokenizer, "name_or_path", None)}
-        log.info("ppl %-12s %10.3f  (%d windows x %d tokens)", name, result.ppl, result.windows, result.seqlen)
-    return ppl, protocol, window_nll
+        log.info("ppl %-12s %10.3f  (%d windows x %d tokens)%s", name, result.ppl, result.windows, result.seqlen,
+                 f"  KL {fidelity[name].mean_kl:.5f}  top-1 {fidelity[name].mean_top1:.4f}" if name in fidelity else "")
+    return ppl, protocol, window_nll, fidelity
+
+
+def record_fidelity(metrics: dict, window_kl: dict, fidelity: dict, key: str, suffix: str = "") -> None:
+    """metrics.kl<suffix> / metrics.top1_agree<suffix> per dataset, and the per-window KL for window_kl*.json."""
+    if not fidelity:
+        return
+    metrics[f"kl{suffix}"] = {name: f.mean_kl for name, f in fidelity.items()}
+    metrics[f"top1_agree{suffix}"] = {name: f.mean_top1 for name, f in fidelity.items()}
+    window_kl[key] = {name: f.kl for name, f in fidelity.items()}
 
 
 def evaluate_lm_eval(loaded, documents: dict, eval_cfg):
@@ -129,16 +150,25 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {cfg.model.name} allows "
                         f"({loaded.max_length} positions); use eval.seqlen<={loaded.max_length}")
 
-    metrics, window_nll = {}, {}
-    if cfg.eval.reference and cfg.quant.method != QuantMethod.none:
-        t = time.perf_counter()
-        metrics["ppl_fp16"], _, window_nll["fp16"] = evaluate_perplexity(loaded, documents, sources, cfg.eval)
-        timings["eval_ppl_fp16_s"] = time.perf_counter() - t
+    metrics, window_nll, window_kl = {}, {}, {}
+    with ExitStack() as cleanup:
+        reference = None
+        if cfg.eval.reference and cfg.quant.method != QuantMethod.none:
+            # the FP16 pass also stores its log-probs (on disk) for the KL of every later pass
+            reference = cleanup.enter_context(ReferenceLogprobs(cfg.eval.kl_topk))
+            t = time.perf_counter()
+            metrics["ppl_fp16"], _, window_nll["fp16"], _ = evaluate_perplexity(
+                loaded, documents, sources, cfg.eval, reference=reference, record_reference=True)
+            if cfg.eval.stream and cfg.quant.switching.enabled:
+                record_stream_reference(loaded, stream_segments(loaded, documents, sources, cfg), reference,
+                                        cfg.eval.batch_size)
+            timings["eval_ppl_fp16_s"] = time.perf_counter() - t
 
-    stage = quantize_or_calibrate(loaded, cfg, run_dir, timings)
-    calibration, quantization, analysis = stage.calibration, stage.quantization, stage.analysis
+        stage = quantize_or_calibrate(loaded, cfg, run_dir, timings)
+        calibration, quantization, analysis = stage.calibration, stage.quantization, stage.analysis
 
-    ppl, ppl_protocol, switching = evaluate_run(loaded, documents, sources, cfg, stage, metrics, window_nll, timings)
+        ppl, ppl_protocol, switching = evaluate_run(loaded, documents, sources, cfg, stage, metrics, window_nll,
+                                                    timings, reference=reference, window_kl=window_kl)
     metrics = {"ppl": ppl, **metrics}
     protocol = {"ppl": ppl_protocol}
     if quantization is not None:
@@ -188,9 +218,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             "try model.dtype=float32); nothing was recorded")
     check_finite(record, "the run's record", hint)
     check_finite(window_nll, "the per-window losses", hint)
+    check_finite(window_kl, "the per-window KL", hint)
     for key, name in (("run", WINDOW_NLL_FILE), ("fp16", WINDOW_NLL_FP16_FILE), ("bq", WINDOW_NLL_BQ_FILE)):
         if key in window_nll:
             write_json_atomic(run_dir / name, window_nll[key])
+    for key, name in (("run", WINDOW_KL_FILE), ("bq", WINDOW_KL_BQ_FILE)):
+        if key in window_kl:
+            write_json_atomic(run_dir / name, window_kl[key])
     write_json_atomic(run_dir / RESULT_FILE, record)
     publish(record, cfg.logger, run_dir)
     return record
@@ -205,36 +239,39 @@ class QuantStage:
     analysis: dict | None = None
     switcher: object | None = None   # dynamo.switching.DynamicSwitcher when DQS is on
     codes: dict | None = None        # the quantizer's integer codes, kept for quant.export=packed
-    cache_s: float = 0.0
+    cache_s: float = 0.0             # the DQS policy's preparation on the FP16 model (cache or master copy)
 
     def switching_summary(self) -> dict:
-        sw = self.switcher
-        return {"channel_mode": sw.channel_mode, "mix": sw.mix, "cache": sw.cache.summary(),
-                "cache_build_s": round(self.cache_s, 3), "bq_copy_nbytes": sw.bq_copy_nbytes,
-                "artifact": "channel_cache"}
+        return {**self.switcher.summary(), "prepare_s": round(self.cache_s, 3)}
 
 
 def evaluate_run(loaded, documents: dict, sources: dict, cfg: DictConfig, stage: QuantStage, metrics: dict,
-                 window_nll: dict, timings: dict) -> tuple[dict, dict, dict | None]:
-    """The run's PPL; with DQS, BQ alone first (metrics.ppl_bq), then BQ + DQS switched to each
-    dataset's calib split before it is evaluated, then the stream if eval.stream asks for it."""
+                 window_nll: dict, timings: dict, reference: ReferenceLogprobs | None = None,
+                 window_kl: dict | None = None) -> tuple[dict, dict, dict | None]:
+    """The run's PPL (and, with `reference`, its KL to FP16); with DQS, BQ alone first (metrics.ppl_bq,
+    metrics.kl_bq), then BQ + DQS switched to each dataset's calib split before it is evaluated, then
+    the stream if eval.stream asks for it."""
     switcher, switching, before = stage.switcher, None, None
+    window_kl = {} if window_kl is None else window_kl
     if switcher is not None:
         t = time.perf_counter()
-        metrics["ppl_bq"], _, window_nll["bq"] = evaluate_perplexity(loaded, documents, sources, cfg.eval,
-                                                                     before=lambda name: switcher.restore_bq())
+        metrics["ppl_bq"], _, window_nll["bq"], fidelity = evaluate_perplexity(
+            loaded, documents, sources, cfg.eval, before=lambda name: switcher.restore_bq(), reference=reference)
+        record_fidelity(metrics, window_kl, fidelity, "bq", "_bq")
         timings["eval_ppl_bq_s"] = time.perf_counter() - t
         switching = {"switches": {}}
         before = partial(switch_before_eval, switcher, loaded.tokenizer, cfg, sources, switching["switches"])
     t = time.perf_counter()
-    ppl, protocol, window_nll["run"] = evaluate_perplexity(loaded, documents, sources, cfg.eval, before=before)
+    ppl, protocol, window_nll["run"], fidelity = evaluate_perplexity(loaded, documents, sources, cfg.eval,
+                                                                     before=before, reference=reference)
+    record_fidelity(metrics, window_kl, fidelity, "run")
     timings["eval_ppl_s"] = time.perf_counter() - t
     if switcher is not None:
         switcher.restore_bq()  # lm-eval and anything after see BQ
         switching.update(stage.switching_summary())
         if cfg.eval.stream:
             t = time.perf_counter()
-            metrics["stream"] = evaluate_stream(loaded, documents, sources, cfg, switcher)
+            metrics["stream"] = evaluate_stream(loaded, documents, sources, cfg, switcher, reference)
             switcher.restore_bq()
             timings["eval_stream_s"] = time.perf_counter() - t
     return ppl, protocol, switching
@@ -250,28 +287,61 @@ def switch_before_eval(switcher, tokenizer, cfg: DictConfig, sources: dict, repo
     summary = report.to_dict()
     summary.pop("shares", None)
     reports[name] = summary
+    summary.pop("top", None)
     log.info("DQS %-12s %d expert(s) changed, %.1f ms (profile %.1f ms), exact bits %.3f", name,
              report.experts_changed, 1e3 * report.total_s, 1e3 * report.profile_s, report.exact_bits)
 
 
-def evaluate_stream(loaded, documents: dict, sources: dict, cfg: DictConfig, switcher) -> dict:
-    """Serve eval.stream's datasets one after another; the detector decides when DQS switches."""
-    from .switching import RoutingShiftDetector, run_stream
-
+def stream_segments(loaded, documents: dict, sources: dict, cfg: DictConfig) -> list[tuple[str, torch.Tensor]]:
+    """eval.stream's (dataset, windows): test windows evenly spaced over each split, so a segment is
+    the dataset, not its first few documents."""
     segments = []
     for name in cfg.eval.stream:
         ids = tokenize_corpus(loaded.tokenizer, documents[name], sources[name].separator)
         windows = make_windows(ids, cfg.eval.seqlen, None, name)
-        # evenly spaced over the split, so a segment is the dataset, not its first few documents
         pick = torch.linspace(0, len(windows) - 1, min(cfg.eval.stream_windows, len(windows))).round().long()
         segments.append((name, windows[pick]))
+    return segments
+
+
+def record_stream_reference(loaded, segments: list, reference: ReferenceLogprobs, batch_size: int) -> None:
+    """The FP16 model's log-probs of the stream's windows, for its KL before and after each switch."""
+    vocab = loaded.model.get_output_embeddings().out_features
+    for k, (name, windows) in enumerate(segments):
+        token_perplexity(loaded.model, windows, batch_size, desc=f"stream reference {name}",
+                         on_logprobs=reference.recorder(f"stream/{k}", windows, vocab))
+
+
+def evaluate_stream(loaded, documents: dict, sources: dict, cfg: DictConfig, switcher,
+                    reference: ReferenceLogprobs | None = None) -> dict:
+    """Serve eval.stream's datasets one after another; the detector decides when DQS switches.
+    With `reference`, each segment also reports its KL to FP16 before and after its first switch."""
+    from .switching import RoutingShiftDetector, run_stream
+
+    segments = stream_segments(loaded, documents, sources, cfg)
+    meters = [reference.comparer(f"stream/{k}", w) for k, (_, w) in enumerate(segments)] if reference else None
     d = cfg.quant.switching.detector
     detector = RoutingShiftDetector(window=d.window, threshold=d.threshold, patience=d.patience, cooldown=d.cooldown)
-    report = run_stream(loaded.model, segments, detector, switcher, batch_size=cfg.eval.stream_batch_size)
-    for segment in report.segments:
-        log.info("stream %-12s batches %3d-%3d  ppl %9.3f  switches at %s", segment.dataset, segment.first_batch,
-                 segment.first_batch + segment.batches - 1, segment.ppl, segment.switches or "-")
+    report = run_stream(loaded.model, segments, detector, switcher, batch_size=cfg.eval.stream_batch_size,
+                        on_logits=(lambda s, start, logits: meters[s][0](
+                            start, torch.log_softmax(logits[:, :-1].float(), dim=-1))) if meters else None)
     out = report.to_dict()
+    for k, segment in enumerate(report.segments):
+        kl = ""
+        if meters:
+            per_window = meters[k][1].kl
+            seg = out["segments"][k]
+            seg["kl"] = float(np.mean(per_window))
+            seg["window_kl"] = per_window
+            if segment.switches:  # the switch applies from the batch after the one that fired
+                cut = (segment.switches[0] - segment.first_batch + 1) * cfg.eval.stream_batch_size
+                seg["kl_before_switch"] = float(np.mean(per_window[:cut]))
+                seg["kl_after_switch"] = float(np.mean(per_window[cut:])) if cut < len(per_window) else None
+                kl = f"  KL {seg['kl_before_switch']:.5f} -> {seg['kl_after_switch'] or float('nan'):.5f}"
+            else:
+                kl = f"  KL {seg['kl']:.5f}"
+        log.info("stream %-12s batches %3d-%3d  ppl %9.3f  switches at %s%s", segment.dataset, segment.first_batch,
+                 segment.first_batch + segment.batches - 1, segment.ppl, segment.switches or "-", kl)
     for event in out["events"]:  # keep the record readable: the switch's widths live in the run log
         if event["switch"] is not None:
             event["switch"] = {k: event["switch"][k] for k in ("experts_changed", "total_s", "exact_bits")}
@@ -295,9 +365,12 @@ def check_switching(cfg: DictConfig) -> None:
     if not needs_analysis(cfg.quant):
         raise UserError("quant.switching.enabled=true needs a DynaMo allocation (quant.allocation.method=fcm or "
                         "budget) and no quant.plan file")
-    if sw.channel_mode.value == "requant" and cfg.analysis.channel_unit.value == "neuron":
+    if sw.policy.value == "paper" and sw.channel_mode.value == "requant" and cfg.analysis.channel_unit.value == "neuron":
         raise UserError("quant.switching.channel_mode=requant needs analysis.channel_unit=row (a neuron's down "
                         "column shares its quantization groups); use channel_mode=fp16")
+    if not 0.0 < sw.budget_frac < 1.0:
+        raise UserError(f"quant.switching.budget_frac must be in (0, 1) (a share of the routed experts' FP16 bytes), "
+                        f"got {sw.budget_frac}")
     if not 0.0 <= sw.mix <= 1.0 or sw.sample_windows < 1:
         raise UserError(f"quant.switching: mix must be in [0, 1] and sample_windows >= 1, got mix={sw.mix}, "
                         f"sample_windows={sw.sample_windows}")
@@ -311,15 +384,18 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
     if cfg.quant.method != QuantMethod.none:
         from .quant.stage import needs_analysis, quantize
 
-        significance, cache = None, None
+        significance, policy, prepared = None, None, None
         if needs_analysis(cfg.quant):
             significance, stage.analysis = run_analysis(loaded, cfg, run_dir, timings)
-            if cfg.quant.switching.enabled:
-                cache = build_channel_cache(loaded, cfg, significance, run_dir, stage)
+            if cfg.quant.switching.enabled:  # what a switch restores from, taken before quantizing
+                policy = SWITCH_POLICIES.get(cfg.quant.switching.policy)
+                t = time.perf_counter()
+                prepared = policy.prepare(loaded.model, cfg, significance, run_dir)
+                stage.cache_s = time.perf_counter() - t
         t = time.perf_counter()
         result = quantize(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), known, cfg.quant, cfg.calib,
                           cfg.model.name, significance=significance,
-                          errors=cache.rtn_error if cache is not None else None)  # measured once, by the cache
+                          errors=policy.quantize_errors(prepared) if policy is not None else None)
         timings["quantize_s"] = time.perf_counter() - t
         check_weights_finite(loaded.model, "after quantization", "raise quant.damp (e.g. quant.damp=0.1) "
                              "or try quant.method=rtn on this model")
@@ -332,13 +408,8 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
             offline = stage.analysis["capture_s"] + timings["quantize_s"]
             stage.analysis["share_of_offline"] = round(stage.analysis["capture_s"] / offline, 4) if offline else None
             write_dynamo_figures(cfg, run_dir, significance, result.plan)
-        if cache is not None:
-            from .switching import DynamicSwitcher
-
-            sw = cfg.quant.switching
-            stage.switcher = DynamicSwitcher(loaded.model, result.plan, significance, cache, cfg.quant.allocation,
-                                             channel_mode=sw.channel_mode.value, mix=sw.mix,
-                                             batch_size=cfg.analysis.batch_size)
+        if policy is not None:
+            stage.switcher = policy.build(loaded.model, result.plan, significance, prepared, cfg)
     elif cfg.calib.enabled:
         from .calibration.stage import calibrate
 
@@ -348,20 +419,6 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
     if stats is not None:
         stage.calibration = report_coverage(stats, list(cfg.calib.datasets or known), run_dir)
     return stage
-
-
-def build_channel_cache(loaded, cfg: DictConfig, significance, run_dir: Path, stage: QuantStage):
-    """DQS's FP16 cache of the dynamic channels, from the model before it is quantized."""
-    from .switching import ChannelCache
-
-    t = time.perf_counter()
-    alloc = cfg.quant.allocation
-    cache = ChannelCache.build(loaded.model, significance, cfg.analysis.dynamic_channel_frac,
-                               widths=list(alloc.widths) if alloc.method.value == "budget" else [],
-                               group_size=cfg.quant.group_size, sym=cfg.quant.sym)
-    stage.cache_s = time.perf_counter() - t
-    cache.save(run_dir / "channel_cache")
-    return cache
 
 
 def run_analysis(loaded, cfg: DictConfig, run_dir: Path, timings: dict):

@@ -24,6 +24,10 @@ from .config import REPO_ROOT
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
+# Beside result.json, {dataset: [mean KL(FP16 || quantized) of each window, in window order]}, over the
+# same windows as window_nll*.json; metrics.kl / metrics.top1_agree (and *_bq for BQ alone) are their means.
+WINDOW_KL_FILE = "window_kl.json"
+WINDOW_KL_BQ_FILE = "window_kl_bq.json"
 # Keys that say where or how a run is logged (or whether to redo it), not what it computes.
 # Resuming (resume.py) matches stored hashes: a change here must keep config_hash(record["config"])
 # equal to each existing record's config_hash (excluding a key that old configs lack does).

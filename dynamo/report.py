@@ -9,12 +9,17 @@ def summary_table(record: dict, known: list[str]) -> str:
     # beside the run's PPL: the same model before quantizing, and BQ alone when DQS switched
     extra = [(title, record["metrics"][key]) for title, key in (("BQ PPL", "ppl_bq"), ("FP16 PPL", "ppl_fp16"))
              if key in record["metrics"]]
-    rows = [("dataset", "role", "token PPL", *(t for t, _ in extra), "windows", "bits/byte (lm-eval)")]
+    # fidelity to the FP16 model: mean token KL (nats), of the run and of BQ alone
+    kl = [(title, record["metrics"][key]) for title, key in (("KL", "kl"), ("BQ KL", "kl_bq"))
+          if key in record["metrics"]]
+    rows = [("dataset", "role", "token PPL", *(t for t, _ in extra), *(t for t, _ in kl), "windows",
+             "bits/byte (lm-eval)")]
     for name, value in ppl.items():
         windows = record["protocol"]["ppl"][name]["windows"]
         bpb = lm_eval.get(f"dynamo_{name}", {}).get("bits_per_byte")
         rows.append((name, "known" if name in known else "novel", f"{value:.3f}",
-                     *(f"{m[name]:.3f}" for _, m in extra), str(windows), "" if bpb is None else f"{bpb:.4f}"))
+                     *(f"{m[name]:.3f}" for _, m in extra), *(f"{m[name]:.5f}" for _, m in kl), str(windows),
+                     "" if bpb is None else f"{bpb:.4f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
@@ -33,9 +38,15 @@ def summary_table(record: dict, known: list[str]) -> str:
     switching = record.get("switching")
     if switching:
         switches = switching["switches"].values()
-        lines.append(f"DQS ({switching['channel_mode']}): cache {switching['cache']['nbytes']} bytes, "
-                     f"{max(s['total_s'] for s in switches) * 1e3:.0f} ms per switch at most, "
-                     f"exact bits up to {max(s['exact_bits'] for s in switches):.3f}")
+        slowest = max(s["total_s"] for s in switches) * 1e3
+        exact = max(s["exact_bits"] for s in switches)
+        if switching.get("policy") == "adaptive":
+            lines.append(f"DQS (adaptive, {switching['candidates']}): slots up to "
+                         f"{max(s['extra_nbytes'] for s in switches)} bytes (budget {switching['budget_nbytes']}), "
+                         f"{slowest:.0f} ms per switch at most, exact bits up to {exact:.3f}")
+        else:
+            lines.append(f"DQS (paper, {switching['channel_mode']}): cache {switching['cache']['nbytes']} bytes, "
+                         f"{slowest:.0f} ms per switch at most, exact bits up to {exact:.3f}")
     analysis = record.get("analysis")
     if analysis:
         lines.append(f"analysis: {analysis['metric']} on {', '.join(analysis['datasets'])}, "

@@ -9,7 +9,10 @@ default, calibrated on the known domains' windows) or with --quantizer rtn. Then
 from the BQ state, `switch_to` is timed on --switch-windows windows of each novel domain
 (email, legal, math, chat; calib split), split into profile / allocate / requant, next to a
 full re-quantization of the whole model from FP16 with the same quantizer and plan (for GPTQ:
-its calibration pass included, as a re-quantization must redo it), measured in the same run. Medians over --repeats. Token PPL on --ppl-windows test
+its calibration pass included, as a re-quantization must redo it), measured in the same run.
+The paper's switch (--modes, --mix) and the adaptive policy (the default; --budget-frac) are
+timed alike; the adaptive switch is split into profile (routed capture with Hessians) / select /
+write. Medians over --repeats. Token PPL on --ppl-windows test
 windows of each novel domain: FP16, BQ, and BQ + the switch (the same windows for all three).
 Writes results/benchmarks/switching.json.
 """
@@ -40,12 +43,14 @@ from dynamo.quant import QSpec, QuantPlan, apply_plan, bit_accounting, quantize_
 from dynamo.quant.allocation import allocate_dynamo  # noqa: E402
 from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
 from dynamo.switching import ChannelCache, DynamicSwitcher  # noqa: E402
+from dynamo.switching.adaptive import AdaptiveSwitcher, ExpertMaster  # noqa: E402
 
 MODEL = REPO / "assets" / "models" / "tiny-olmoe"
 KNOWN = ["code", "docs", "speeches", "literature"]
 NOVEL = ["email", "legal", "math", "chat"]
 TARGETS = {"switch_over_full_requant": 0.05, "cache_over_expert_bytes": 0.011}
 PARTS = ("profile_s", "allocate_s", "requant_s", "total_s")
+ADAPTIVE_PARTS = ("profile_s", "select_s", "write_s", "total_s")
 
 
 def timed(fn):
@@ -67,6 +72,7 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=4, help="test windows per novel domain (0: no PPL)")
     parser.add_argument("--frac", type=float, default=0.01, help="dynamic_channel_frac")
     parser.add_argument("--mix", type=float, default=0.5)
+    parser.add_argument("--budget-frac", type=float, default=0.01, help="adaptive policy: slot bytes / FP16 expert bytes")
     parser.add_argument("--modes", nargs="+", default=["requant", "fp16"], choices=["requant", "fp16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq",
@@ -172,6 +178,33 @@ def main() -> None:
             "median_switch_s": statistics.median(totals),
             "median_switch_over_full_requant": statistics.median(totals) / full_s,
             "within_target": statistics.median(totals) / full_s <= TARGETS["switch_over_full_requant"]}
+    # the adaptive policy (the default): slots chosen per domain from the FP16 master copy
+    model = copy.deepcopy(bq_model)
+    adaptive = AdaptiveSwitcher(model, plan, ExpertMaster(fp16_model), budget_frac=args.budget_frac)
+    ppl_bq = {d: ppl(model, d) for d in ppl_windows}
+    domains = {}
+    for d, w in novel.items():
+        runs = []
+        for _ in range(args.repeats):
+            adaptive.restore_bq()
+            runs.append(adaptive.switch_to(w))
+        last = runs[-1]
+        med = {p: statistics.median(getattr(r, p) for r in runs) for p in ADAPTIVE_PARTS}
+        domains[d] = {**{p: round(v, 5) for p, v in med.items()},
+                      "switch_over_full_requant": med["total_s"] / full_s,
+                      "slots": last.slots, "extra_nbytes": last.extra_nbytes, "weights_rewritten": last.weights_rewritten,
+                      "exact_bits": last.exact_bits,
+                      "ppl": ({"fp16": ppl_fp16[d], "bq": ppl_bq[d], "bq_dqs": ppl(model, d)} if ppl_windows else None)}
+        print(f"adaptive {d:>6}: switch {med['total_s'] * 1e3:7.1f} ms (profile {med['profile_s'] * 1e3:6.1f}, "
+              f"select {med['select_s'] * 1e3:6.1f}, write {med['write_s'] * 1e3:5.1f}) = "
+              f"{domains[d]['switch_over_full_requant']:.2f} x full requant; {last.extra_nbytes} slot bytes")
+    totals = [v["total_s"] for v in domains.values()]
+    result["adaptive"] = {
+        "budget_frac": args.budget_frac, "budget_nbytes": adaptive.budget_nbytes, "candidates": adaptive.candidates,
+        "scoring": adaptive.scoring, "master_nbytes_host": adaptive.master.nbytes, "domains": domains,
+        "median_switch_s": statistics.median(totals),
+        "median_switch_over_full_requant": statistics.median(totals) / full_s,
+        "within_target": statistics.median(totals) / full_s <= TARGETS["switch_over_full_requant"]}
     result.update(wall_s=round(time.perf_counter() - started, 1), threads=torch.get_num_threads(),
                   device=device_info(torch.device("cpu")), versions=package_versions())
     write_json_atomic(args.out, result)

@@ -49,6 +49,18 @@ def test_smoke_run_on_the_embedded_model_writes_a_complete_record(tmp_path):
     assert set(record["metrics"]["ppl_fp16"]) == DOMAINS
     assert record["analysis"]["datasets"] == ["code", "docs", "speeches", "literature"]
     assert 0 < record["analysis"]["share_of_offline"] < 1
+    # fidelity to FP16 (KL, top-1 agreement) for the run and for BQ alone, per window beside the record
+    metrics = record["metrics"]
+    for key in ("kl", "kl_bq", "top1_agree", "top1_agree_bq"):
+        assert set(metrics[key]) == DOMAINS, key
+    assert all(0 < metrics["kl_bq"][d] < 1 and 0.5 < metrics["top1_agree_bq"][d] <= 1 for d in DOMAINS)
+    for name, key in (("window_kl.json", "kl"), ("window_kl_bq.json", "kl_bq")):
+        per_window = json.loads((path.parent / name).read_text())
+        assert {d: sum(v) / len(v) for d, v in per_window.items()} == pytest.approx(metrics[key])
+        assert all(len(v) == 4 for v in per_window.values())
+    assert record["switching"]["policy"] == "adaptive"
+    assert 0 < max(s["extra_nbytes"] for s in record["switching"]["switches"].values()) \
+        <= record["switching"]["budget_nbytes"] <= 0.011 * record["switching"]["expert_fp16_nbytes"]
     for name in ("plan.json", "significance.safetensors", "window_nll.json", "window_nll_fp16.json",
                  "figures/significance.png", "figures/expert_change.png", "figures/bit_map.png"):
         assert (path.parent / name).is_file(), name
@@ -130,7 +142,7 @@ def test_rtn_run_records_bit_accounting_and_the_plan(tmp_path):
 def test_exported_packed_model_reloads_and_evaluates_like_the_bq_model(tmp_path):
     """quant.export=packed writes a transformers checkpoint of the packed BQ model; model=local evaluates it."""
     proc = run_py("experiment=smoke", "eval=ppl", "eval.datasets=[code,chat]", "quant.export=packed",
-                  results_dir=tmp_path / "bq")
+                  "quant.switching.policy=paper", results_dir=tmp_path / "bq")  # its channel rows are packed
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = records(tmp_path / "bq")
     record = json.loads(path.read_text())
@@ -165,7 +177,21 @@ def test_stream_mode_switches_once_per_change_of_dataset(tmp_path):
     assert segments[0]["switches"] == []  # the first segment is the detector's reference
     for segment in segments[1:]:
         assert len(segment["switches"]) == 1 and segment["latency"] <= 8, segment
-    assert set(record["metrics"]["ppl_bq"]) == {"code", "chat"} and record["switching"]["cache"]["nbytes"] > 0
+        # KL to FP16 over the stream, before and after the switch the detector fired
+        assert 0 < segment["kl_before_switch"] < 1 and 0 < segment["kl_after_switch"] < 1, segment
+    assert all(len(s["window_kl"]) == 32 and 0 < s["kl"] < 1 for s in segments)
+    assert set(record["metrics"]["ppl_bq"]) == {"code", "chat"} and record["switching"]["policy"] == "adaptive"
+
+
+@pytest.mark.slow
+def test_paper_policy_runs_with_its_channel_cache(tmp_path):
+    proc = run_py("experiment=smoke", "quant=dynamo_paper", "eval=ppl", "eval.datasets=[chat]", results_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = records(tmp_path)
+    record = json.loads(path.read_text())
+    assert record["switching"]["policy"] == "paper" and record["switching"]["mix"] == 1.0
+    assert record["switching"]["cache"]["nbytes"] > 0 and (path.parent / "channel_cache.safetensors").is_file()
+    assert set(record["metrics"]["kl"]) == set(record["metrics"]["kl_bq"]) == {"chat"}
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ context carried across windows). This is not lm-eval's `word_perplexity`.
 from __future__ import annotations
 
 import math
+from typing import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -59,7 +60,10 @@ def input_device(model: torch.nn.Module) -> torch.device:
 @torch.no_grad()
 def token_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
                      available_windows: int | None = None, corpus_tokens: int | None = None,
-                     desc: str = "ppl") -> PerplexityResult:
+                     desc: str = "ppl", on_logprobs: Callable[[int, torch.Tensor], None] | None = None
+                     ) -> PerplexityResult:
+    """`on_logprobs(first window index, log-probs [b, T - 1, V])` sees every batch's next-token
+    log-probabilities (the KL meter), computed once for the loss and for it."""
     device = input_device(model)
     total_nll, predicted, window_nll = 0.0, 0, []
     batches = range(0, len(windows), batch_size)
@@ -67,8 +71,14 @@ def token_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: 
         batch = windows[start:start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         # fp32 loss: bf16 logits lose ~0.5% of PPL on large vocabularies
-        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                     reduction="none").view(len(batch), -1)
+        if on_logprobs is None:
+            token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                         reduction="none").view(len(batch), -1)
+        else:  # the same loss from log-probs the KL meter reuses (cross_entropy = log_softmax + gather)
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            token_loss = -logprobs.gather(-1, batch[:, 1:, None]).squeeze(-1)
+            on_logprobs(start, logprobs)
+            del logprobs
         total_nll += token_loss.sum().item()
         window_nll += token_loss.mean(dim=1).tolist()
         predicted += batch[:, 1:].numel()

@@ -64,12 +64,17 @@ def write(loaded, stage, cfg: DictConfig, run_dir: Path) -> dict:
     cache = None
     if stage.switcher is not None:
         stage.switcher.restore_bq()
-        cache = stage.switcher.cache
+        # the paper policy's channel cache travels as packed channel rows; the adaptive policy's slots
+        # (chosen per dataset at run time, rows and columns) have no packed layout yet: BQ alone is exported
+        cache = getattr(stage.switcher, "cache", None)
     attach_packed(model, pack_experts(model, stage.codes, cache))
     stage.codes = None  # packed now; the codes' memory goes back
     target = run_dir / EXPORT_DIR
     save_packed(model, loaded.tokenizer, target)
-    return _memory(model, stage.quantization["bits"]) | {"path": EXPORT_DIR, "checkpoint_nbytes": nbytes(target)}
+    dqs = ("paper channel rows" if cache is not None else
+           "none: adaptive slots are not packed yet" if stage.switcher is not None else "none")
+    return _memory(model, stage.quantization["bits"]) | {"dqs": dqs, "path": EXPORT_DIR,
+                                                         "checkpoint_nbytes": nbytes(target)}
 
 
 def save_packed(model, tokenizer, target: Path) -> None:

@@ -84,8 +84,9 @@ def _batch_loss(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
 
 
 def run_stream(model, segments: list[tuple[str, torch.Tensor]], detector: RoutingShiftDetector, switcher=None, *,
-               batch_size: int = 4) -> StreamReport:
-    """Feed the segments batch by batch; switch (if `switcher` is given) whenever the detector fires."""
+               batch_size: int = 4, on_logits=None) -> StreamReport:
+    """Feed the segments batch by batch; switch (if `switcher` is given) whenever the detector fires.
+    `on_logits(segment index, first window index in the segment, logits)` sees every batch (the KL meter)."""
     if not segments:
         raise UserError("run_stream needs at least one (dataset, windows) segment")
     for name, windows in segments:
@@ -103,6 +104,8 @@ def run_stream(model, segments: list[tuple[str, torch.Tensor]], detector: Routin
         for start in range(0, len(windows), batch_size):
             ids = windows[start:start + batch_size]
             logits, counts = forward_with_routing(model, ids)
+            if on_logits is not None:
+                on_logits(s, start, logits)
             loss, n = _batch_loss(logits, ids)
             nll, tokens = nll + loss, tokens + n
             recent.append(ids)

@@ -66,6 +66,22 @@ def _name(x) -> str:
     return getattr(x, "value", x)
 
 
+def check_token_windows(windows, vocab: int) -> torch.Tensor:
+    """A non-empty [N, T] tensor of integer ids inside the vocabulary, or one clear UserError."""
+    if not isinstance(windows, torch.Tensor):
+        raise UserError(f"switch_to needs a tensor of token ids, got {type(windows).__name__}")
+    if windows.dim() != 2 or windows.numel() == 0:
+        raise UserError(f"switch_to needs a non-empty [windows, seqlen] tensor of token ids, "
+                        f"got shape {tuple(windows.shape)}")
+    if windows.is_floating_point() or windows.is_complex() or windows.dtype == torch.bool:
+        raise UserError(f"switch_to needs integer token ids, got dtype {windows.dtype}")
+    low, high = int(windows.min()), int(windows.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise UserError(f"token id {bad} is outside the model's vocabulary [0, {vocab})")
+    return windows.long()
+
+
 def _write(store: ChannelStore, key: Key, values: torch.Tensor) -> None:
     """One slice into the model. A module-level seam so tests can make writing fail half-way."""
     store.write(key, values)
@@ -171,26 +187,12 @@ class DynamicSwitcher:
         self.plan.validate_against({i: layer.n_experts for i, layer in layers.items()},
                                    {i for i, layer in layers.items() if layer.shared_expert is not None})
 
-    def _check_windows(self, windows) -> torch.Tensor:
-        if not isinstance(windows, torch.Tensor):
-            raise UserError(f"switch_to needs a tensor of token ids, got {type(windows).__name__}")
-        if windows.dim() != 2 or windows.numel() == 0:
-            raise UserError(f"switch_to needs a non-empty [windows, seqlen] tensor of token ids, "
-                            f"got shape {tuple(windows.shape)}")
-        if windows.is_floating_point() or windows.is_complex() or windows.dtype == torch.bool:
-            raise UserError(f"switch_to needs integer token ids, got dtype {windows.dtype}")
-        low, high = int(windows.min()), int(windows.max())
-        if low < 0 or high >= self.vocab:
-            bad = low if low < 0 else high
-            raise UserError(f"token id {bad} is outside the model's vocabulary [0, {self.vocab})")
-        return windows.long()
-
     # --- the switch ------------------------------------------------------------------------
 
     def switch_to(self, windows: torch.Tensor) -> SwitchReport:
         """Profile `windows` [N, T], re-allocate, rewrite the cached channels of experts that changed."""
         t0 = time.perf_counter()
-        windows = self._check_windows(windows)
+        windows = check_token_windows(windows, self.vocab)
         self.store.validate()
         stats = capture(self.model, windows, batch_size=self.batch_size, hessians=False,
                         expert_outputs=self.store.expert_outputs)
@@ -293,6 +295,10 @@ class DynamicSwitcher:
             raise
 
     # --- accounting ------------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        return {"policy": "paper", "channel_mode": self.channel_mode, "mix": self.mix, "cache": self.cache.summary(),
+                "bq_copy_nbytes": self.bq_copy_nbytes, "artifact": "channel_cache"}
 
     @staticmethod
     def _expert_width(widths: dict[Key, int], layer: int, expert: int) -> int:

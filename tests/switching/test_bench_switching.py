@@ -28,3 +28,9 @@ def test_switching_benchmark_writes_its_report(tmp_path):
             assert d["total_s"] == pytest.approx(d["profile_s"] + d["allocate_s"] + d["requant_s"], rel=0.01, abs=1e-4)
             assert d["bytes_moved"] == d["bytes_read"] + d["bytes_written"]
             assert d["switch_over_full_requant"] == pytest.approx(d["total_s"] / report["full_requant_s"], rel=0.01)
+    adaptive = report["adaptive"]
+    assert sorted(adaptive["domains"]) == sorted(report["novel"])
+    for d in adaptive["domains"].values():
+        assert d["total_s"] == pytest.approx(d["profile_s"] + d["select_s"] + d["write_s"], rel=0.01, abs=1e-4)
+        assert 0 < d["extra_nbytes"] <= adaptive["budget_nbytes"]
+    assert adaptive["median_switch_over_full_requant"] > 0

@@ -1,0 +1,66 @@
+"""The DQS policies of dynamo.registry.SWITCH_POLICIES (`quant.switching.policy`).
+
+A policy has two steps: `prepare` runs on the FP16 model before it is quantized (what a switch
+will restore from: the paper's channel cache, or our FP16 master copy) and `build` makes the
+switcher once BQ is in the model. A switcher offers `switch_to(windows)` (a report with
+`to_dict()`, `experts_changed`, `total_s`, `profile_s`, `exact_bits`), `restore_bq()` and
+`summary()` (the record's `switching` block).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PaperPolicy:
+    """The paper's DQS: the FP16 cache of each expert's dynamic channels (fixed offline from the known
+    datasets), re-allocated on the new dataset's shares (`mix`), rewritten for the experts that changed."""
+
+    name = "paper"
+
+    @staticmethod
+    def prepare(model, cfg, significance, run_dir: Path):
+        from .cache import ChannelCache
+
+        alloc = cfg.quant.allocation
+        cache = ChannelCache.build(model, significance, cfg.analysis.dynamic_channel_frac,
+                                   widths=list(alloc.widths) if alloc.method.value == "budget" else [],
+                                   group_size=cfg.quant.group_size, sym=cfg.quant.sym)
+        cache.save(run_dir / "channel_cache")
+        return cache
+
+    @staticmethod
+    def quantize_errors(prepared):
+        return prepared.rtn_error  # the budget allocation's error table, measured once by the cache
+
+    @staticmethod
+    def build(model, plan, significance, prepared, cfg):
+        from .switch import DynamicSwitcher
+
+        sw = cfg.quant.switching
+        return DynamicSwitcher(model, plan, significance, prepared, cfg.quant.allocation,
+                               channel_mode=sw.channel_mode.value, mix=sw.mix, batch_size=cfg.analysis.batch_size)
+
+
+class AdaptivePolicy:
+    """Ours: slots chosen per dataset from its calib split, restored from an FP16 master copy."""
+
+    name = "adaptive"
+
+    @staticmethod
+    def prepare(model, cfg, significance, run_dir: Path):
+        from .adaptive import ExpertMaster
+
+        return ExpertMaster(model)
+
+    @staticmethod
+    def quantize_errors(prepared):
+        return None
+
+    @staticmethod
+    def build(model, plan, significance, prepared, cfg):
+        from .adaptive import AdaptiveSwitcher
+
+        sw = cfg.quant.switching
+        return AdaptiveSwitcher(model, plan, prepared, budget_frac=sw.budget_frac, candidates=sw.candidates.value,
+                                scoring=sw.scoring.value, slot_bits=sw.slot_bits, batch_size=cfg.analysis.batch_size)
