@@ -199,3 +199,23 @@ def test_paired_ppl_refuses_unpaired_or_missing_windows_with_one_error_line(tmp_
     assert paired.main([str(a), str(b), "--file-b", "window_nll_bq.json"]) == 2
     assert "window_nll_bq.json not found" in capsys.readouterr().err
     assert not (tmp_path / "cmp.json").exists()
+
+
+def test_overheads_table_reads_both_switching_policies():
+    """The paper policy records a channel cache and requant times; the adaptive one slot bytes and write times."""
+    tables = _load("make_tables")
+
+    def record(quant, switching):
+        return {"overrides": ["experiment=dynamo_embedded"], "quant": {"name": quant},
+                "model": {"name": "tiny-olmoe"}, "created_at": "2026-12-02T00:00:00", "_path": quant,
+                "analysis": {"capture_s": 2.0, "share_of_offline": 0.25}, "switching": switching,
+                "timings": {"quantize_s": 6.0, "eval_ppl_s": 10.0}}
+
+    paper = record("dynamo_paper", {"cache": {"nbytes": 1000, "fraction_of_expert_bytes_fp16": 0.01},
+                                    "switches": {"chat": {"total_s": 0.5, "requant_s": 0.1}}})
+    adaptive = record("dynamo_3bit", {"expert_fp16_nbytes": 100_000,
+                                      "switches": {"chat": {"total_s": 1.0, "write_s": 0.2, "extra_nbytes": 900},
+                                                   "math": {"total_s": 3.0, "write_s": 0.4, "extra_nbytes": 1000}}})
+    rows = [line for line in tables.render_overheads([paper, adaptive]).splitlines() if line.startswith("| tiny")]
+    assert rows[0].split(" | ")[5:] == ["3000", "400.0", "40.0%", "1000", "1.000% |"]   # adaptive: max slot bytes
+    assert rows[1].split(" | ")[5:] == ["500", "100.0", "5.0%", "1000", "1.000% |"]    # paper: its cache
