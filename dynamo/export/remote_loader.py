@@ -14,14 +14,15 @@ HOW = ("This is a packed DynaMo checkpoint: its routed experts are packed low-bi
        "For a checkpoint any tool loads, export the run with quant.export=dequantized.")
 
 
-def _guard():
-    # imported inside try: transformers' import check skips it, so a missing harness gets this message
+def _harness():
+    # every harness import sits inside this try: transformers' import check skips try blocks, so a
+    # missing harness gets this message instead of "pip install kernels" (an unrelated PyPI package)
     try:
         from dynamo.export import guard
-        import kernels.hf_quantizer  # noqa: F401
+        from kernels.hf_quantizer import load_packed
     except ImportError as err:
         raise ImportError(f"{HOW} (import failed: {err})") from None
-    return guard
+    return guard, load_packed
 
 
 class DynamoPackedConfig(PretrainedConfig):
@@ -31,7 +32,8 @@ class DynamoPackedConfig(PretrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        return _guard().base_config(config_dict, **kwargs)
+        guard, _ = _harness()
+        return guard.base_config(config_dict, **kwargs)
 
 
 class DynamoPackedForCausalLM:
@@ -39,7 +41,5 @@ class DynamoPackedForCausalLM:
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):
-        _guard()
-        import kernels.hf_quantizer
-
-        return kernels.hf_quantizer.load_packed(path, *args, **kwargs)
+        _, load_packed = _harness()
+        return load_packed(path, *args, **kwargs)

@@ -17,9 +17,15 @@ sys.path.insert(0, str(REPO / "tests" / "adapters"))
 
 from tiny_families import build  # noqa: E402
 
-# run by a Python that cannot import this project (-I: no PYTHONPATH, no cwd on sys.path)
+# run by a Python that cannot import this project: -I (no PYTHONPATH, no cwd on sys.path), and the
+# editable install (`pip install -e .`, as the README and CI do) unhooked, so `import dynamo` fails
 OUTSIDE = """
-import json, sys
+import importlib.util, json, sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "").lower()]
+sys.path_hooks = [h for h in sys.path_hooks if "editable" not in repr(h).lower()]
+sys.path = [p for p in sys.path if "__editable__" not in p]
+sys.path_importer_cache.clear()
+assert importlib.util.find_spec("dynamo") is None, "the harness is still importable"
 from transformers import AutoModelForCausalLM
 out = {}
 for name, kwargs in (("plain", {}), ("trusted", {"trust_remote_code": True})):
