@@ -196,10 +196,13 @@ def _layer_output(result) -> torch.Tensor:
 def capture_sequential(model: nn.Module, windows: torch.Tensor,
                        on_layer: Callable[[int, LayerStats | None], bool] | None = None, *, batch_size: int = 8,
                        hessians: bool = True, hessian_weighting: str = "none", min_tokens: int = 0,
-                       policy: str = "warn") -> CalibrationStats:
+                       policy: str = "warn", keep_hessians: bool = True) -> CalibrationStats:
     """Decoder layer by decoder layer. `on_layer(index, stats)` runs after each layer's capture
     (stats is None for dense layers) and returns True if it changed that layer's weights, in
-    which case the layer is re-run so the next layer sees its new outputs."""
+    which case the layer is re-run so the next layer sees its new outputs.
+    keep_hessians=False drops each layer's Hessians once `on_layer` has used them, so only one
+    layer's are alive at a time (at real shapes they are GBs per layer: 48 x 2.4 GB for
+    Qwen3-30B-A3B); tokens and channel statistics are kept for the coverage report."""
     _check_windows(windows)
     adapter = adapter_for(model)
     decoder = get_path(model, adapter.layers)
@@ -251,6 +254,10 @@ def capture_sequential(model: nn.Module, windows: torch.Tensor,
             all_route_all += ra
             all_fallback += fb
         changed = on_layer(index, state.stats.get(index)) if on_layer else False
+        if layer is not None and not keep_hessians:
+            for group in (state.stats[index].routed, state.stats[index].shared):
+                if group is not None:
+                    group.hessian_in = group.hessian_mid = None
         if changed:
             outputs.clear()
             if layer is not None:  # the re-run must not add to the statistics handed out

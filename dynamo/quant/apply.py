@@ -115,5 +115,6 @@ def quantize_sequential(model: nn.Module, plan: QuantPlan, windows: torch.Tensor
         return True
 
     stats = capture_sequential(model, windows, on_layer, batch_size=batch_size, hessians=True,
-                               hessian_weighting=hessian_weighting, min_tokens=min_tokens, policy=policy)
+                               hessian_weighting=hessian_weighting, min_tokens=min_tokens, policy=policy,
+                               keep_hessians=False)  # each layer's are used by on_layer, then freed
     return report, stats

@@ -18,7 +18,7 @@ from dynamo.errors import UserError  # noqa: E402
 from dynamo.quant import (QSpec, QuantPlan, apply_plan, bit_accounting, quantize_gptq, quantize_rtn,  # noqa: E402
                           quantize_sequential)
 from dynamo.quant.export import to_gptqmodel_dynamic  # noqa: E402
-from tiny_families import EXPERTS, HIDDEN, INTER, build  # noqa: E402
+from tiny_families import EXPERTS, HIDDEN, INTER, TOP_K, build  # noqa: E402
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -200,6 +200,12 @@ def test_sequential_gptq_quantizes_every_layer_with_shared_experts():
             assert all(len(row.unique()) <= 2 ** 3 for row in w), "a row is off the 3-bit grid"
         shared = layer.shared_expert.gate_proj.weight
         assert all(len(row.unique()) <= 2 ** 3 for row in shared)
+    # found by the real-shape dry runs: the sequential path kept every layer's Hessians (48 x 2.4 GB
+    # for Qwen3-30B-A3B); each layer's are freed once quantized, its token counts stay for coverage
+    for layer_stats in stats.layers.values():
+        for group in (layer_stats.routed, layer_stats.shared):
+            assert group.hessian_in is None and group.hessian_mid is None
+        assert int(layer_stats.routed.tokens.sum()) == 2 * 16 * TOP_K
 
 
 def test_gptqmodel_dynamic_export_and_its_refusals():

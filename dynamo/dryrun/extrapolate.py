@@ -1,0 +1,105 @@
+"""From a truncated real-shape run to the full model: memory by accounting, seconds by scaling.
+
+GPU memory is not measured here (no GPU): it is the sum of what the pipeline keeps resident,
+each term computed from the exact shapes (meta-device models, ExpertGroupStats.zeros on meta).
+The same accounting applied to the truncated model is checked against the dry run's measured
+peak RSS (`accounting_check`), which is the evidence that no large term is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..adapters import moe_layers
+from ..calibration.stats import ExpertGroupStats
+
+GIB = 1024 ** 3
+
+
+def _nbytes(stats: ExpertGroupStats) -> int:
+    tensors = [stats.tokens, stats.router_weight_sum, stats.hessian_in, stats.hessian_mid]
+    tensors += [t for unit in stats.channels.values() for t in unit.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def layer_stats_nbytes(model, hessians: bool = True) -> dict:
+    """Bytes of one MoE layer's calibration statistics (fp32 Hessians + channel sums), routed and shared,
+    for the largest MoE layer of `model` (allocated on the meta device: nothing is materialised)."""
+    best = {"routed": 0, "shared": 0, "hessian": 0}
+    for layer in moe_layers(model):
+        routed = ExpertGroupStats.zeros(layer.n_experts, layer.hidden_size, layer.intermediate_size, hessians, "meta")
+        out = {"routed": _nbytes(routed), "shared": 0}
+        hess = layer.n_experts * (layer.hidden_size ** 2 + layer.intermediate_size ** 2) * 4 if hessians else 0
+        if layer.shared_expert is not None:
+            s_inter = layer.shared_expert.down_proj.weight.shape[1]
+            out["shared"] = _nbytes(ExpertGroupStats.zeros(1, layer.hidden_size, s_inter, hessians, "meta"))
+            hess += (layer.hidden_size ** 2 + s_inter ** 2) * 4 if hessians else 0
+        out["hessian"] = hess
+        if out["routed"] + out["shared"] > best["routed"] + best["shared"]:
+            best = out
+    return {**best, "total": best["routed"] + best["shared"]}
+
+
+def gptq_work_nbytes(model) -> int:
+    """GPTQ's working set for its largest matrix: fp32 weight, Hessian, its inverse Cholesky, error."""
+    worst = 0
+    for layer in moe_layers(model):
+        for out_f, in_f in ((layer.intermediate_size, layer.hidden_size), (layer.hidden_size, layer.intermediate_size)):
+            worst = max(worst, 4 * (2 * out_f * in_f + 2 * in_f * in_f))
+    return worst
+
+
+def layer_weight_nbytes(model, bytes_per_param: int = 2) -> int:
+    return max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers) * bytes_per_param
+
+
+@dataclass
+class MemoryModel:
+    """Resident bytes of the offline stage (analysis + GPTQ + DQS cache) on one device."""
+
+    weights: int            # the whole model at its dtype
+    one_layer_weights: int  # the largest decoder layer (offloaded path)
+    layer_stats: int        # one MoE layer's statistics (Hessians in fp32)
+    moe_layers: int
+    activations: int        # calibration windows' hidden states in and out of one layer
+    gptq_work: int
+    dqs_cache: int          # FP16 channel cache + BQ copy for the way back
+
+    def sequential(self) -> int:
+        return self.weights + self.layer_stats + self.activations + self.gptq_work + self.dqs_cache
+
+    def one_pass(self) -> int:
+        return self.weights + self.moe_layers * self.layer_stats + self.activations + self.gptq_work + self.dqs_cache
+
+    def offloaded(self) -> int:
+        return self.one_layer_weights + self.layer_stats + self.activations + self.gptq_work + self.dqs_cache
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items()}
+        out.update(sequential_nbytes=self.sequential(), one_pass_nbytes=self.one_pass(),
+                   offloaded_sequential_nbytes=self.offloaded())
+        out.update({k.replace("nbytes", "gib"): round(v / GIB, 2) for k, v in list(out.items()) if k.endswith("nbytes")})
+        return out
+
+
+def memory_model(model, *, calib_tokens: int, hidden: int, dqs_cache: int, bytes_per_param: int = 2) -> MemoryModel:
+    n_moe = len(list(moe_layers(model)))
+    return MemoryModel(weights=sum(p.numel() for p in model.parameters()) * bytes_per_param,
+                       one_layer_weights=layer_weight_nbytes(model, bytes_per_param),
+                       layer_stats=layer_stats_nbytes(model)["total"], moe_layers=n_moe,
+                       activations=2 * calib_tokens * hidden * bytes_per_param,
+                       gptq_work=gptq_work_nbytes(model), dqs_cache=dqs_cache)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """This CPU's fp32 matrix-product throughput (the unit of the CPU-to-GPU ratio)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    import time
+
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e9

@@ -1,0 +1,204 @@
+"""Real-shape dry run on CPU: a paper model's published config, random weights, its first layers,
+through the whole pipeline; measurements and an extrapolation to the full model.
+
+    OMP_NUM_THREADS=2 python scripts/dryrun.py --model qwen-moe [--moe-layers 2]
+
+Steps (each run.py call is a fresh process, timed by /usr/bin/time for its peak RSS):
+  1. build the truncated model (assets/configs/<model>.json; dynamo/dryrun/build.py), bf16, real
+     vocabulary, saved with the embedded tokenizer (8192 tokens, all below every real vocab size);
+  2. `run.py model=local experiment=dryrun`: FP16 reference, analysis on two datasets, BQ with GPTQ
+     layer by layer, a DQS switch per dataset, the packed export;
+  3. `run.py model=local model.path=<packed_model> quant=fp16` in a fresh process: reload and evaluate;
+  4. GPTQ's per-matrix seconds at the real shapes, and this CPU's matmul throughput;
+  5. extrapolation (dynamo/dryrun/extrapolate.py) -> results/benchmarks/dryrun_<model>.json.
+DeepSeek-MoE (remote code, no transformers class) cannot be saved and reloaded by run.py: its
+stand-in (dynamo/dryrun/deepseek_standin.py) is built and checked by tests/test_dryrun.py, but
+its pipeline dry run is not implemented yet (the script refuses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dynamo.adapters import moe_layers  # noqa: E402
+from dynamo.dryrun import build_model, load_real_config, param_bytes  # noqa: E402
+from dynamo.dryrun.build import dense_prefix  # noqa: E402
+from dynamo.dryrun.extrapolate import GIB, matmul_gflops, memory_model  # noqa: E402
+from dynamo.quant import QSpec, quantize_gptq  # noqa: E402
+from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
+
+TOKENIZER = REPO / "assets" / "tokenizer"
+EVAL = ["dataset.known=[code,docs]", "eval.datasets=[code,docs]", "eval.seqlen=128", "eval.max_windows=2",
+        "eval.batch_size=2", "eval.lm_eval.enabled=false", "logger=none"]
+# The full run the extrapolation is for: the README's main command (dataset=embedded, 4 known
+# datasets) with the schema defaults, 32 windows x 512 tokens per dataset for analysis and calibration.
+FULL_TOKENS = {"analysis": 4 * 32 * 512, "calib": 4 * 32 * 512}
+DRY_TOKENS = {"analysis": 2 * 2 * 128, "calib": 2 * 2 * 128}
+# GPU fp32 peak TFLOPS (datasheets: A100 19.5, H100 SXM 67) at an assumed 30% efficiency: the
+# pipeline's per-expert products are small (routed tokens x expert width) and GPTQ's column loop is
+# launch-bound, so a GPU reaches a fraction of peak; the CPU side is measured matmul throughput.
+GPU_FP32_TFLOPS = {"A100": 19.5, "H100": 67.0}
+GPU_EFFICIENCY = 0.30
+
+
+def timed(cmd: list[str], log: Path) -> dict:
+    """Run cmd in a fresh process; its wall seconds and peak RSS (GNU time)."""
+    stats = log.with_suffix(".time")
+    t = time.perf_counter()
+    with log.open("w") as out:
+        rc = subprocess.call(["/usr/bin/time", "-f", "%M", "-o", str(stats), *cmd], stdout=out,
+                             stderr=subprocess.STDOUT, cwd=REPO)
+    wall = time.perf_counter() - t
+    if rc != 0:
+        sys.exit(f"error: {' '.join(cmd[:3])} ... failed (exit {rc}); see {log}")
+    return {"wall_s": round(wall, 2), "peak_rss_gib": round(int(stats.read_text().split()[-1]) * 1024 / GIB, 3)}
+
+
+def gptq_seconds(model, bits: int = 4) -> dict:
+    """Median-free single timing of GPTQ on one routed expert's matrices at the real shapes."""
+    layer = next(iter(moe_layers(model)))
+    spec, gen, out = QSpec(bits, group_size=128), torch.Generator().manual_seed(0), {}
+    for projection in ("gate", "up", "down"):
+        w = layer.weight(0, projection).float()
+        x = torch.randn(2 * w.shape[1], w.shape[1], generator=gen)
+        h = x.T @ x
+        quantize_gptq(w[:8], h, spec)  # warm-up (allocations)
+        t = time.perf_counter()
+        quantize_gptq(w, h, spec)
+        out[projection] = round(time.perf_counter() - t, 3)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--moe-layers", type=int, default=2, help="MoE layers kept (after any dense prefix)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32",
+                   help="CPU has no fast bf16 matmul: float32 by default (memory accounting stays at bf16)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/dynamo-dryrun"))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    out_path = args.out or REPO / "results" / "benchmarks" / f"dryrun_{args.model}.json"
+    values = load_real_config(args.model)
+    layers = dense_prefix(values) + args.moe_layers
+    if values["model_type"] == "deepseek":
+        sys.exit("error: --model deepseek-moe: the pipeline dry run of the remote-code stand-in is not implemented "
+                 "yet (run.py cannot load it); its config and shapes are checked by tests/test_dryrun.py")
+    work = args.work / args.model
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    t = time.perf_counter()
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.model, layers, dtype=dtype)
+    build_s = time.perf_counter() - t
+    dry_params = param_bytes(model)
+    gptq = gptq_seconds(model)
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(work / "model")
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(work / "model")
+    del model
+
+    py = [sys.executable, "run.py", "model=local", f"model.path={work / 'model'}", f"model.name={args.model}",
+          f"model.dtype={args.dtype}", "model.device=cpu"]
+    runs = {"pipeline": timed([*py, "experiment=dryrun", f"hydra.run.dir={work / 'run'}"], work / "run.log")}
+    record = json.loads((work / "run" / "result.json").read_text())
+    packed = work / "run" / "packed_model"
+    runs["reload_packed"] = timed([sys.executable, "run.py", "model=local", f"model.path={packed}",
+                                   f"model.name={args.model}-packed", f"model.dtype={args.dtype}", "model.device=cpu",
+                                   "quant=fp16", *EVAL, f"hydra.run.dir={work / 'reload'}"], work / "reload.log")
+    reload = json.loads((work / "reload" / "result.json").read_text())
+
+    full = build_model(args.model, None, device="meta")
+    full_params = param_bytes(full)
+    meta_dry = build_model(args.model, layers, device="meta")
+    hidden = values["hidden_size"]
+    n_dry, n_full = len(list(moe_layers(meta_dry))), len(list(moe_layers(full)))
+    sw = record["switching"]
+    dqs_dry = sw["cache"]["nbytes"] + sw["bq_copy_nbytes"]
+    mem_dry = memory_model(meta_dry, calib_tokens=DRY_TOKENS["calib"], hidden=hidden, dqs_cache=dqs_dry,
+                           bytes_per_param=dtype.itemsize)
+    mem_full = memory_model(full, calib_tokens=FULL_TOKENS["calib"], hidden=hidden,
+                            dqs_cache=round(dqs_dry * n_full / n_dry))
+
+    # disk: everything but the routed experts at bf16, the routed experts as packed per layer
+    ckpt = record["export"]["checkpoint_nbytes"]
+    width = dtype.itemsize  # the checkpoint keeps non-routed weights at the run's dtype; the full model's at bf16
+    routed_per_layer = (ckpt - width * (dry_params["params"] - dry_params["routed_expert_params"])) / n_dry
+    disk_full = 2 * (full_params["params"] - full_params["routed_expert_params"]) + routed_per_layer * n_full
+
+    # hours: capture-like stages scale with tokens and layers, GPTQ's solves with matrices
+    tm = record["timings"]
+    experts = next(iter(moe_layers(meta_dry))).n_experts
+    solve_layer = experts * sum(gptq.values())
+    gptq_matrices_dry = record["quantization"]["matrices"]
+    solve_dry = min(tm["quantize_s"], gptq_matrices_dry / 3 * sum(gptq.values()))
+    per_layer = {"analysis_s": tm["analysis_s"] / n_dry,
+                 "quantize_capture_s": (tm["quantize_s"] - solve_dry) / n_dry,
+                 "gptq_solve_s_full_tokens": solve_layer,
+                 "dqs_cache_s": sw["cache_build_s"] / n_dry}
+    cpu_s = n_full * (per_layer["analysis_s"] * FULL_TOKENS["analysis"] / DRY_TOKENS["analysis"]
+                      + per_layer["quantize_capture_s"] * FULL_TOKENS["calib"] / DRY_TOKENS["calib"]
+                      + solve_layer + per_layer["dqs_cache_s"])
+    gflops = matmul_gflops()
+    ratio = {gpu: tf * 1e3 * GPU_EFFICIENCY / gflops for gpu, tf in GPU_FP32_TFLOPS.items()}
+    out = {
+        "benchmark": "dryrun", "model": args.model, "source": json.loads(
+            (REPO / "assets" / "configs" / f"{args.model}.json").read_text())["_source"],
+        "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python scripts/dryrun.py --model {args.model} "
+                   f"--moe-layers {args.moe_layers} --dtype {args.dtype}",
+        "truncated": {"layers": layers, "moe_layers": n_dry, "vocab_size": values["vocab_size"], "shrunk": None,
+                      "dtype": args.dtype, "build_s": round(build_s, 2), **dry_params},
+        "full": {"layers": values["num_hidden_layers"], "moe_layers": n_full, **full_params},
+        "runs": runs,
+        "pipeline": {"timings": tm, "ppl_fp16": record["metrics"]["ppl_fp16"], "ppl_bq": record["metrics"]["ppl_bq"],
+                     "ppl_dqs": record["metrics"]["ppl"], "avg_bits": record["metrics"]["avg_bits"],
+                     "gptq_matrices": gptq_matrices_dry, "rtn_fallback": len(record["quantization"]["rtn_fallback"]),
+                     "switches": sw["switches"], "export": record["export"]},
+        "reload": {"ppl": reload["metrics"]["ppl"], "timings": reload["timings"],
+                   "ppl_matches_bq": {d: abs(reload["metrics"]["ppl"][d] / record["metrics"]["ppl_bq"][d] - 1) < 1e-2
+                                      for d in reload["metrics"]["ppl"]}},
+        "per_moe_layer": {**{k: round(v, 3) for k, v in per_layer.items()},
+                          "gptq_s_per_matrix": gptq,
+                          "stats": mem_full.layer_stats, "stats_gib": round(mem_full.layer_stats / GIB, 3),
+                          "weights_gib": round(mem_full.one_layer_weights / GIB, 3),
+                          "packed_routed_gib": round(routed_per_layer / GIB, 3)},
+        "accounting_check": {"predicted_sequential_gib": round(mem_dry.sequential() / GIB, 2),
+                             "measured_peak_rss_gib": runs["pipeline"]["peak_rss_gib"],
+                             "note": "CPU RSS also holds the interpreter, torch, the tokenizer and fp32 temporaries"},
+        "extrapolation": {
+            "gpu_memory": mem_full.to_dict(),
+            "packed_checkpoint_gib": round(disk_full / GIB, 2), "bf16_checkpoint_gib": round(full_params["bytes"] / GIB, 2),
+            "offline_cpu_hours": round(cpu_s / 3600, 2),
+            "cpu_matmul_gflops": round(gflops, 1),
+            "cpu_to_gpu_ratio": {g: round(r, 1) for g, r in ratio.items()},
+            "ratio_basis": f"GPU fp32 peak {GPU_FP32_TFLOPS} TFLOPS x {GPU_EFFICIENCY} efficiency / measured CPU matmul "
+                           "GFLOPS; not measured on a GPU (none available)",
+            "offline_gpu_hours": {g: round(cpu_s / r / 3600, 2) for g, r in ratio.items()},
+            "tokens": {"full": FULL_TOKENS, "dry": DRY_TOKENS},
+            "scope": "offline stage (analysis + calibration capture + GPTQ + DQS cache) of the README's main "
+                     "command; evaluation excluded (it depends on the test split's size)"},
+        "device": device_info(torch.device("cpu")), "versions": package_versions(),
+    }
+    write_json_atomic(out_path, out)
+    e = out["extrapolation"]
+    print(f"{args.model}: peak RSS {runs['pipeline']['peak_rss_gib']} GiB (predicted {out['accounting_check']['predicted_sequential_gib']}); "
+          f"full: sequential {e['gpu_memory']['sequential_gib']} GiB, one-pass {e['gpu_memory']['one_pass_gib']} GiB, "
+          f"offloaded {e['gpu_memory']['offloaded_sequential_gib']} GiB, packed {e['packed_checkpoint_gib']} GiB, "
+          f"{e['offline_gpu_hours']} GPU hours -> {out_path}")
+
+
+if __name__ == "__main__":
+    main()
