@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from .windows import cut_windows
 
 
 @dataclass
@@ -45,12 +46,10 @@ def tokenize_corpus(tokenizer, documents: list[str], separator: str) -> torch.Te
 def make_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, name: str = "dataset",
                  setting: str = "eval.seqlen") -> torch.Tensor:
     """`setting` names the config key of `seqlen` in the message (calibration passes its own)."""
-    available = ids.numel() // seqlen
-    if available == 0:
+    if ids.numel() < seqlen:
         raise UserError(f"{name}: {ids.numel()} tokens is less than one window of {setting}={seqlen}; "
                         f"lower {setting} or add text")
-    n = available if max_windows is None else min(available, max_windows)
-    return ids[: n * seqlen].view(n, seqlen)
+    return cut_windows(ids, seqlen, max_windows)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
