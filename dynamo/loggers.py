@@ -14,13 +14,13 @@ from pathlib import Path
 
 from .config import LoggerBackend, LoggerConfig
 from .errors import UserError
+from .records import MC_CORRECT_FILE, WINDOW_FILES
 
 log = logging.getLogger(__name__)
 
 # Files beside result.json that a run's artifact carries, when present (see results/README.md).
-RUN_ARTIFACT_FILES = ("plan.json", "significance.safetensors", "significance.json", "window_nll.json",
-                      "window_nll_fp16.json", "window_nll_bq.json", "window_kl.json", "window_kl_bq.json",
-                      "mc_correct.json", "coverage.json")
+RUN_ARTIFACT_FILES = ("plan.json", "significance.safetensors", "significance.json", *WINDOW_FILES.values(),
+                      MC_CORRECT_FILE, "coverage.json")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

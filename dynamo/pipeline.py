@@ -24,23 +24,19 @@ from .config import ExportFormat, QuantMethod, SourceConfig, SourceKind, to_cont
 from .data import known_datasets, load_documents, sources_of
 from .errors import UserError
 from .eval.fidelity import ReferenceLogprobs
+from .eval.harness import MC_TASK
 from .eval.perplexity import make_windows, token_perplexity, tokenize_corpus
 from .export import check_export, write_export
 from .finite import check_finite, check_weights_finite
 from .loggers import publish
 from .models import is_packed, load_model
-from .records import RESULT_FILE, WINDOW_KL_BQ_FILE, WINDOW_KL_FILE, make_record, write_json_atomic
+from .records import MC_CORRECT_FILE, RESULT_FILE, WINDOW_FILES, make_record, write_json_atomic
 from .registry import SWITCH_POLICIES
-from .stats import MC_CORRECT_FILE
 from .validate import check_required, validate_run
 
 log = logging.getLogger(__name__)
 
 SUITE_TASKS = "suite"  # in eval.lm_eval.tasks: one rolling-loglikelihood task per evaluated dataset
-MC_TASK = "dynamo_math_mc"
-WINDOW_NLL_FILE = "window_nll.json"  # beside result.json: {dataset: [mean loss of each window]}
-WINDOW_NLL_FP16_FILE = "window_nll_fp16.json"  # the same for the eval.reference pass
-WINDOW_NLL_BQ_FILE = "window_nll_bq.json"      # and for BQ alone, when DQS is on
 
 
 def seed_everything(seed: int) -> None:
@@ -219,12 +215,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     check_finite(record, "the run's record", hint)
     check_finite(window_nll, "the per-window losses", hint)
     check_finite(window_kl, "the per-window KL", hint)
-    for key, name in (("run", WINDOW_NLL_FILE), ("fp16", WINDOW_NLL_FP16_FILE), ("bq", WINDOW_NLL_BQ_FILE)):
+    for key, name in (("run", "ppl"), ("fp16", "ppl_fp16"), ("bq", "ppl_bq")):
         if key in window_nll:
-            write_json_atomic(run_dir / name, window_nll[key])
-    for key, name in (("run", WINDOW_KL_FILE), ("bq", WINDOW_KL_BQ_FILE)):
+            write_json_atomic(run_dir / WINDOW_FILES[name], window_nll[key])
+    for key, name in (("run", "kl"), ("bq", "kl_bq")):
         if key in window_kl:
-            write_json_atomic(run_dir / name, window_kl[key])
+            write_json_atomic(run_dir / WINDOW_FILES[name], window_kl[key])
     write_json_atomic(run_dir / RESULT_FILE, record)
     publish(record, cfg.logger, run_dir)
     return record

@@ -14,20 +14,27 @@ import platform
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from safetensors.torch import save_file
 
 from .config import REPO_ROOT
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
-# Beside result.json, {dataset: [mean KL(FP16 || quantized) of each window, in window order]}, over the
-# same windows as window_nll*.json; metrics.kl / metrics.top1_agree (and *_bq for BQ alone) are their means.
-WINDOW_KL_FILE = "window_kl.json"
-WINDOW_KL_BQ_FILE = "window_kl_bq.json"
+# Per-unit files beside result.json, by the metrics key whose mean they hold; paired comparisons
+# (dynamo.stats) resample them. {dataset: [one value per evaluation window, in window order]}:
+# window_nll* the mean token loss (of the run, of the eval.reference FP16 pass, of BQ alone when DQS
+# is on), window_kl* the mean KL(FP16 || quantized) over the same windows.
+WINDOW_FILES = {"ppl": "window_nll.json", "ppl_fp16": "window_nll_fp16.json", "ppl_bq": "window_nll_bq.json",
+                "kl": "window_kl.json", "kl_bq": "window_kl_bq.json"}
+# {task: {"doc_id": [...], "acc": [0/1 per question], "acc_norm": [...]}} for multiple-choice lm-eval tasks.
+MC_CORRECT_FILE = "mc_correct.json"
 # Keys that say where or how a run is logged (or whether to redo it), not what it computes.
 # Resuming (resume.py) matches stored hashes: a change here must keep config_hash(record["config"])
 # equal to each existing record's config_hash (excluding a key that old configs lack does).
@@ -85,22 +92,36 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Readers see the old file or the complete new one, never a partial write."""
+@contextmanager
+def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary sibling to write to; it replaces `path` when the block succeeds and is removed
+    when it fails, so readers see the old file or the complete new one, never a partial write."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a record is meant to be read
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            # strict JSON: NaN/Infinity are not JSON, and a record holding them must never be written
-            json.dump(payload, f, indent=2, sort_keys=False, default=str, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        # strict JSON: NaN/Infinity are not JSON, and a record holding them must never be written
+        json.dump(payload, f, indent=2, sort_keys=False, default=str, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file (never a pickle), written whole or not at all."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def make_record(*, run_id: str, config: dict, overrides: list[str], device: torch.device, model_info: dict,
@@ -133,7 +154,3 @@ def load_strict_json(path: Path):
     """A JSON file, refusing NaN/Infinity (Python's json accepts them by default)."""
     with open(path, encoding="utf-8") as f:
         return json.load(f, parse_constant=_refuse_constant)
-
-
-def read_record(run_dir: Path) -> dict:
-    return load_strict_json(Path(run_dir) / RESULT_FILE)

@@ -33,15 +33,13 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats as scipy_stats
 
+from .records import MC_CORRECT_FILE, WINDOW_FILES
+
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
 SEED = 0
 
-# Per-unit files beside result.json (written by dynamo.pipeline), by the metrics key they belong to.
-SAMPLE_FILES = {"ppl": "window_nll.json", "ppl_fp16": "window_nll_fp16.json", "ppl_bq": "window_nll_bq.json",
-                "kl": "window_kl.json", "kl_bq": "window_kl_bq.json"}
-# {task: {"doc_id": [...], "acc": [0/1 per question], "acc_norm": [...]}} for multiple-choice lm-eval tasks.
-MC_CORRECT_FILE = "mc_correct.json"
+SAMPLE_FILES = WINDOW_FILES  # the per-unit files beside result.json, by the metrics key they belong to
 
 
 class PairingError(ValueError):

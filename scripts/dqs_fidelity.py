@@ -1,4 +1,4 @@
-"""How much of BQ's KL-to-FP16 damage each DQS policy removes on the novel domains (issue 14).
+"""How much of BQ's KL-to-FP16 damage each DQS policy removes on the novel domains.
 
     OMP_NUM_THREADS=1 python scripts/dqs_fidelity.py [--model tiny-olmoe] [--quant dynamo_3bit]
 

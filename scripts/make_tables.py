@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere, like run.py
 
 from dynamo import stats  # noqa: E402
+from dynamo.eval.harness import MC_TASK  # noqa: E402
+from dynamo.records import atomic_path  # noqa: E402
+
 RUNS = REPO / "results" / "runs"
 OUT = REPO / "results" / "tables"
 MODELS = ("tiny-olmoe", "tiny-qwen-moe")
@@ -254,7 +257,7 @@ def _interval_table(title: str, kind: str, compared, by_label, domains, fmt) -> 
 
 
 def _kl_tables(model: str, rows, by_label, known, novel) -> list[str]:
-    """Mean KL(FP16 || model) per domain, for rows whose record has it (issue 14's metrics.kl*)."""
+    """Mean KL(FP16 || model) per domain, for rows whose record has it (metrics.kl*)."""
     has_kl = [(row, r) for row, r in rows if KL_KEYS.get(row.key) in r["metrics"]]
     if not has_kl:
         return []
@@ -319,7 +322,6 @@ HUB_MODELS = ("olmoe", "moe-girl", "qwen-moe", "deepseek-moe")
 # model config -> mean zero-shot accuracy (%) over the six tasks: FP16, GPTQ-3bit, DynaMo (paper Table II)
 PAPER_TABLE_II = {"olmoe": (51.10, 46.43, 48.94), "moe-girl": (51.30, 46.86, 48.71),
                   "qwen-moe": (55.79, 46.85, 50.62), "deepseek-moe": (60.99, 57.43, 59.51)}
-MC_TASK = "dynamo_math_mc"
 ZERO_SHOT = ("arc_challenge", "arc_easy", "rte", "piqa", "copa", "cb")
 
 
@@ -568,10 +570,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not path.is_file() or path.read_text() != text:
                     stale.append(str(path))
                 continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
             written.append(path)
             print(f"wrote {path}")
     if args.figures and not args.check:

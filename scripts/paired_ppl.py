@@ -15,7 +15,6 @@ Reads each run's `window_nll.json` (written beside `result.json`). Exit status 2
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

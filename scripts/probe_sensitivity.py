@@ -56,7 +56,7 @@ NOVEL = ["email", "legal", "math", "chat"]
 SEPARATOR = "\n\n"
 GROUP_SIZE = 128
 SALIENT_FRACTION = 0.01
-# The issue's targets for a quantization-realistic model (issue 13); judged in `targets`.
+# Targets for a quantization-realistic model (the testbed's, shared/spec/TESTBED.md); judged in `targets`.
 TARGETS = {"gptq3_geomean_ppl_increase": 0.10, "max_over_median_rms": 10.0, "salient_recovery": 0.25}
 
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, OlmoeConfig, PreTrainedTokenizerFast,
                           Qwen2MoeConfig)
@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dynamo.eval.windows import cut_windows  # noqa: E402
+from dynamo.records import save_tensors_atomic, write_json_atomic  # noqa: E402
 ASSETS = REPO / "assets"
 CACHE = Path(os.environ.get("DYNAMO_CACHE", Path.home() / ".cache" / "dynamo")) / "corpora"
 
@@ -81,7 +82,7 @@ COMMON = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=SEQLEN, rms_norm_ep
               tie_word_embeddings=False, output_router_logits=True, router_aux_loss_coef=0.01,
               dtype="float16")
 TINY = dict(COMMON, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
-# The quantization-realistic testbed (issue 13, shared/spec/TESTBED.md): many tokens per
+# The quantization-realistic testbed (shared/spec/TESTBED.md): many tokens per
 # non-embedding parameter (several epochs over every known-domain token), Pre-Norm SwiGLU,
 # BOS at every window start, AdamW at a high learning rate with eps 1e-8 and beta2 0.95, no
 # weight decay on gains and embeddings. Sensitivity must come from training alone.
@@ -208,18 +209,6 @@ def sensitivity_point(model, windows: dict[str, torch.Tensor], loss: dict[str, f
 
 # --- checkpoints: safetensors + JSON (no pickles), written atomically --------------------------
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def save_checkpoint(folder: Path, model, opt, state: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -231,9 +220,9 @@ def save_checkpoint(folder: Path, model, opt, state: dict) -> None:
                 moments[f"{names[id(p)]}::exp_avg"] = st["exp_avg"]
                 moments[f"{names[id(p)]}::exp_avg_sq"] = st["exp_avg_sq"]
                 state.setdefault("adam_step", float(st["step"]))
-    _atomic_save(dict(model.named_parameters()), folder / "model.safetensors")
-    _atomic_save(moments, folder / "optimizer.safetensors")
-    _atomic_json(state, folder / "state.json")  # last: a checkpoint counts only once its state is written
+    save_tensors_atomic(folder / "model.safetensors", dict(model.named_parameters()))
+    save_tensors_atomic(folder / "optimizer.safetensors", moments)
+    write_json_atomic(folder / "state.json", state)  # last: a checkpoint counts only once its state is written
 
 
 def load_checkpoint(folder: Path, model, opt) -> dict:
@@ -300,7 +289,7 @@ def train_model(name: str, max_steps: int | None, resume: bool, checkpoint_minut
         state = {"identity": identity, "step": step, "seconds": round(seconds + time.time() - start, 1),
                  "threads": torch.get_num_threads(), "curve": curve}
         save_checkpoint(folder / "checkpoint", model, opt, state)
-        _atomic_json({"model": name, "steps": steps, "curve": curve}, folder / "curve.json")
+        write_json_atomic(folder / "curve.json", {"model": name, "steps": steps, "curve": curve})
 
     start = last_save = time.time()
     model.train()

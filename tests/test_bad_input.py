@@ -1,4 +1,4 @@
-"""Issue 16, end to end through run.py's command line (in process): every bad input is one `error:`
+"""Bad input, end to end through run.py's command line (in process): every bad input is one `error:`
 line and exit status 2, leaves no run folder, and loses no other run's record."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dynamo.adapters import moe_layers
-from dynamo.dryrun import REAL_MODELS, build_model, load_real_config, param_bytes
+from dynamo.dryrun import REAL_MODELS, build_model, param_bytes
 from dynamo.quant import QSpec, QuantPlan, quantize_sequential
 
 REPO = Path(__file__).resolve().parents[1]

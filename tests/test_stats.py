@@ -100,11 +100,3 @@ def test_accuracy_difference_needs_the_same_questions():
         stats.accuracy_difference(a, {**b, "doc_id": [0, 1, 2, 4]})
     with pytest.raises(stats.PairingError, match="acc_norm"):
         stats.accuracy_difference(a, b, metric="acc_norm")
-
-
-def test_sample_file_names_are_the_ones_the_pipeline_writes():
-    from dynamo import pipeline
-
-    assert stats.SAMPLE_FILES["ppl"] == pipeline.WINDOW_NLL_FILE
-    assert stats.SAMPLE_FILES["ppl_fp16"] == pipeline.WINDOW_NLL_FP16_FILE
-    assert stats.SAMPLE_FILES["ppl_bq"] == pipeline.WINDOW_NLL_BQ_FILE

@@ -8,7 +8,6 @@ import math
 import sys
 
 import numpy as np
-import pytest
 
 from conftest import REPO
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..records import atomic_path
+
 FIGURES_DIR = "figures"
 
 
@@ -69,8 +71,7 @@ def write_figures(run_dir: Path, significance, bits: dict[int, list[int]] | None
 
 
 def _save(fig, plt, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..adapters import MoELayer
 from ..calibration import CalibrationStats
-from ..records import write_json_atomic
+from ..records import save_tensors_atomic, write_json_atomic
 
 METRICS = ("act_l2", "act_abs", "wanda", "freq")
 UNITS = {"row": ("gate", "up", "down"), "neuron": ("neuron",)}
@@ -159,9 +159,7 @@ class Significance:
                     tensors[f"{d}/{i}/channels/{unit}"] = t
                 tensors[f"{d}/{i}/tokens"] = self.tokens[d][i]
                 tensors[f"{d}/{i}/router_weight"] = self.router_weight[d][i]
-        tmp = path.with_name(f".{path.name}.safetensors.tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path.with_suffix(".safetensors"))
+        save_tensors_atomic(path.with_suffix(".safetensors"), tensors)
         write_json_atomic(path.with_suffix(".json"), {
             "schema_version": SCHEMA_VERSION, "metric": self.metric, "unit": self.unit, "datasets": self.datasets,
             "layers": self.layers, "units": UNITS[self.unit], "meta": self.meta})

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..records import write_json_atomic
+from ..records import save_tensors_atomic, write_json_atomic
 
 # Per output channel of each projection, and per intermediate neuron (SwiGLU output h = act(g) * u):
 #   sq = sum y^2, abs = sum |y|, wsq = sum r*y^2, wabs = sum r*|y|, with r the token's router weight.
@@ -128,10 +128,7 @@ class CalibrationStats:
             tensors.update(layer.routed.tensors(f"layers.{i}.routed"))
             if layer.shared is not None:
                 tensors.update(layer.shared.tensors(f"layers.{i}.shared"))
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        tmp = path.with_name(f".{path.name}.safetensors.tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path.with_suffix(".safetensors"))
+        save_tensors_atomic(path.with_suffix(".safetensors"), tensors)
         write_json_atomic(path.with_suffix(".json"), {
             "schema_version": 1, "layers": sorted(self.layers), "windows": self.windows, "seqlen": self.seqlen,
             "hessian_weighting": self.hessian_weighting, "min_tokens": self.min_tokens,

@@ -8,7 +8,6 @@ packed GPTQ tensors are not written here.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from omegaconf import DictConfig

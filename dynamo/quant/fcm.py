@@ -6,8 +6,9 @@ clusters takes the LOWER precision) but not the rest; ours (spec Step 2): fuzzif
 tolerance 1e-5 on memberships, at most 300 iterations, and a deterministic start (centres at
 evenly spaced quantiles of the data), so the same significance always gives the same plan.
 "Overlap" = the two largest memberships differ by less than `overlap_margin`.
-This is written here rather than taken from a library: the method is the paper's, and
-scikit-fuzzy's cmeans starts from random memberships.
+Written here rather than taken from scikit-fuzzy (whose cmeans gives the same result from the
+same start; tests/quant/test_references.py checks it): the clustering runs on torch tensors inside
+the plan stage, and the harness should not need scikit-fuzzy and its dependencies at run time.
 """
 
 from __future__ import annotations

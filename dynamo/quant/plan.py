@@ -20,14 +20,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapters.base import SHARED
+from ..adapters.base import PROJECTIONS, SHARED
 from ..errors import UserError
 from ..records import write_json_atomic
 from .spec import QSpec
 
 SCHEMA_VERSION = 1
 METHODS = ("rtn", "gptq")
-PROJECTIONS = ("gate", "up", "down")
 TOP_KEYS = {"schema_version", "model", "created_by", "defaults", "layers", "fp16_modules"}
 
 

@@ -26,20 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..adapters import PROJECTIONS, MoELayer, moe_layers
 from ..errors import UserError
 from ..quant.budget import error_table
 from ..quant.spec import QSpec
-from ..records import write_json_atomic
+from ..records import save_tensors_atomic, write_json_atomic
 
 SCHEMA_VERSION = 1
 INDEX_DTYPE = torch.int32
 # projection -> (index set it uses, axis of its weight the indices select) for each unit
 SLICES = {"row": {"gate": ("gate", 0), "up": ("up", 0), "down": ("down", 0)},
           "neuron": {"gate": ("neuron", 0), "up": ("neuron", 0), "down": ("neuron", 1)}}
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def read_slice(weight: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
@@ -223,10 +222,7 @@ class ChannelCache:
                 tensors[f"{i}/values/{p}"] = t
             if i in self.rtn_error:
                 tensors[f"{i}/rtn_error"] = self.rtn_error[i]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.safetensors.tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path.with_suffix(".safetensors"))
+        save_tensors_atomic(path.with_suffix(".safetensors"), tensors)
         write_json_atomic(path.with_suffix(".json"), {
             "schema_version": SCHEMA_VERSION, "unit": self.unit, "frac": self.frac, "layers": self.layers,
             "n_experts": {str(i): n for i, n in self.n_experts.items()},

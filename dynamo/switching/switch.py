@@ -325,10 +325,3 @@ class DynamicSwitcher:
             exact += self.bq[(i, e, p)] * (n - cached) + self._state((i, e, p), width) * cached
         return {"expert_bits": expert / total, "exact_bits": exact / total}
 
-    def active_plan(self) -> QuantPlan:
-        """The BQ plan with the active expert widths (for bit accounting or saving)."""
-        plan = QuantPlan.from_dict(self.plan.to_dict())
-        for (i, e, p), w in self.active.items():
-            plan.bits[(i, e, p)] = w
-        return plan
-

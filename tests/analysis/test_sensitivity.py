@@ -1,4 +1,4 @@
-"""Quantization-sensitivity probes (issue 13): outlier statistics, undoable fake quantization,
+"""Quantization-sensitivity probes: outlier statistics, undoable fake quantization,
 BOS windows, training checkpoints that resume bit for bit, and the probe script end to end."""
 
 from __future__ import annotations

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
-
-from dynamo.adapters import expert_compute, moe_layers  # noqa: E402
-from dynamo.adapters.compute import routed_forward  # noqa: E402
-from dynamo.calibration import (CHANNEL_UNITS, CalibrationStats, capture, capture_sequential,  # noqa: E402
+from dynamo.adapters import expert_compute, moe_layers
+from dynamo.adapters.compute import routed_forward
+from dynamo.calibration import (CHANNEL_UNITS, CalibrationStats, capture, capture_sequential,
                                 coverage_summary, coverage_table)
-from tiny_families import EXPECTED, EXPERTS, FAMILIES, build  # noqa: E402
+from tiny_families import EXPECTED, EXPERTS, FAMILIES, build
 
 WINDOWS = torch.randint(2, 64, (3, 10), generator=torch.Generator().manual_seed(7))
 

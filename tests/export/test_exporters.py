@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO
 from dynamo.adapters import moe_layers
 from dynamo.config import CONF_DIR, register_hydra, to_container
 from dynamo.errors import UserError
@@ -19,9 +17,7 @@ from dynamo.export.gptqmodel import EXPORT_FILE
 from dynamo.quant import QSpec, QuantPlan
 from dynamo.records import config_hash
 
-sys.path.insert(0, str(REPO / "tests" / "adapters"))
-
-from tiny_families import build  # noqa: E402
+from tiny_families import build
 
 register_hydra()
 SOURCES = {"code": None, "chat": None}

@@ -13,9 +13,7 @@ import torch
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "tests" / "adapters"))
-
-from tiny_families import build  # noqa: E402
+from tiny_families import build
 
 # run by a Python that cannot import this project: -I (no PYTHONPATH, no cwd on sys.path), and the
 # editable install (`pip install -e .`, as the README and CI do) unhooked, so `import dynamo` fails

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
-
-from dynamo.adapters import moe_layers  # noqa: E402
-from dynamo.quant import QSpec, QuantPlan, apply_plan  # noqa: E402
-from kernels.packed_model import pack_experts, packed_forward, release_dense_experts, write_dequantized  # noqa: E402
-from kernels.packing import PackedWeight  # noqa: E402
-from tiny_families import EXPERTS, build  # noqa: E402
+from dynamo.adapters import moe_layers
+from dynamo.quant import QSpec, QuantPlan, apply_plan
+from kernels.packed_model import pack_experts, packed_forward, release_dense_experts, write_dequantized
+from kernels.packing import PackedWeight
+from tiny_families import EXPERTS, build
 
 WIDTHS = (2, 3, 16, 6)  # expert e gets WIDTHS[e]; 16 stays dense
 

@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "switching"))
+from switching_setup import LOW, VOCAB, logits, quantized, tokens
 
-from switching_setup import LOW, VOCAB, logits, quantized, tokens  # noqa: E402
-
-from dynamo.errors import UserError  # noqa: E402
-from dynamo.switching import DynamicSwitcher  # noqa: E402
-from kernels.hf_quantizer import load_packed  # noqa: E402
-from kernels.packed_model import attach_packed, pack_experts, packed_modules, write_dequantized  # noqa: E402
-from kernels.packed_switching import PackedChannelStore  # noqa: E402
+from dynamo.errors import UserError
+from dynamo.switching import DynamicSwitcher
+from kernels.hf_quantizer import load_packed
+from kernels.packed_model import attach_packed, pack_experts, packed_modules, write_dequantized
+from kernels.packed_switching import PackedChannelStore
 
 FAMILIES = ["olmoe", "qwen2_moe"]
 NEW = (0, VOCAB // 4)  # a "novel" slice of the vocabulary: the switch moves experts

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
-
-from dynamo.adapters import PROJECTIONS, moe_layers  # noqa: E402
-from dynamo.errors import UserError  # noqa: E402
-from dynamo.quant import QSpec, QuantPlan  # noqa: E402
-from dynamo.quant.allocation import allocate, high_count  # noqa: E402
-from dynamo.quant.bnb import apply_bnb  # noqa: E402
-from tiny_families import EXPERTS, build  # noqa: E402
+from dynamo.adapters import PROJECTIONS, moe_layers
+from dynamo.errors import UserError
+from dynamo.quant import QSpec, QuantPlan
+from dynamo.quant.allocation import allocate, high_count
+from dynamo.quant.bnb import apply_bnb
+from tiny_families import EXPERTS, build
 
 
 def _plan():

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
-
-from dynamo.adapters import PROJECTIONS, moe_layers  # noqa: E402
-from dynamo.calibration import capture  # noqa: E402
-from dynamo.errors import UserError  # noqa: E402
-from dynamo.quant import (QSpec, QuantPlan, apply_plan, bit_accounting, quantize_gptq, quantize_rtn,  # noqa: E402
+from dynamo.adapters import PROJECTIONS, moe_layers
+from dynamo.calibration import capture
+from dynamo.errors import UserError
+from dynamo.quant import (QSpec, QuantPlan, apply_plan, bit_accounting, quantize_gptq, quantize_rtn,
                           quantize_sequential)
-from dynamo.quant.export import to_gptqmodel_dynamic  # noqa: E402
-from tiny_families import EXPERTS, HIDDEN, INTER, TOP_K, build  # noqa: E402
+from dynamo.quant.export import to_gptqmodel_dynamic
+from tiny_families import EXPERTS, HIDDEN, INTER, TOP_K, build
 
 GEN = torch.Generator().manual_seed(0)
 

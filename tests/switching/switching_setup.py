@@ -7,23 +7,19 @@ two halves are pushed apart along one direction: +u for the lower half, -u for t
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
-
-from dynamo.adapters import moe_layers  # noqa: E402
-from dynamo.analysis import Significance  # noqa: E402
-from dynamo.calibration import capture  # noqa: E402
-from dynamo.config import AllocationConfig  # noqa: E402
-from dynamo.quant import QSpec, QuantPlan, apply_plan  # noqa: E402
-from dynamo.quant.allocation import allocate_dynamo  # noqa: E402
-from dynamo.switching import ChannelCache, DynamicSwitcher  # noqa: E402
-from tiny_families import HIDDEN, VOCAB, build  # noqa: E402
+from dynamo.adapters import moe_layers
+from dynamo.analysis import Significance
+from dynamo.calibration import capture
+from dynamo.config import AllocationConfig
+from dynamo.quant import QSpec, QuantPlan, apply_plan
+from dynamo.quant.allocation import allocate_dynamo
+from dynamo.switching import ChannelCache, DynamicSwitcher
+from tiny_families import HIDDEN, VOCAB, build
 
 LOW, HIGH = (0, VOCAB // 2), (VOCAB // 2, VOCAB)   # the two halves of the vocabulary
 GROUP = 8                                          # gate/up rows hold 2 groups, down rows 1

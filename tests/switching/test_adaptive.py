@@ -28,11 +28,6 @@ def setup(family: str, **kwargs):
     return s, fp16, AdaptiveSwitcher(s.model, s.plan, ExpertMaster(fp16), **kwargs)
 
 
-def error_to(reference, model, ids) -> float:
-    """Mean squared logit difference (the random test models' KL sits at float noise, ~1e-11)."""
-    return float((logits(reference, ids).double() - logits(model, ids).double()).square().mean())
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("candidates", ["rows_cols", "experts8", "all"])
 def test_switch_writes_master_values_into_chosen_slots_only_within_budget(family, candidates):
