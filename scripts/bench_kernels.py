@@ -18,7 +18,7 @@ budget gives) through the grouped kernels, against transformers' own FP16 expert
 each of its implementations (eager, batched_mm, grouped_mm; the fastest is the baseline); and
 "decode", end-to-end greedy decoding tokens/s of an OLMoE-1B-7B-shaped model (random weights,
 the real configuration), FP16 against the same model packed at those mixed widths
-(kernels.packed_model.attach_packed), batch 1 and 4.
+(dynamo.packed.model.attach_packed), batch 1 and 4.
 
 Writes results/benchmarks/kernels-<device-name>.json. Needs a CUDA device: without one it says
 so and writes nothing. --check compares every kernel with its reference on small shapes (on CPU
@@ -70,19 +70,20 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check(device: torch.device) -> int:
     """Each kernel against its reference on small odd shapes; 0 when all agree."""
+    from dynamo.packed.weight import pack_weight
     from dynamo.quant import QSpec, quantize_rtn
-    from kernels.dispatch import moe_experts
-    from kernels.experts import PackedExperts
-    from kernels.packing import PackedWeight
-    from kernels.reference import dequant_matmul_ref, moe_experts_ref
-    from kernels.triton_matmul import dequant_matmul_triton
+    from dynamo_kernels.dispatch import moe_experts
+    from dynamo_kernels.experts import PackedExperts
+    from dynamo_kernels.packing import PackedWeight
+    from dynamo_kernels.reference import dequant_matmul_ref, moe_experts_ref
+    from dynamo_kernels.triton_matmul import dequant_matmul_triton
 
     gen = torch.Generator().manual_seed(0)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     def packed(rows: int, cols: int, bits: int) -> PackedWeight:
         w = torch.randn(rows, cols, generator=gen) / cols ** 0.5
-        return PackedWeight.from_quantized(quantize_rtn(w, QSpec(bits, group_size=32))).to(device)
+        return pack_weight(quantize_rtn(w, QSpec(bits, group_size=32))).to(device)
 
     failures = 0
     for bits in BITS:
@@ -134,10 +135,10 @@ def copy_bandwidth_gbps(device: torch.device, reps: int) -> float:
 def bench_projections(device: torch.device, args: argparse.Namespace, flush: torch.Tensor,
                       copy_gbps: float) -> list[dict]:
     """One expert projection: the fused kernel at each width against F.linear in FP16."""
+    from dynamo.packed.weight import pack_weight
     from dynamo.quant import QSpec, quantize_rtn
-    from kernels.packing import PackedWeight
-    from kernels.reference import dequant_matmul_ref
-    from kernels.triton_matmul import dequant_matmul_triton
+    from dynamo_kernels.reference import dequant_matmul_ref
+    from dynamo_kernels.triton_matmul import dequant_matmul_triton
 
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
@@ -146,7 +147,7 @@ def bench_projections(device: torch.device, args: argparse.Namespace, flush: tor
         for projection, (n, k) in (("gate/up", (inter, hidden)), ("down", (hidden, inter))):
             dense = torch.randn(n, k, generator=gen, device=device) / k ** 0.5
             w16 = dense.half()
-            packed = {b: PackedWeight.from_quantized(quantize_rtn(dense, QSpec(b, group_size=GROUP_SIZE)))
+            packed = {b: pack_weight(quantize_rtn(dense, QSpec(b, group_size=GROUP_SIZE)))
                       for b in args.bits}
             for batch in args.batches:
                 x = torch.randn(batch, k, generator=gen, device=device).half()
@@ -238,14 +239,15 @@ def fp16_experts(hidden: int, inter: int, n_experts: int, device: torch.device, 
 
 def pack_fused(experts, widths: list[int]):
     """PackedExperts from a fused experts module, expert e RTN-quantized at widths[e] (group 128)."""
+    from dynamo.packed.weight import pack_weight
     from dynamo.quant import QSpec, quantize_rtn
-    from kernels.experts import PackedExperts
-    from kernels.packing import PackedWeight
+    from dynamo_kernels.experts import PackedExperts
+    from dynamo_kernels.packing import PackedWeight
 
     inter = experts.down_proj.shape[2]
 
     def packed(w: torch.Tensor, bits: int) -> PackedWeight:
-        return PackedWeight.from_quantized(quantize_rtn(w.detach().float(), QSpec(bits, group_size=GROUP_SIZE)))
+        return pack_weight(quantize_rtn(w.detach().float(), QSpec(bits, group_size=GROUP_SIZE)))
 
     gate = [packed(experts.gate_up_proj[e, :inter], b) for e, b in enumerate(widths)]
     up = [packed(experts.gate_up_proj[e, inter:], b) for e, b in enumerate(widths)]
@@ -255,8 +257,8 @@ def pack_fused(experts, widths: list[int]):
 
 def bench_moe_layers(device: torch.device, args: argparse.Namespace, flush: torch.Tensor) -> list[dict]:
     """A whole routed-expert layer: grouped kernels at mixed widths against transformers' FP16 experts."""
-    from kernels.dispatch import moe_experts
-    from kernels.reference import moe_experts_ref
+    from dynamo_kernels.dispatch import moe_experts
+    from dynamo_kernels.reference import moe_experts_ref
 
     gen = torch.Generator(device=device).manual_seed(1)
     rows = []
@@ -312,7 +314,7 @@ def quantize_mixed(model) -> dict:
     """RTN at mixed widths (expert e of every layer at MIXED_WIDTHS[e % 3], group 128), packed per layer."""
     from dynamo.adapters import moe_layers
     from dynamo.quant import QSpec, QuantPlan, apply_plan
-    from kernels.packed_model import pack_experts
+    from dynamo.packed.model import pack_experts
 
     plan = QuantPlan(method="rtn", default=QSpec(MIXED_WIDTHS[0], group_size=GROUP_SIZE))
     for layer in moe_layers(model):
@@ -350,7 +352,7 @@ def bench_decode(device: torch.device, args: argparse.Namespace) -> dict:
         by_impl[impl] = {b: decode_tokens_per_s(model, b, args.new_tokens, args.decode_reps, device) for b in batches}
     fp16 = {b: max(by_impl[impl][b] for impl in by_impl) for b in batches}
     fp16_bytes = param_bytes(model)
-    from kernels.packed_model import attach_packed
+    from dynamo.packed.model import attach_packed
 
     attach_packed(model, quantize_mixed(model))
     torch.cuda.empty_cache()
@@ -369,7 +371,7 @@ def check_decode(device: torch.device, dtype: torch.dtype) -> float:
     """A tiny packed model against its fake-quantized twin (max rel err of the logits); decodes a few tokens."""
     import copy
 
-    from kernels.packed_model import attach_packed, write_dequantized
+    from dynamo.packed.model import attach_packed, write_dequantized
 
     model = decode_model(TINY_CONFIG, dtype, device)
     packed = quantize_mixed(model)

@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
 
 from dynamo.adapters import moe_layers  # noqa: E402
 from dynamo.quant import QSpec, QuantPlan, apply_plan  # noqa: E402
-from kernels.packed_model import pack_experts, packed_forward, release_dense_experts, write_dequantized  # noqa: E402
-from kernels.packing import PackedWeight  # noqa: E402
+from dynamo.packed.model import pack_experts, packed_forward, release_dense_experts, write_dequantized  # noqa: E402
+from dynamo_kernels.packing import PackedWeight  # noqa: E402
 from tiny_families import EXPERTS, build  # noqa: E402
 
 WIDTHS = (2, 3, 16, 6)  # expert e gets WIDTHS[e]; 16 stays dense
@@ -89,7 +89,7 @@ def test_packed_memory_equals_the_bit_accounting(bits):
 
     from dynamo.config import REPO_ROOT
     from dynamo.quant.bits import bit_accounting
-    from kernels.packed_model import attach_packed
+    from dynamo.packed.model import attach_packed
 
     model = AutoModelForCausalLM.from_pretrained(REPO_ROOT / "assets" / "models" / "tiny-olmoe", dtype=torch.float16)
     plan = QuantPlan(method="rtn", default=QSpec(bits, group_size=128))

@@ -17,9 +17,9 @@ from switching_setup import LOW, VOCAB, logits, quantized, tokens  # noqa: E402
 
 from dynamo.errors import UserError  # noqa: E402
 from dynamo.switching import DynamicSwitcher  # noqa: E402
-from kernels.hf_quantizer import load_packed  # noqa: E402
-from kernels.packed_model import attach_packed, pack_experts, packed_modules, write_dequantized  # noqa: E402
-from kernels.packed_switching import PackedChannelStore  # noqa: E402
+from dynamo.packed.hf_quantizer import load_packed  # noqa: E402
+from dynamo.packed.model import attach_packed, pack_experts, packed_modules, write_dequantized  # noqa: E402
+from dynamo.packed.switching import PackedChannelStore  # noqa: E402
 
 FAMILIES = ["olmoe", "qwen2_moe"]
 NEW = (0, VOCAB // 4)  # a "novel" slice of the vocabulary: the switch moves experts
