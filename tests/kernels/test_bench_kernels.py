@@ -43,7 +43,7 @@ def test_check_compares_every_kernel_with_its_reference(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_benchmark_writes_its_json(tmp_path):
-    proc = run_bench("--models", "olmoe-1b-7b", "--bits", "3", "4", "--batches", "1", "--warmup", "2", "--reps", "5",
+    proc = run_bench("--models", "olmoe-1b-7b", "--bits", "3", "4", "--batches", "1", "--warmup-ms", "2", "--rep-ms", "5",
                      "--new-tokens", "4", "--decode-reps", "1", "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     [path] = tmp_path.glob("kernels-*.json")
