@@ -82,7 +82,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         else:
             config = AutoConfig.from_pretrained(path, **common)
             if is_packed(config):  # a plain save_pretrained of a packed model
-                import kernels.hf_quantizer  # noqa: F401  (registers quant_method "dynamo")
+                import dynamo.packed.hf_quantizer  # noqa: F401  (registers quant_method "dynamo")
         tokenizer = AutoTokenizer.from_pretrained(path, config=config, **common)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a corrupt weights file

@@ -5,10 +5,10 @@
 The embedded tiny-olmoe at float32 (the harness's CPU dtype), every routed expert RTN at --bits
 (groups of 128), written as the dequantized export (what any tool loads) and the packed export
 (what this harness loads), each reloaded the way a user would: AutoModelForCausalLM.from_pretrained
-and kernels.hf_quantizer.load_packed. Both score the same --windows test windows of code
+and dynamo.packed.hf_quantizer.load_packed. Both score the same --windows test windows of code
 (seqlen 256) in one process, rounds alternating so machine noise hits both alike; the ratio of
 median seconds is packed over dequantized. On CPU the packed experts run through the torch
-reference (kernels.dispatch), so this is the CPU cost of the packed format, not the GPU kernels'
+reference (dynamo_kernels.dispatch), so this is the CPU cost of the packed format, not the GPU kernels'
 speed (scripts/bench_kernels.py). Writes results/benchmarks/export.json.
 """
 
@@ -52,8 +52,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kernels.hf_quantizer import load_packed
-    from kernels.packed_model import attach_packed, pack_experts
+    from dynamo.packed.hf_quantizer import load_packed
+    from dynamo.packed.model import attach_packed, pack_experts
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     source = SourceConfig(path="code")

@@ -1,13 +1,15 @@
 """Fused dequantize + matmul kernel speed against the FP16 torch matmul, on MoE expert projections.
 
-    python scripts/bench_kernels.py [--bits 2 3 4 6 8] [--batches 1 4 16 64] [--reps 100]
+    python scripts/bench_kernels.py [--bits 2 3 4 6 8] [--batches 1 4 16 64] [--rep-ms 100]
     python scripts/bench_kernels.py --check     # a tiny correctness pass; runs on CPU too
 
 Shapes: the expert projections of OLMoE-1B-7B (hidden 2048, expert intermediate 1024),
 Qwen1.5-MoE-A2.7B and DeepSeek-MoE-16B (2048, 1408): gate and up are [I, H], down is [H, I].
 Weights are RTN-quantized random matrices (group 128, asymmetric; speed does not depend on the
-values), activations fp16. Each call is timed alone with CUDA events after the L2 cache is
-flushed, so weights come from device memory as in a decode step; the median over --reps is kept.
+values), activations fp16. Kernels are timed by `triton.testing.do_bench`: each call alone with
+CUDA events after the L2 cache is flushed (a 256 MiB buffer zeroed), so weights come from device
+memory as in a decode step; the median over the calls that fit in --rep-ms is kept. Decoding is
+timed end to end (wall clock around `generate`, which is host-bound).
 Bandwidth counts the bytes a call must move (weights with their scales and zeros, activations,
 outputs) and is compared with the bandwidth of a 1 GiB device-to-device copy measured in the
 same run (read + write bytes). Every fused result is checked against the torch reference first.
@@ -18,7 +20,7 @@ budget gives) through the grouped kernels, against transformers' own FP16 expert
 each of its implementations (eager, batched_mm, grouped_mm; the fastest is the baseline); and
 "decode", end-to-end greedy decoding tokens/s of an OLMoE-1B-7B-shaped model (random weights,
 the real configuration), FP16 against the same model packed at those mixed widths
-(kernels.packed_model.attach_packed), batch 1 and 4.
+(dynamo.packed.model.attach_packed), batch 1 and 4.
 
 Writes results/benchmarks/kernels-<device-name>.json. Needs a CUDA device: without one it says
 so and writes nothing. --check compares every kernel with its reference on small shapes (on CPU
@@ -36,6 +38,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +61,6 @@ BITS = (2, 3, 4, 6, 8)
 BATCHES = (1, 4, 16, 64)
 GROUP_SIZE = 128
 COPY_BYTES = 1 << 30
-L2_FLUSH_BYTES = 256 << 20  # larger than the L2 of any current GPU (H100/H200: 50/60 MiB)
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2}
 NO_CUDA = ("bench_kernels: a CUDA device is needed for speed numbers and none was found; nothing written "
            "(--check runs a correctness pass on CPU)")
@@ -70,19 +72,20 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check(device: torch.device) -> int:
     """Each kernel against its reference on small odd shapes; 0 when all agree."""
+    from dynamo.packed.weight import pack_weight
     from dynamo.quant import QSpec, quantize_rtn
-    from kernels.dispatch import moe_experts
-    from kernels.experts import PackedExperts
-    from kernels.packing import PackedWeight
-    from kernels.reference import dequant_matmul_ref, moe_experts_ref
-    from kernels.triton_matmul import dequant_matmul_triton
+    from dynamo_kernels.dispatch import moe_experts
+    from dynamo_kernels.experts import PackedExperts
+    from dynamo_kernels.packing import PackedWeight
+    from dynamo_kernels.reference import dequant_matmul_ref, moe_experts_ref
+    from dynamo_kernels.triton_matmul import dequant_matmul_triton
 
     gen = torch.Generator().manual_seed(0)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     def packed(rows: int, cols: int, bits: int) -> PackedWeight:
         w = torch.randn(rows, cols, generator=gen) / cols ** 0.5
-        return PackedWeight.from_quantized(quantize_rtn(w, QSpec(bits, group_size=32))).to(device)
+        return pack_weight(quantize_rtn(w, QSpec(bits, group_size=32))).to(device)
 
     failures = 0
     for bits in BITS:
@@ -109,35 +112,37 @@ def check(device: torch.device) -> int:
     return 1 if failures else 0
 
 
-def median_ms(fn, flush: torch.Tensor, warmup: int, reps: int) -> float:
-    """Median time of one call, each timed alone with CUDA events after evicting the L2 cache."""
-    for _ in range(warmup):
-        fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends):
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+def median_ms(fn: Callable[[], object], args: argparse.Namespace) -> float:
+    """Median ms of one call (triton.testing.do_bench: CUDA events, the L2 cache flushed before each call).
+
+    do_bench needs a GPU driver (without one, even under TRITON_INTERPRET=1, triton reports
+    "0 active drivers"); this script only times on CUDA, so it needs no CPU timer."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
 
 
-def copy_bandwidth_gbps(device: torch.device, reps: int) -> float:
+def l2_flush_bytes() -> int:
+    """The buffer do_bench zeroes before each timed call."""
+    import triton
+
+    cache = triton.runtime.driver.active.get_empty_cache_for_benchmark()
+    return cache.numel() * cache.element_size()
+
+
+def copy_bandwidth_gbps(device: torch.device, args: argparse.Namespace) -> float:
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), torch.empty(0, device=device), warmup=3, reps=reps)
+    ms = median_ms(lambda: dst.copy_(src), args)
     return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
 
 
-def bench_projections(device: torch.device, args: argparse.Namespace, flush: torch.Tensor,
-                      copy_gbps: float) -> list[dict]:
+def bench_projections(device: torch.device, args: argparse.Namespace, copy_gbps: float) -> list[dict]:
     """One expert projection: the fused kernel at each width against F.linear in FP16."""
+    from dynamo.packed.weight import pack_weight
     from dynamo.quant import QSpec, quantize_rtn
-    from kernels.packing import PackedWeight
-    from kernels.reference import dequant_matmul_ref
-    from kernels.triton_matmul import dequant_matmul_triton
+    from dynamo_kernels.reference import dequant_matmul_ref
+    from dynamo_kernels.triton_matmul import dequant_matmul_triton
 
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
@@ -146,12 +151,12 @@ def bench_projections(device: torch.device, args: argparse.Namespace, flush: tor
         for projection, (n, k) in (("gate/up", (inter, hidden)), ("down", (hidden, inter))):
             dense = torch.randn(n, k, generator=gen, device=device) / k ** 0.5
             w16 = dense.half()
-            packed = {b: PackedWeight.from_quantized(quantize_rtn(dense, QSpec(b, group_size=GROUP_SIZE)))
+            packed = {b: pack_weight(quantize_rtn(dense, QSpec(b, group_size=GROUP_SIZE)))
                       for b in args.bits}
             for batch in args.batches:
                 x = torch.randn(batch, k, generator=gen, device=device).half()
                 io_bytes = 2 * batch * (k + n)
-                fp16_ms = median_ms(partial(F.linear, x, w16), flush, args.warmup, args.reps)
+                fp16_ms = median_ms(partial(F.linear, x, w16), args)
                 fp16_bytes = w16.numel() * 2 + io_bytes
                 for bits, w in packed.items():
                     err = rel_err(dequant_matmul_triton(x, w), dequant_matmul_ref(x, w))
@@ -159,7 +164,7 @@ def bench_projections(device: torch.device, args: argparse.Namespace, flush: tor
                         raise SystemExit(f"bench_kernels: int{bits} {model} {projection} batch {batch}: fused "
                                          f"kernel disagrees with the reference (max rel err {err:.2e}); not timing it")
                     out = torch.empty(batch, n, dtype=torch.float16, device=device)
-                    fused_ms = median_ms(partial(dequant_matmul_triton, x, w, out=out), flush, args.warmup, args.reps)
+                    fused_ms = median_ms(partial(dequant_matmul_triton, x, w, out=out), args)
                     fused_bytes = w.nbytes + io_bytes
                     row = {"model": model, "projection": projection, "shape": [n, k], "bits": bits, "batch": batch,
                            "fused_ms": fused_ms, "fp16_ms": fp16_ms, "speedup": fp16_ms / fused_ms,
@@ -195,24 +200,23 @@ def bench(device: torch.device, args: argparse.Namespace) -> dict:
     from dynamo.records import git_state, package_versions
 
     props = torch.cuda.get_device_properties(device)
-    copy_gbps = copy_bandwidth_gbps(device, reps=20)
+    copy_gbps = copy_bandwidth_gbps(device, args)
     print(f"{props.name}: device-to-device copy {copy_gbps:.0f} GB/s")
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
-    report = {"schema": "kernel-benchmark", "schema_version": 2,
+    report = {"schema": "kernel-benchmark", "schema_version": 3,
               "device": {"name": props.name, "capability": f"{props.major}.{props.minor}",
                          "multiprocessors": props.multi_processor_count, "memory_bytes": props.total_memory},
               "versions": package_versions(), "git": git_state(),
-              "settings": {"group_size": GROUP_SIZE, "sym": False, "activations": "fp16", "warmup": args.warmup,
-                           "reps": args.reps, "statistic": "median", "l2_flush_bytes": L2_FLUSH_BYTES,
+              "settings": {"group_size": GROUP_SIZE, "sym": False, "activations": "fp16",
+                           "timer": "triton.testing.do_bench", "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
+                           "statistic": "median", "l2_flush_bytes": l2_flush_bytes(),
                            "copy_bytes": COPY_BYTES, "copy_bandwidth_counts": "read + write",
                            "bytes_counted": "weights (+ scales and zeros) + activations + outputs"},
               "copy_bandwidth_gbps": copy_gbps, "parts": list(args.parts)}
     if "kernels" in args.parts:
-        report["results"] = bench_projections(device, args, flush, copy_gbps)
+        report["results"] = bench_projections(device, args, copy_gbps)
     if "moe" in args.parts:
-        report["moe_layers"] = bench_moe_layers(device, args, flush)
+        report["moe_layers"] = bench_moe_layers(device, args)
     if "decode" in args.parts:
-        del flush
         torch.cuda.empty_cache()
         report["decode"] = bench_decode(device, args)
     report["summary"] = summary(report)
@@ -238,14 +242,15 @@ def fp16_experts(hidden: int, inter: int, n_experts: int, device: torch.device, 
 
 def pack_fused(experts, widths: list[int]):
     """PackedExperts from a fused experts module, expert e RTN-quantized at widths[e] (group 128)."""
+    from dynamo.packed.weight import pack_weight
     from dynamo.quant import QSpec, quantize_rtn
-    from kernels.experts import PackedExperts
-    from kernels.packing import PackedWeight
+    from dynamo_kernels.experts import PackedExperts
+    from dynamo_kernels.packing import PackedWeight
 
     inter = experts.down_proj.shape[2]
 
     def packed(w: torch.Tensor, bits: int) -> PackedWeight:
-        return PackedWeight.from_quantized(quantize_rtn(w.detach().float(), QSpec(bits, group_size=GROUP_SIZE)))
+        return pack_weight(quantize_rtn(w.detach().float(), QSpec(bits, group_size=GROUP_SIZE)))
 
     gate = [packed(experts.gate_up_proj[e, :inter], b) for e, b in enumerate(widths)]
     up = [packed(experts.gate_up_proj[e, inter:], b) for e, b in enumerate(widths)]
@@ -253,10 +258,10 @@ def pack_fused(experts, widths: list[int]):
     return PackedExperts.build(gate, up, down, experts.act_fn)
 
 
-def bench_moe_layers(device: torch.device, args: argparse.Namespace, flush: torch.Tensor) -> list[dict]:
+def bench_moe_layers(device: torch.device, args: argparse.Namespace) -> list[dict]:
     """A whole routed-expert layer: grouped kernels at mixed widths against transformers' FP16 experts."""
-    from kernels.dispatch import moe_experts
-    from kernels.reference import moe_experts_ref
+    from dynamo_kernels.dispatch import moe_experts
+    from dynamo_kernels.reference import moe_experts_ref
 
     gen = torch.Generator(device=device).manual_seed(1)
     rows = []
@@ -278,13 +283,12 @@ def bench_moe_layers(device: torch.device, args: argparse.Namespace, flush: torc
             for impl in FP16_IMPLEMENTATIONS:
                 config._experts_implementation = impl
                 try:
-                    fp16[impl] = median_ms(partial(experts, x, index, weights), flush, args.warmup, args.reps)
+                    fp16[impl] = median_ms(partial(experts, x, index, weights), args)
                 except (RuntimeError, NotImplementedError) as error:  # an implementation this GPU/torch lacks
                     fp16[impl] = f"failed: {str(error).splitlines()[0][:200]}"
             timed = {k: v for k, v in fp16.items() if isinstance(v, float)}
             baseline = min(timed, key=timed.get)
-            packed_ms = median_ms(partial(moe_experts, packed, x, index, weights, backend="triton"), flush,
-                                  args.warmup, args.reps)
+            packed_ms = median_ms(partial(moe_experts, packed, x, index, weights, backend="triton"), args)
             active = index.unique().tolist()
             rows.append({"model": model, "experts": n_experts, "top_k": top_k, "batch": batch,
                          "active_experts": len(active), "avg_code_bits": sum(widths) / n_experts,
@@ -312,7 +316,7 @@ def quantize_mixed(model) -> dict:
     """RTN at mixed widths (expert e of every layer at MIXED_WIDTHS[e % 3], group 128), packed per layer."""
     from dynamo.adapters import moe_layers
     from dynamo.quant import QSpec, QuantPlan, apply_plan
-    from kernels.packed_model import pack_experts
+    from dynamo.packed.model import pack_experts
 
     plan = QuantPlan(method="rtn", default=QSpec(MIXED_WIDTHS[0], group_size=GROUP_SIZE))
     for layer in moe_layers(model):
@@ -350,7 +354,7 @@ def bench_decode(device: torch.device, args: argparse.Namespace) -> dict:
         by_impl[impl] = {b: decode_tokens_per_s(model, b, args.new_tokens, args.decode_reps, device) for b in batches}
     fp16 = {b: max(by_impl[impl][b] for impl in by_impl) for b in batches}
     fp16_bytes = param_bytes(model)
-    from kernels.packed_model import attach_packed
+    from dynamo.packed.model import attach_packed
 
     attach_packed(model, quantize_mixed(model))
     torch.cuda.empty_cache()
@@ -369,7 +373,7 @@ def check_decode(device: torch.device, dtype: torch.dtype) -> float:
     """A tiny packed model against its fake-quantized twin (max rel err of the logits); decodes a few tokens."""
     import copy
 
-    from kernels.packed_model import attach_packed, write_dequantized
+    from dynamo.packed.model import attach_packed, write_dequantized
 
     model = decode_model(TINY_CONFIG, dtype, device)
     packed = quantize_mixed(model)
@@ -392,8 +396,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=list(BITS), choices=BITS)
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--warmup", type=int, default=25)
-    parser.add_argument("--reps", type=int, default=100)
+    parser.add_argument("--warmup-ms", type=float, default=25, help="do_bench's warm-up time per timed call")
+    parser.add_argument("--rep-ms", type=float, default=100, help="do_bench's timing budget per timed call")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated per run")
     parser.add_argument("--decode-reps", type=int, default=5)

@@ -15,9 +15,10 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
+from dynamo_kernels.projections import PROJECTIONS
+
 from ..errors import UserError
 
-PROJECTIONS = ("gate", "up", "down")
 SHARED = "shared"  # the expert key of a layer's shared expert
 
 
@@ -101,17 +102,17 @@ class MoELayer:
 
     @property
     def intermediate_size(self) -> int:
-        packed = self._packed()
-        return packed.intermediate_size if packed is not None else self.weight(0, "down").shape[1]
+        # fused experts (transformers 5) state their sizes: read them there, not off the weights, which
+        # a packed layer (dynamo.packed) may have replaced
+        if self.adapter.storage == "fused_3d":
+            return int(self.experts.intermediate_dim)
+        return self.weight(0, "down").shape[1]
 
     @property
     def hidden_size(self) -> int:
-        packed = self._packed()
-        return packed.hidden_size if packed is not None else self.weight(0, "down").shape[0]
-
-    def _packed(self):
-        """The packed layer that `kernels.packed_model.attach_packed` put in place of the dense weights, if any."""
-        return getattr(self.experts, "packed", None) if self.adapter.storage == "fused_3d" else None
+        if self.adapter.storage == "fused_3d":
+            return int(self.experts.hidden_dim)
+        return self.weight(0, "down").shape[0]
 
     def weight(self, expert: int, projection: str) -> torch.Tensor:
         """Expert weight as [out, in]; a view of the model's storage (writes go into the model)."""

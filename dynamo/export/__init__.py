@@ -41,7 +41,7 @@ def check_export(cfg: DictConfig, model, sources: dict) -> None:
         if quant.export != ExportFormat.dequantized:
             raise UserError(f"quant.export_dataset exports the model as DQS switched it, which only the dequantized "
                             f"export holds (quant.export={quant.export.value}; a packed model saves BQ and switches "
-                            f"after loading, kernels.packed_switching): use quant.export=dequantized")
+                            f"after loading, dynamo.packed.switching): use quant.export=dequantized")
         if not quant.switching.enabled:
             raise UserError("quant.export_dataset switches the model with DQS before exporting: use a DynaMo quant "
                             "with switching (e.g. quant=dynamo_3bit)")

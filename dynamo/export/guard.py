@@ -1,6 +1,6 @@
 """A packed checkpoint that transformers cannot load silently wrong without this project.
 
-A packed checkpoint's experts are packed codes that only `kernels.hf_quantizer` understands. Saved
+A packed checkpoint's experts are packed codes that only `dynamo.packed.hf_quantizer` understands. Saved
 as a plain OLMoE/Qwen config, `AutoModelForCausalLM.from_pretrained` would warn "Unknown
 quantization type" and initialise the experts randomly. So the saved config.json names a model type
 transformers does not know ("dynamo_packed") and an `auto_map` into a small module shipped beside
@@ -11,7 +11,7 @@ under the "dynamo_packed" key:
   code" message (the model type is unknown, so there is no local code to fall back on);
 - with it, the shipped module imports this project (or raises an ImportError that says how to get
   it) and hands back the real config, so the model loads with its packed experts;
-- this project's own loaders (`kernels.hf_quantizer.load_packed`, run.py model=local) read the JSON
+- this project's own loaders (`dynamo.packed.hf_quantizer.load_packed`, run.py model=local) read the JSON
   themselves and never enable remote code (`base_config`).
 """
 
@@ -27,8 +27,8 @@ MODEL_TYPE = "dynamo_packed"
 KEY = "dynamo_packed"
 MODULE = "dynamo_packed"  # the shipped module, <checkpoint>/dynamo_packed.py
 GUARD_VERSION = 1
-HOW_TO_LOAD = ("load it with the DynaMo harness on the Python path: kernels.hf_quantizer.load_packed(path), or "
-               "python run.py model=local model.path=<checkpoint> quant=fp16; for a checkpoint any tool loads, "
+HOW_TO_LOAD = ("load it with the DynaMo harness on the Python path: dynamo.packed.hf_quantizer.load_packed(path), "
+               "or python run.py model=local model.path=<checkpoint> quant=fp16; for a checkpoint any tool loads, "
                "export with quant.export=dequantized")
 AUTO_MAP = {"AutoConfig": f"{MODULE}.DynamoPackedConfig", "AutoModelForCausalLM": f"{MODULE}.DynamoPackedForCausalLM"}
 
@@ -74,7 +74,7 @@ def base_config(config_dict: dict, **kwargs):
     `from_dict` (e.g. return_unused_kwargs)."""
     from transformers import CONFIG_MAPPING
 
-    import kernels.hf_quantizer  # noqa: F401  (registers quant_method "dynamo" with transformers)
+    from ..packed import hf_quantizer  # noqa: F401  (registers quant_method "dynamo" with transformers)
 
     plain = unguarded_dict(config_dict)
     return CONFIG_MAPPING[plain["model_type"]].from_dict(plain, **kwargs)

@@ -2,7 +2,7 @@
 
 At the end of a run (after every evaluation, which runs on the fake-quantized model), the
 switcher (if any) goes back to BQ, the codes kept by the quantizer are packed with the DQS
-channel rows (kernels.packed_model), the packed layers replace the dense experts, and the model
+channel rows (dynamo.packed.model), the packed layers replace the dense experts, and the model
 and tokenizer are saved to run_dir/packed_model, behind the loading guard (guard.py: without this
 project, transformers refuses it instead of loading random experts), written to a temporary folder
 first so a failure leaves nothing half-written. `python run.py model=local model.path=<that folder>
@@ -24,7 +24,7 @@ from .guard import guard_checkpoint
 EXPORT_DIR = "packed_model"
 LOADING_NOTE = """# Packed DynaMo checkpoint
 
-Routed experts hold packed low-bit codes (kernels/README.md in the DynaMo harness), described by
+Routed experts hold packed low-bit codes (dynamo_kernels/README.md in the DynaMo harness), described by
 `quantization_config` (`quant_method: dynamo`) in config.json. Only the harness reads them, so
 config.json names the model type `dynamo_packed` (the real one is under `dynamo_packed`): without
 the harness, `AutoModelForCausalLM.from_pretrained` refuses this folder ("contains custom code");
@@ -33,7 +33,7 @@ it. No tool can load it with randomly initialised experts.
 
 With the harness on the Python path (no remote code needed):
 
-    from kernels.hf_quantizer import load_packed
+    from dynamo.packed.hf_quantizer import load_packed
     model = load_packed("<this folder>")
 
 or evaluate it with `python run.py model=local model.path=<this folder> quant=fp16`.
@@ -49,14 +49,14 @@ def check(cfg: DictConfig, model) -> None:
     if any(layer.adapter.storage != "fused_3d" for layer in moe_layers(model)):
         raise UserError(f"quant.export=packed saves fused-expert (transformers-5) models; {cfg.model.name} keeps its "
                         f"experts in a ModuleList (use quant.export=dequantized or gptqmodel, or run "
-                        f"kernels.packed_model.packed_forward on it)")
+                        f"dynamo.packed.model.packed_forward on it)")
     if cfg.quant.switching.enabled and cfg.analysis.channel_unit != ChannelUnit.row:
         raise UserError("quant.export=packed keeps the DQS cache as output rows: use analysis.channel_unit=row")
 
 
 def write(loaded, stage, cfg: DictConfig, run_dir: Path) -> dict:
     """Pack, attach and save; returns what the record keeps under "export"."""
-    from kernels.packed_model import attach_packed, pack_experts
+    from ..packed.model import attach_packed, pack_experts
 
     if stage.codes is None:
         raise UserError("quant.export=packed: the quantizer kept no codes")
@@ -89,8 +89,11 @@ def save_packed(model, tokenizer, target: Path) -> None:
 
 def _memory(model, bits: dict) -> dict:
     """Measured bytes of the packed experts against the bit accounting of the plan."""
-    packed = [(name, p.numel() * p.element_size()) for name, p in model.named_parameters() if ".experts.packed." in name]
-    rows = sum(n for name, n in packed if ".channels." in name)
+    from ..packed.model import packed_modules
+
+    packed = [(name, p.numel() * p.element_size()) for module in packed_modules(model).values()
+              for name, p in module.named_parameters()]
+    rows = sum(n for name, n in packed if name.startswith("channels."))
     stacks = sum(n for _, n in packed) - rows
     accounted = bits["experts"] * bits["expert_params"] / 8
     return {"expert_nbytes": stacks, "channel_rows_nbytes": rows, "accounted_expert_nbytes": round(accounted),

@@ -10,16 +10,17 @@ from transformers import PretrainedConfig
 
 HOW = ("This is a packed DynaMo checkpoint: its routed experts are packed low-bit codes that only the DynaMo "
        "harness reads. Put the harness on the Python path (PYTHONPATH=<harness checkout>) and load it with "
-       "kernels.hf_quantizer.load_packed(path), or python run.py model=local model.path=<checkpoint> quant=fp16. "
+       "dynamo.packed.hf_quantizer.load_packed(path), or python run.py model=local model.path=<checkpoint> quant=fp16. "
        "For a checkpoint any tool loads, export the run with quant.export=dequantized.")
 
 
 def _harness():
     # every harness import sits inside this try: transformers' import check skips try blocks, so a
-    # missing harness gets this message instead of "pip install kernels" (an unrelated PyPI package)
+    # missing harness gets this message instead of transformers' "pip install <module>" advice (the
+    # harness is no PyPI package)
     try:
         from dynamo.export import guard
-        from kernels.hf_quantizer import load_packed
+        from dynamo.packed.hf_quantizer import load_packed
     except ImportError as err:
         raise ImportError(f"{HOW} (import failed: {err})") from None
     return guard, load_packed

@@ -14,7 +14,9 @@ import logging
 
 import torch
 
-from .rtn import QuantizedWeight, column_groups, fit_params, quantize_codes, quantize_rtn
+from dynamo_kernels.packing import column_groups
+
+from .rtn import QuantizedWeight, fit_params, quantize_codes, quantize_rtn
 from .spec import QSpec
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, d
     h[dead, dead] = 1.0  # never-activated input columns: no error feedback through them
 
     group = cols if spec.group_size == -1 else spec.group_size
-    groups = column_groups(cols, spec, w.device)
+    groups = column_groups(cols, spec.group_size, w.device)
     n_groups = int(groups.max()) + 1
     scales = torch.zeros(rows, n_groups, device=w.device)
     zeros = torch.zeros(rows, n_groups, device=w.device)

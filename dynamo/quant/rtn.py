@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dynamo_kernels.packing import column_groups
+
 from .spec import QSpec
 
 
@@ -26,13 +28,8 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         cols = self.codes.shape[1]
-        g_idx = self.g_idx if self.g_idx is not None else column_groups(cols, self.spec, self.codes.device)
+        g_idx = self.g_idx if self.g_idx is not None else column_groups(cols, self.spec.group_size, self.codes.device)
         return self.scales[:, g_idx] * (self.codes.float() - self.zeros[:, g_idx])
-
-
-def column_groups(cols: int, spec: QSpec, device=None) -> torch.Tensor:
-    group = cols if spec.group_size == -1 else spec.group_size
-    return torch.arange(cols, device=device) // group
 
 
 def fit_params(w: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:

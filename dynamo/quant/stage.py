@@ -28,7 +28,7 @@ class QuantResult:
     summary: dict                     # what the run record keeps under "quantization"
     plan: QuantPlan | None            # None for bitsandbytes (its formats are not plan widths)
     stats: CalibrationStats | None   # the calibration GPTQ used, for the coverage table
-    codes: dict | None = None         # QuantReport.codes, with quant.export=packed (kernels/ packs them)
+    codes: dict | None = None         # QuantReport.codes, with quant.export=packed (dynamo.packed packs them)
 
 
 def plan_from_config(cfg: QuantConfig, model, model_name: str) -> QuantPlan:

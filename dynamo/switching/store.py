@@ -3,7 +3,7 @@
 The switcher (switch.py) only needs, per (layer, expert, projection), the values the model holds
 at the cached channels now (`read`, a copy) and a way to replace them (`write`, in place). A
 fake-quantized model keeps them in its dense expert weights (`DenseChannelStore`); a packed
-model keeps them in its full-precision channel rows (`kernels.packed_switching`). A store also
+model keeps them in its full-precision channel rows (`dynamo.packed.switching`). A store also
 says how to profile the model (`expert_outputs`, for `dynamo.calibration.capture`), because a
 packed model has no dense expert weights to compute them from.
 """

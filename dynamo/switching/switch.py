@@ -131,7 +131,7 @@ class DynamicSwitcher:
         """`model` already holds BQ (apply_plan with `plan`); `significance` is the known datasets';
         `cache` was built from the FP16 model; `allocation` is the quant.allocation node BQ used.
         `store`: where the cached channels live (default: the model's dense weights; a packed model
-        passes `kernels.packed_switching.PackedChannelStore`)."""
+        passes `dynamo.packed.switching.PackedChannelStore`)."""
         if channel_mode not in CHANNEL_MODES:
             raise ValueError(f"unknown switching.channel_mode '{channel_mode}'; choose one of {', '.join(CHANNEL_MODES)}")
         if not 0.0 <= mix <= 1.0:

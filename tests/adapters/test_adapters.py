@@ -28,6 +28,7 @@ def test_layers_experts_and_shapes(family):
         assert layer.weight(0, "gate").shape == (INTER, HIDDEN)
         assert layer.weight(0, "up").shape == (INTER, HIDDEN)
         assert layer.weight(0, "down").shape == (HIDDEN, INTER)
+        assert (layer.intermediate_size, layer.hidden_size) == (INTER, HIDDEN)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

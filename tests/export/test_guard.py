@@ -48,7 +48,7 @@ with torch.no_grad():
 def packed_checkpoint(tmp_path: Path):
     from dynamo.export.packed import save_packed
     from dynamo.quant import QSpec, QuantPlan, apply_plan
-    from kernels.packed_model import attach_packed, pack_experts
+    from dynamo.packed.model import attach_packed, pack_experts
 
     model = build("olmoe")
     report = apply_plan(model, QuantPlan(method="rtn", default=QSpec(3, group_size=8)), keep_codes=True)
@@ -73,7 +73,7 @@ def test_the_harness_loads_a_guarded_checkpoint_without_remote_code(tmp_path):
     from dynamo.config import ModelConfig
     from dynamo.export.guard import MODEL_TYPE
     from dynamo.models import load_model
-    from kernels.hf_quantizer import load_packed
+    from dynamo.packed.hf_quantizer import load_packed
 
     path, ids, expected = packed_checkpoint(tmp_path)
     config = json.loads((path / "config.json").read_text())

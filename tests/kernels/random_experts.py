@@ -5,15 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dynamo.packed.weight import pack_weight
 from dynamo.quant import QSpec, quantize_rtn
-from kernels.experts import ExpertWeight, PackedExperts
-from kernels.packing import PackedWeight
+from dynamo_kernels.experts import ExpertWeight, PackedExperts
+from dynamo_kernels.packing import PackedWeight
 
 
 def random_weight(rows: int, cols: int, bits: int, gen: torch.Generator, group_size: int = 16) -> ExpertWeight:
     """A packed RTN weight, or a dense fp32 tensor for bits == 16."""
     w = torch.randn(rows, cols, generator=gen) / cols ** 0.5
-    return w if bits == 16 else PackedWeight.from_quantized(quantize_rtn(w, QSpec(bits, group_size=group_size)))
+    return w if bits == 16 else pack_weight(quantize_rtn(w, QSpec(bits, group_size=group_size)))
 
 
 def random_experts(bits: list[int], hidden: int, inter: int, gen: torch.Generator, group_size: int = 16,

@@ -43,12 +43,13 @@ def test_check_compares_every_kernel_with_its_reference(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_benchmark_writes_its_json(tmp_path):
-    proc = run_bench("--models", "olmoe-1b-7b", "--bits", "3", "4", "--batches", "1", "--warmup", "2", "--reps", "5",
-                     "--new-tokens", "4", "--decode-reps", "1", "--out-dir", str(tmp_path))
+    proc = run_bench("--models", "olmoe-1b-7b", "--bits", "3", "4", "--batches", "1", "--warmup-ms", "2",
+                     "--rep-ms", "5", "--new-tokens", "4", "--decode-reps", "1", "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     [path] = tmp_path.glob("kernels-*.json")
     report = json.loads(path.read_text())
     assert report["copy_bandwidth_gbps"] > 0 and len(report["results"]) == 2 * 2  # 2 projections x 2 widths
+    assert report["settings"]["timer"] == "triton.testing.do_bench" and report["settings"]["l2_flush_bytes"] > 0
     assert all(r["fused_ms"] > 0 and r["max_rel_err"] <= 1e-2 for r in report["results"])
     [layer] = report["moe_layers"]  # one model, one batch
     assert layer["packed_ms"] > 0 and layer["max_rel_err"] <= 1e-2 and layer["fp16_baseline"] in layer["fp16_ms"]

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.channels as channels_module
-from kernels.channels import PROJECTIONS, ChannelRows
-from kernels.experts import PackedExperts
-from kernels.moe import moe_experts as moe_grouped
-from kernels.packing import PackedWeight
-from kernels.reference import grouped_dequant_matmul_ref, moe_experts_ref
+import dynamo_kernels.channels as channels_module
+from dynamo_kernels.channels import PROJECTIONS, ChannelRows
+from dynamo_kernels.experts import PackedExperts
+from dynamo_kernels.moe import moe_experts as moe_grouped
+from dynamo_kernels.packing import PackedWeight
+from dynamo_kernels.reference import grouped_dequant_matmul_ref, moe_experts_ref
 from random_experts import random_experts, skewed_routing
 
 GEN = torch.Generator().manual_seed(3)

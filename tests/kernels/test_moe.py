@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import backend_for, dequant_matmul, moe_experts
-from kernels.experts import PackedExperts, Routing
-from kernels.moe import moe_experts as moe_grouped
-from kernels.packing import PackedWeight
-from kernels.reference import dequant_matmul_ref, grouped_dequant_matmul_ref, moe_experts_ref
+from dynamo_kernels.dispatch import backend_for, dequant_matmul, moe_experts
+from dynamo_kernels.experts import PackedExperts, Routing
+from dynamo_kernels.moe import moe_experts as moe_grouped
+from dynamo_kernels.packing import PackedWeight
+from dynamo_kernels.reference import dequant_matmul_ref, grouped_dequant_matmul_ref, moe_experts_ref
 from random_experts import dense_moe, random_experts, random_weight, skewed_routing
 
 GEN = torch.Generator().manual_seed(0)

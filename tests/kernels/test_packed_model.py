@@ -7,8 +7,8 @@ import torch
 
 from dynamo.adapters import moe_layers
 from dynamo.quant import QSpec, QuantPlan, apply_plan
-from kernels.packed_model import pack_experts, packed_forward, release_dense_experts, write_dequantized
-from kernels.packing import PackedWeight
+from dynamo.packed.model import pack_experts, packed_forward, release_dense_experts, write_dequantized
+from dynamo_kernels.packing import PackedWeight
 from tiny_families import EXPERTS, build
 
 WIDTHS = (2, 3, 16, 6)  # expert e gets WIDTHS[e]; 16 stays dense
@@ -84,7 +84,7 @@ def test_packed_memory_equals_the_bit_accounting(bits):
 
     from dynamo.config import REPO_ROOT
     from dynamo.quant.bits import bit_accounting
-    from kernels.packed_model import attach_packed
+    from dynamo.packed.model import attach_packed
 
     model = AutoModelForCausalLM.from_pretrained(REPO_ROOT / "assets" / "models" / "tiny-olmoe", dtype=torch.float16)
     plan = QuantPlan(method="rtn", default=QSpec(bits, group_size=128))

@@ -13,9 +13,9 @@ from switching_setup import LOW, VOCAB, logits, quantized, tokens
 
 from dynamo.errors import UserError
 from dynamo.switching import DynamicSwitcher
-from kernels.hf_quantizer import load_packed
-from kernels.packed_model import attach_packed, pack_experts, packed_modules, write_dequantized
-from kernels.packed_switching import PackedChannelStore
+from dynamo.packed.hf_quantizer import load_packed
+from dynamo.packed.model import attach_packed, pack_experts, packed_modules, write_dequantized
+from dynamo.packed.switching import PackedChannelStore
 
 FAMILIES = ["olmoe", "qwen2_moe"]
 NEW = (0, VOCAB // 4)  # a "novel" slice of the vocabulary: the switch moves experts

@@ -7,8 +7,9 @@ import torch
 
 from dynamo.quant import QSpec, quantize_rtn
 from dynamo.quant.rtn import QuantizedWeight
-from kernels.packing import (PACKED_BITS, WORD_BITS, PackedWeight, pack_codes, packed_columns, plane_bits,
-                             unpack_codes)
+from dynamo.packed.weight import pack_weight
+from dynamo_kernels.packing import (PACKED_BITS, WORD_BITS, PackedWeight, pack_codes, packed_columns, plane_bits,
+                                    unpack_codes)
 
 GEN = torch.Generator().manual_seed(0)
 # K values on both sides of every plane's values per word (32, 16, 8, 4), 1 and a prime
@@ -93,10 +94,10 @@ def test_bad_inputs_are_refused():
 
 @pytest.mark.parametrize("bits", PACKED_BITS)
 @pytest.mark.parametrize("group_size", [-1, 32, 24])
-def test_packed_weight_from_quantized(bits, group_size):
+def test_pack_weight(bits, group_size):
     w = torch.randn(12, 101, generator=GEN)
     q = quantize_rtn(w, QSpec(bits, group_size=group_size))
-    p = PackedWeight.from_quantized(q)
+    p = pack_weight(q)
     assert p.shape == (12, 101) and p.bits == bits and p.group_size == group_size
     assert torch.equal(p.unpack(), q.codes)
     assert p.scales.dtype == torch.float16 and p.zeros.dtype == torch.int32
@@ -114,7 +115,7 @@ def test_packed_weight_from_quantized(bits, group_size):
 def test_zeros_round_trip(bits, group_size, sym):
     """1 to 33 groups of 67 zeros (several words per plane, the last padded), asymmetric and symmetric."""
     q = quantize_rtn(torch.randn(67, 131, generator=GEN), QSpec(bits, group_size=group_size, sym=sym))
-    p = PackedWeight.from_quantized(q)
+    p = pack_weight(q)
     assert p.zeros.shape == (p.groups, packed_columns(67, bits))
     assert torch.equal(p.zero_points().float(), q.zeros)
     assert torch.equal(p.zeros, pack_codes(q.zeros.T, bits))  # the zeros of a group packed along N
@@ -124,7 +125,7 @@ def test_fractional_zeros_are_refused():
     q = quantize_rtn(torch.randn(4, 32, generator=GEN), QSpec(4, group_size=16))
     q.zeros[0, 0] += 0.5
     with pytest.raises(ValueError, match="integers"):
-        PackedWeight.from_quantized(q)
+        pack_weight(q)
 
 
 @pytest.mark.parametrize("bits", PACKED_BITS)
@@ -136,7 +137,7 @@ def test_storage_matches_the_bit_accounting(bits):
         groups = -(-k // group_size)
         q = QuantizedWeight(codes=torch.zeros(n, k, dtype=torch.uint8), scales=torch.ones(n, groups),
                             zeros=torch.zeros(n, groups), spec=spec)
-        ratio = PackedWeight.from_quantized(q).nbytes * 8 / spec.storage_bits(n, k)
+        ratio = pack_weight(q).nbytes * 8 / spec.storage_bits(n, k)
         print(f"int{bits} g{group_size} [{n}, {k}]: packed bytes / accounted bytes = {ratio:.4f}")
         assert ratio == 1, (n, k, ratio)
 
@@ -145,28 +146,28 @@ def test_dequantize_uses_each_columns_own_group():
     codes = torch.tensor([[0, 1, 2, 3, 3, 2]], dtype=torch.uint8)
     q = QuantizedWeight(codes=codes, scales=torch.tensor([[1.0, 10.0, 100.0]]), zeros=torch.tensor([[0.0, 1.0, 2.0]]),
                         spec=QSpec(2, group_size=2))
-    p = PackedWeight.from_quantized(q)
+    p = pack_weight(q)
     assert p.dequantize().tolist() == [[0.0, 1.0, 10.0, 20.0, 100.0, 0.0]]
 
 
 def test_act_order_groups_are_refused_unless_consecutive():
     q = quantize_rtn(torch.randn(4, 64, generator=GEN), QSpec(4, group_size=16))
     q.g_idx = torch.arange(64) // 16  # what a static-groups quantizer would record
-    assert torch.equal(PackedWeight.from_quantized(q).unpack(), q.codes)
+    assert torch.equal(pack_weight(q).unpack(), q.codes)
     q.g_idx = torch.randperm(64, generator=GEN) // 16
     with pytest.raises(ValueError, match="g_idx"):
-        PackedWeight.from_quantized(q)
+        pack_weight(q)
 
 
 def test_sixteen_bit_weights_are_not_packed():
     q = QuantizedWeight(codes=torch.zeros(2, 4, dtype=torch.uint8), scales=torch.ones(2, 1), zeros=torch.zeros(2, 1),
                         spec=QSpec(16))
     with pytest.raises(ValueError, match="16-bit"):
-        PackedWeight.from_quantized(q)
+        pack_weight(q)
 
 
 def test_inconsistent_shapes_are_refused():
-    p = PackedWeight.from_quantized(quantize_rtn(torch.randn(4, 40, generator=GEN), QSpec(3, group_size=16)))
+    p = pack_weight(quantize_rtn(torch.randn(4, 40, generator=GEN), QSpec(3, group_size=16)))
     with pytest.raises(ValueError, match="qweight"):
         PackedWeight(p.qweight, p.scales, p.zeros, 2, 16, (4, 40))  # 2-bit needs 3 words per row, not 3 + 2
     with pytest.raises(ValueError, match="scales"):

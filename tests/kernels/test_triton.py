@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.dispatch import backend_for, dequant_matmul, moe_experts
-from kernels.experts import Routing
-from kernels.packing import PACKED_BITS, WORD_BITS, plane_bits
-from kernels.reference import dequant_matmul_ref, grouped_dequant_matmul_ref, moe_experts_ref
+from dynamo_kernels.dispatch import backend_for, dequant_matmul, moe_experts
+from dynamo_kernels.experts import Routing
+from dynamo_kernels.packing import PACKED_BITS, WORD_BITS, plane_bits
+from dynamo_kernels.reference import dequant_matmul_ref, grouped_dequant_matmul_ref, moe_experts_ref
 from random_experts import random_experts, random_weight, skewed_routing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ def fresh_gen(*key: object) -> torch.Generator:
 @pytest.mark.parametrize("group_size", [-1, 32, 24])  # per row; tiles inside a group; groups across tiles
 @pytest.mark.parametrize("bits", PACKED_BITS)
 def test_dequant_matmul_matches_reference(bits, group_size, dtype):
-    from kernels.triton_matmul import dequant_matmul_triton
+    from dynamo_kernels.triton_matmul import dequant_matmul_triton
 
     gen = fresh_gen(bits, group_size, dtype)
     m, n, k = (1 + bits % 5), 40, 101  # K is a multiple of no pack factor, N of no block
@@ -72,7 +72,7 @@ def test_dequant_matmul_matches_reference(bits, group_size, dtype):
 def test_zeros_over_several_words_and_tiles(bits):
     """72 zeros per group (more than one word in every plane, the last one padded) read by 3 column
     tiles, in 21 groups, with per-column and per-element zero loads."""
-    from kernels.triton_matmul import TileConfig, dequant_matmul_triton
+    from dynamo_kernels.triton_matmul import TileConfig, dequant_matmul_triton
 
     gen = fresh_gen("zeros", bits)
     w = random_weight(72, 333, bits, gen, 16).to(DEVICE)
@@ -86,7 +86,7 @@ def test_zeros_over_several_words_and_tiles(bits):
 @kernel_test
 @pytest.mark.parametrize("bits", [3, 8])
 def test_split_k_and_a_full_decode_batch(bits):
-    from kernels.triton_matmul import TileConfig, dequant_matmul_triton
+    from dynamo_kernels.triton_matmul import TileConfig, dequant_matmul_triton
 
     gen = fresh_gen("split", bits)
     w = random_weight(40, 230, bits, gen, 32).to(DEVICE)
@@ -100,7 +100,7 @@ def test_split_k_and_a_full_decode_batch(bits):
 @kernel_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_grouped_kernel_matches_reference(dtype):
-    from kernels.triton_matmul import grouped_dequant_matmul_triton
+    from dynamo_kernels.triton_matmul import grouped_dequant_matmul_triton
 
     gen = fresh_gen("grouped", dtype)
     hidden, inter, tokens, k = 48, 40, 20, 3
@@ -134,7 +134,7 @@ def test_moe_layer_matches_reference(dtype):
 
 @kernel_test
 def test_dispatcher_runs_the_kernel_here():
-    from kernels.triton_matmul import dequant_matmul_triton
+    from dynamo_kernels.triton_matmul import dequant_matmul_triton
 
     gen = fresh_gen("dispatch")
     w = random_weight(24, 50, 4, gen).to(DEVICE)
@@ -145,7 +145,7 @@ def test_dispatcher_runs_the_kernel_here():
 @kernel_test
 def test_packed_model_runs_the_grouped_kernels():
     """The tiny OLMoE, packed with mixed widths, through the model's forward on the Triton path."""
-    from kernels.packed_model import packed_forward
+    from dynamo.packed.model import packed_forward
     from test_packed_model import packed_and_fake
 
     model, packed, fake, ids = packed_and_fake("olmoe")
@@ -181,7 +181,7 @@ def test_attached_packed_model_with_channel_rows_runs_the_grouped_kernels():
 
 
 def test_block_table_cuts_each_experts_rows_into_blocks():
-    from kernels.triton_matmul import block_table
+    from dynamo_kernels.triton_matmul import block_table
 
     gen = fresh_gen("table")
     experts = random_experts([4, 4, 4], 16, 16, gen)
@@ -216,7 +216,7 @@ def test_tolerances_catch_plausible_kernel_bugs():
 
 @pytest.mark.skipif(CUDA or INTERPRETED, reason="checks the CPU-without-interpreter path")
 def test_kernels_refuse_cpu_tensors_without_the_interpreter():
-    from kernels.triton_matmul import dequant_matmul_triton
+    from dynamo_kernels.triton_matmul import dequant_matmul_triton
 
     w = random_weight(16, 32, 4, fresh_gen("refuse"))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
@@ -231,7 +231,7 @@ def test_kernels_compile_for_hopper():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import triton_matmul as tm
+    from dynamo_kernels import triton_matmul as tm
 
     common = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "y_ptr": "*fp32"}
     single = {**common, **dict.fromkeys(["M", "N", "K", "k_per_split", "stride_xm", "stride_qn", "stride_sn",
@@ -270,7 +270,7 @@ def test_kernels_under_interpreter():
 @pytest.mark.parametrize("bits", PACKED_BITS)
 def test_gpu_expert_projection_shapes(bits):
     """OLMoE (2048, 1024) and Qwen1.5-MoE / DeepSeek-MoE (2048, 1408) projections, decode batches, fp16."""
-    from kernels.triton_matmul import dequant_matmul_triton
+    from dynamo_kernels.triton_matmul import dequant_matmul_triton
 
     gen = fresh_gen("gpu", bits)
     for n, k in ((1024, 2048), (2048, 1024), (1408, 2048), (2048, 1408)):

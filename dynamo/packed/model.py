@@ -9,14 +9,14 @@ Two ways, from the same packed layers:
     #    replace the dense expert parameters; the model saves and reloads with them
     attach_packed(model, packed)
     model.save_pretrained(path)                           # + quantization_config "dynamo"
-    model = load_packed(path)                             # kernels.hf_quantizer
+    model = load_packed(path)                             # dynamo.packed.hf_quantizer
 
     # 2. temporary (any family, remote-code ModuleList ones included)
     release_dense_experts(model)                          # optional: drop the dense expert copies
     with packed_forward(model, packed):
         logits = model(input_ids).logits
 
-Either way the experts run through `kernels.dispatch` (Triton on CUDA, the torch reference on
+Either way the experts run through `dynamo_kernels.dispatch` (Triton on CUDA, the torch reference on
 CPU) from the model's own forward: attached layers through transformers' experts registry
 (implementation "dynamo_packed"), temporary ones through `dynamo.adapters.expert_compute`.
 Attention, routers and shared experts run unchanged. Only routed experts are packed: shared
@@ -25,7 +25,7 @@ Projections a plan keeps at 16 bits have no codes and stay dense (torch computes
 
 With a DQS channel cache (row unit), each layer also keeps the cached rows at the model's
 dtype (`ChannelRows`): they start as what the model holds there when it is packed, and a
-switch rewrites them in place (`kernels.packed_switching`).
+switch rewrites them in place (`dynamo.packed.switching`).
 """
 
 from __future__ import annotations
@@ -36,20 +36,22 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from dynamo.adapters import PROJECTIONS, MoELayer, moe_layers
-from dynamo.adapters.compute import expert_compute
-from dynamo.errors import UserError
-from dynamo.quant.rtn import QuantizedWeight
-from dynamo.switching.cache import SLICES, ChannelCache
+from dynamo_kernels.channels import ChannelRows
+from dynamo_kernels.dispatch import Backend, moe_experts
+from dynamo_kernels.experts import ExpertWeight, PackedExperts
+from dynamo_kernels.packed_module import PackedExpertsModule
+from dynamo_kernels.packing import PackedWeight
 
-from .channels import ChannelRows
-from .dispatch import Backend, moe_experts
-from .experts import ExpertWeight, PackedExperts
-from .packed_module import PackedExpertsModule
-from .packing import PackedWeight
+from ..adapters import PROJECTIONS, MoELayer, moe_layers
+from ..adapters.compute import expert_compute
+from ..errors import UserError
+from ..quant.rtn import QuantizedWeight
+from ..switching.cache import SLICES, ChannelCache
+from .weight import pack_weight
 
 CodeKey = tuple[int, int | str, str]  # (layer index, expert, projection), as in QuantReport.codes
 IMPLEMENTATION = "dynamo_packed"
+ATTRIBUTE = "packed"  # the experts module's child that holds an attached packed layer
 
 
 def _channel_rows(layer: MoELayer, cache: ChannelCache) -> ChannelRows:
@@ -68,7 +70,7 @@ def pack_layer(layer: MoELayer, codes: dict[CodeKey, QuantizedWeight], cache: Ch
         for projection in PROJECTIONS:
             dense = layer.weight(expert, projection)
             q = codes.get((layer.index, expert, projection))
-            weights[projection].append(PackedWeight.from_quantized(q).to(dense.device) if q is not None
+            weights[projection].append(pack_weight(q).to(dense.device) if q is not None
                                        else dense.detach().clone())
     channels = _channel_rows(layer, cache) if cache is not None else None
     return PackedExperts.build(weights["gate"], weights["up"], weights["down"], layer.activation(), channels)
@@ -132,7 +134,7 @@ def packed_forward(model: nn.Module, packed: dict[int, PackedExperts], *,
 def _packed_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers experts implementation "dynamo_packed": the module's attached packed layer."""
-    return moe_experts(self.packed.experts(), hidden_states, top_k_index, top_k_weights)
+    return moe_experts(getattr(self, ATTRIBUTE).experts(), hidden_states, top_k_index, top_k_weights)
 
 
 def use_packed_implementation(model: nn.Module) -> None:
@@ -157,7 +159,7 @@ def install_packed(layer: MoELayer, module: PackedExpertsModule) -> None:
     for name in ("gate_up_proj", "down_proj"):
         if hasattr(experts, name):
             delattr(experts, name)
-    experts.packed = module
+    setattr(experts, ATTRIBUTE, module)
     # transformers (re-)initialises modules it believes were not loaded; its initialiser for this
     # class would look for the dense parameters that are gone.
     experts._is_hf_initialized = True
@@ -167,7 +169,7 @@ def install_packed(layer: MoELayer, module: PackedExpertsModule) -> None:
 def attach_packed(model: nn.Module, packed: dict[int, PackedExperts]) -> None:
     """Make the packed layers part of the model: their tensors become the experts' parameters (the dense
     ones are dropped), the model's forward runs them, and `save_pretrained` writes them with a
-    quantization config that `kernels.hf_quantizer.load_packed` (or from_pretrained) reads back."""
+    quantization config that `dynamo.packed.hf_quantizer.load_packed` (or from_pretrained) reads back."""
     from .hf_quantizer import DynamoPackedConfig
 
     layers = list(moe_layers(model))
@@ -183,9 +185,14 @@ def attach_packed(model: nn.Module, packed: dict[int, PackedExperts]) -> None:
         layers={str(i): module.layout for i, module in modules.items()})
 
 
+def attached_packed(layer: MoELayer) -> PackedExpertsModule | None:
+    """The packed layer that `attach_packed` put in place of the layer's dense expert weights, if any."""
+    return getattr(layer.experts, ATTRIBUTE, None) if layer.adapter.storage == "fused_3d" else None
+
+
 def packed_modules(model: nn.Module) -> dict[int, PackedExpertsModule]:
     """The attached packed layers of a model, by MoE layer index."""
-    found = {layer.index: getattr(layer.experts, "packed", None) for layer in moe_layers(model)}
+    found = {layer.index: attached_packed(layer) for layer in moe_layers(model)}
     if not found or any(m is None for m in found.values()):
-        raise UserError("the model has no attached packed experts (see kernels.packed_model.attach_packed)")
+        raise UserError("the model has no attached packed experts (see dynamo.packed.model.attach_packed)")
     return found

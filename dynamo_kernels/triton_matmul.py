@@ -175,7 +175,7 @@ def default_config(rows: int, w: PackedWeight | WeightStack, device: torch.devic
 def _check(x: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> None:
     if x.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError("Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before triton is first "
-                           "imported to run on CPU (kernels.dispatch falls back to the torch reference)")
+                           "imported to run on CPU (dynamo_kernels.dispatch falls back to the torch reference)")
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"weights and activations must be on one device (activations on {x.device})")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -247,7 +247,7 @@ def grouped_dequant_matmul_triton(x: torch.Tensor, stack: WeightStack, routing: 
     One launch for the whole stack; rows routed to other experts are left untouched.
     """
     if stack.is_dense:
-        raise ValueError("a 16-bit stack has no packed weights; compute it with torch (kernels.moe does)")
+        raise ValueError("a 16-bit stack has no packed weights; compute it with torch (dynamo_kernels.moe does)")
     n, k = stack.shape
     if x.shape[-1] != k or x.dim() != 2:
         raise ValueError(f"activations must be [rows, {k}], got {tuple(x.shape)}")

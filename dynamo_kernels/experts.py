@@ -23,9 +23,9 @@ import torch
 
 from .channels import ChannelRows
 from .packing import PackedWeight
+from .projections import STAGES
 
 ExpertWeight = PackedWeight | torch.Tensor  # a dense tensor [N, K] for a 16-bit expert
-STAGES = {"gate_up": ("gate", "up"), "down": ("down",)}
 DENSE_BITS = 16
 
 

@@ -1,6 +1,6 @@
 """Save and reload packed models with transformers: a "dynamo" quantization config and quantizer.
 
-    attach_packed(model, packed)          # kernels.packed_model
+    attach_packed(model, packed)          # dynamo.packed.model
     model.save_pretrained(path)           # packed tensors + config.json["quantization_config"]
     model = load_packed(path)             # or AutoModelForCausalLM.from_pretrained after importing this module
 
@@ -11,24 +11,28 @@ transformers' loader then fills them by name like any other parameter, and after
 model's experts run through the "dynamo_packed" implementation. Nothing is executed from the
 checkpoint: the tensors come from safetensors, the layout from JSON.
 
-transformers only knows this method once this module is imported (it registers the config
-and the quantizer); `load_packed` imports it for you.
+transformers only knows this method once this module is imported: its classes register
+themselves with transformers' `register_quantization_config` / `register_quantizer` (once per
+process, as a module is imported once); `load_packed` imports it for you.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from transformers.quantizers import HfQuantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from dynamo.adapters import moe_layers
+from dynamo_kernels.packed_module import skeleton
+
+from ..adapters import moe_layers
+from .model import install_packed, use_packed_implementation
 
 METHOD = "dynamo"
 FORMAT_VERSION = 1
 
 
+@register_quantization_config(METHOD)
 class DynamoPackedConfig(QuantizationConfigMixin):
     """Per MoE layer (by decoder-layer index, as a string key) the packed layout; see packed_module.layout_of."""
 
@@ -41,15 +45,13 @@ class DynamoPackedConfig(QuantizationConfigMixin):
                              f"version {FORMAT_VERSION}); re-export the model with this version of the library")
 
 
+@register_quantizer(METHOD)
 class DynamoPackedQuantizer(HfQuantizer):
     """Loads models packed by `attach_packed`; it cannot quantize a float checkpoint (run DynaMo for that)."""
 
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from .packed_model import install_packed
-        from .packed_module import skeleton
-
         layouts = self.quantization_config.layers
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         layers = list(moe_layers(model))
@@ -60,8 +62,6 @@ class DynamoPackedQuantizer(HfQuantizer):
             install_packed(layer, skeleton(layouts[str(layer.index)], layer.activation(), dtype))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .packed_model import use_packed_implementation
-
         use_packed_implementation(model)
         return model
 
@@ -73,12 +73,6 @@ class DynamoPackedQuantizer(HfQuantizer):
         return False
 
 
-def register() -> None:
-    """Make transformers resolve quant_method "dynamo" (idempotent)."""
-    AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(METHOD, DynamoPackedConfig)
-    AUTO_QUANTIZER_MAPPING.setdefault(METHOD, DynamoPackedQuantizer)
-
-
 def load_packed(path: str | Path, *args, **kwargs):
     """AutoModelForCausalLM.from_pretrained for a saved packed model (kwargs pass through, e.g. dtype).
 
@@ -86,13 +80,10 @@ def load_packed(path: str | Path, *args, **kwargs):
     `save_pretrained` ones alike, without remote code."""
     from transformers import AutoModelForCausalLM
 
-    from dynamo.export.guard import base_config, read_config_dict
+    from ..export.guard import base_config, read_config_dict
 
-    register()
     if "config" not in kwargs:
         hub = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
         kwargs["config"] = base_config(read_config_dict(path, **hub))
     return AutoModelForCausalLM.from_pretrained(path, *args, **kwargs)
 
-
-register()

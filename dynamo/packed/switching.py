@@ -6,7 +6,7 @@
     switcher.switch_to(windows)
 
 `PackedChannelStore` is the switcher's view of the cached channels (dynamo.switching.store): a
-packed layer keeps them as `ChannelRows` (kernels/channels.py) whose values are parameters of
+packed layer keeps them as `ChannelRows` (dynamo_kernels/channels.py) whose values are parameters of
 the model; a write copies into them, so no buffer is reallocated and the packed codes are never
 touched. Profiling a new sample runs the packed experts themselves (`packed_expert_outputs`).
 """
@@ -15,25 +15,25 @@ from __future__ import annotations
 
 import torch
 
-from dynamo.adapters import PROJECTIONS, MoELayer
-from dynamo.errors import UserError
-from dynamo.switching.cache import SLICES, ChannelCache
-from dynamo.switching.store import Key
+from dynamo_kernels.dispatch import expert_linear
 
-from .dispatch import expert_linear
-from .packed_model import packed_modules
+from ..adapters import PROJECTIONS, MoELayer
+from ..errors import UserError
+from ..switching.cache import SLICES, ChannelCache
+from ..switching.store import Key
+from .model import attached_packed, packed_modules
 
 
 def packed_expert_outputs(layer: MoELayer, expert: int, x: torch.Tensor) -> dict:
     """The outputs `dynamo.calibration.capture` records, computed from the attached packed layer."""
-    experts = layer.experts.packed.experts()
+    experts = attached_packed(layer).experts()
     gate, up = expert_linear(experts, expert, "gate", x), expert_linear(experts, expert, "up", x)
     neuron = experts.act(gate) * up
     return {"gate": gate, "up": up, "neuron": neuron, "down": expert_linear(experts, expert, "down", neuron)}
 
 
 class PackedChannelStore:
-    """The cached channels of a model with attached packed layers (kernels.packed_model.attach_packed)."""
+    """The cached channels of a model with attached packed layers (dynamo.packed.model.attach_packed)."""
 
     expert_outputs = staticmethod(packed_expert_outputs)
 

@@ -16,20 +16,15 @@ a module with empty (meta) parameters of exactly the saved shapes, for loading.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Callable
 
 import torch
 from torch import nn
 
-from dynamo.quant.rtn import quantize_rtn
-from dynamo.quant.spec import QSpec
-
-from dynamo.adapters import PROJECTIONS
-
 from .channels import ChannelRows
 from .experts import DENSE_BITS, ExpertWeight, PackedExperts, WeightStack
-from .packing import PackedWeight
+from .packing import PackedWeight, packed_columns
+from .projections import PROJECTIONS
 
 STACK_TENSORS = ("experts", "col_offsets", "qweight", "scales", "zeros", "dense")
 
@@ -96,18 +91,15 @@ def layout_of(packed: PackedExperts) -> dict:
             "channel_rows": {p: int(channels.index[p].shape[1]) if channels is not None else 0 for p in PROJECTIONS}}
 
 
-@lru_cache(maxsize=64)
-def _template(bits: int, group_size: int, shape: tuple[int, int]) -> PackedWeight:
-    """A packed all-zero matrix: the tensor shapes and dtypes of the format, whatever its layout."""
-    with torch.device("cpu"):  # transformers builds the model under a meta-device context; packing needs values
-        return PackedWeight.from_quantized(quantize_rtn(torch.zeros(shape), QSpec(bits, group_size=group_size)))
-
-
 def _empty(bits: int, group_size: int, shape: tuple[int, int], dtype: torch.dtype) -> ExpertWeight:
+    """A meta-device matrix of the format's tensor shapes and dtypes (packing.py's layout)."""
     if bits == DENSE_BITS:
         return torch.empty(shape, dtype=dtype, device="meta")
-    t = _template(bits, group_size, shape)
-    return PackedWeight(*(torch.empty_like(x, device="meta") for x in (t.qweight, t.scales, t.zeros)),
+    rows, cols = shape
+    groups = 1 if group_size == -1 else -(-cols // group_size)
+    return PackedWeight(torch.empty(rows, packed_columns(cols, bits), dtype=torch.int32, device="meta"),
+                        torch.empty(rows, groups, dtype=torch.float16, device="meta"),
+                        torch.empty(groups, packed_columns(rows, bits), dtype=torch.int32, device="meta"),
                         bits=bits, group_size=group_size, shape=shape)
 
 
@@ -121,7 +113,7 @@ def skeleton(layout: dict, act: Callable[[torch.Tensor], torch.Tensor], dtype: t
         rows = {p: int(layout["channel_rows"][p]) for p in PROJECTIONS}
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"malformed packed-layer layout ({err!r}); the quantization config was not written by "
-                         f"kernels.packed_model.attach_packed") from None
+                         f"dynamo.packed.model.attach_packed") from None
     channels = None
     if any(rows.values()):
         channels = ChannelRows({p: torch.empty(n, rows[p], dtype=torch.int64, device="meta") for p in PROJECTIONS},

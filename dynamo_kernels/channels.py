@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dynamo.adapters import PROJECTIONS
+from .projections import PROJECTIONS
 
 GATHER_ELEMENTS = 1 << 24  # values gathered per chunk of routed rows in `patch_rows` (64 MiB in fp32)
 

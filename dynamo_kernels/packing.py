@@ -29,9 +29,10 @@ transposed and packed like codes, zeros [groups, packed_columns(N, b)] int32. Al
 rows have few groups (1 or 2 at group 128 in a small model, 16 at K = 2048) but N is a multiple
 of 32 in every model here, so each zero costs exactly b bits (packed along the groups, one
 group's zero would fill a whole word per plane), and a tile's BLOCK_N zeros of one group are
-adjacent words. So a weight stores what `QSpec.storage_bits` counts: b bits per code, 16 + b
-bits per group, up to the padding of each plane's last word. A group is `group_size`
-consecutive input columns, -1 = one group per row, as in `dynamo.quant.rtn`;
+adjacent words. So a weight stores what the harness's bit accounting
+(`dynamo.quant.QSpec.storage_bits`) counts: b bits per code, 16 + b bits per group, up to the
+padding of each plane's last word. A group is `group_size`
+consecutive input columns, -1 = one group per row (`column_groups`);
 w = scale * (q - zero). Act-order weights whose groups are not consecutive columns (a
 non-trivial `g_idx`) are refused: our GPTQ keeps static groups (g_idx is None), so that case
 never arises from this repository's quantizers.
@@ -43,11 +44,15 @@ from dataclasses import dataclass
 
 import torch
 
-from dynamo.quant.rtn import QuantizedWeight, column_groups
-
 PLANES = {2: (2,), 3: (2, 1), 4: (4,), 6: (4, 2), 8: (8,)}  # plane widths, low bits first
 PACKED_BITS = tuple(PLANES)
 WORD_BITS = 32
+
+
+def column_groups(cols: int, group_size: int, device=None) -> torch.Tensor:
+    """The group of each of `cols` input columns: `group_size` consecutive columns a group, -1 one group a row."""
+    group = cols if group_size == -1 else group_size
+    return torch.arange(cols, device=device) // group
 
 
 def plane_bits(bits: int) -> tuple[int, ...]:
@@ -120,21 +125,21 @@ def unpack_codes(qweight: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return codes.to(torch.uint8)
 
 
-def _check_consecutive_groups(q: QuantizedWeight) -> None:
-    if q.g_idx is None:
+def _check_consecutive_groups(g_idx: torch.Tensor | None, cols: int, group_size: int) -> None:
+    if g_idx is None:
         return
-    expected = column_groups(q.codes.shape[1], q.spec, q.g_idx.device)
-    if not torch.equal(q.g_idx.to(expected.dtype), expected):
+    expected = column_groups(cols, group_size, g_idx.device)
+    if not torch.equal(g_idx.to(expected.dtype), expected):
         raise ValueError("act-order weights with permuted groups (a non-trivial g_idx) cannot be packed: the "
                          "kernels read each group as consecutive input columns. Quantize with static groups "
                          "(dynamo.quant.quantize_gptq keeps them; g_idx is then None)")
 
 
-def _integer_zeros(q: QuantizedWeight) -> torch.Tensor:
-    zeros = q.zeros.round()
-    if not torch.equal(zeros, q.zeros):
+def _integer_zeros(zeros: torch.Tensor) -> torch.Tensor:
+    rounded = zeros.round()
+    if not torch.equal(rounded, zeros):
         raise ValueError("zeros must be integers to be packed")
-    return zeros
+    return rounded
 
 
 @dataclass
@@ -158,13 +163,14 @@ class PackedWeight:
                                  f"{self.bits}-bit matrix")
 
     @classmethod
-    def from_quantized(cls, q: QuantizedWeight) -> PackedWeight:
-        if q.spec.is_float:
-            raise ValueError("a 16-bit (unquantized) weight has no codes to pack; keep it as a dense tensor")
-        _check_consecutive_groups(q)
-        return cls(qweight=pack_codes(q.codes, q.spec.bits), scales=q.scales.to(torch.float16),
-                   zeros=pack_codes(_integer_zeros(q).T, q.spec.bits), bits=q.spec.bits,
-                   group_size=q.spec.group_size, shape=(int(q.codes.shape[0]), int(q.codes.shape[1])))
+    def pack(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+             g_idx: torch.Tensor | None = None) -> PackedWeight:
+        """Pack integer codes [N, K] in [0, 2^b - 1] and their group parameters scales / zeros [N, groups]
+        (zeros integer-valued; w = scale * (q - zero)). `g_idx` [K], if given, must be consecutive groups."""
+        _check_consecutive_groups(g_idx, int(codes.shape[1]), group_size)
+        return cls(qweight=pack_codes(codes, bits), scales=scales.to(torch.float16),
+                   zeros=pack_codes(_integer_zeros(zeros).T, bits), bits=bits, group_size=group_size,
+                   shape=(int(codes.shape[0]), int(codes.shape[1])))
 
     @property
     def planes(self) -> tuple[int, ...]:
@@ -198,7 +204,7 @@ class PackedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """w = scale * (q - zero) as [N, K], computed in fp32 (what the kernels compute in registers)."""
-        g_idx = torch.arange(self.shape[1], device=self.device) // self.group
+        g_idx = column_groups(self.shape[1], self.group_size, self.device)
         w = self.scales.float()[:, g_idx] * (self.unpack().float() - self.zero_points().float()[:, g_idx])
         return w.to(dtype)
 

@@ -1,0 +1,11 @@
+"""A quantized model's routed experts as packed low-bit codes: the glue between the harness and `dynamo_kernels`.
+
+- `weight.py`: one `QuantizedWeight` (dynamo.quant) -> `dynamo_kernels.PackedWeight`
+- `model.py`: pack a model's experts from `QuantReport.codes`, attach them (`attach_packed`) or run them
+  temporarily (`packed_forward`)
+- `switching.py`: DQS switching that rewrites a packed model's channel rows in place (`PackedChannelStore`)
+- `hf_quantizer.py`: the "dynamo" transformers quantization config and quantizer (`load_packed`)
+
+The kernels (`dynamo_kernels`) never import this package: the arrows run dynamo -> dynamo_kernels.
+Format and kernels: dynamo_kernels/README.md.
+"""
