@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ExportFormat, QuantMethod, SourceConfig, SourceKind, to_container
+from .config import ExportFormat, SourceConfig, SourceKind, to_container
 from .data import known_datasets, load_documents, sources_of
 from .errors import UserError
 from .eval.fidelity import ReferenceLogprobs
@@ -143,7 +143,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     timings["load_model_s"] = time.perf_counter() - t
     check_weights_finite(loaded.model, f"model {cfg.model.path}", "the checkpoint is corrupt; re-download or "
                          "re-save it")
-    if is_packed(loaded.model.config) and cfg.quant.method != QuantMethod.none:
+    if is_packed(loaded.model.config) and cfg.quant.method != "none":
         raise UserError(f"{cfg.model.path} is already quantized (a packed DynaMo checkpoint); evaluate it with quant=fp16")
     check_export(cfg, loaded.model, sources_of(cfg.dataset))  # before any work: a run that cannot export fails now
     if cfg.eval.seqlen > loaded.max_length:
@@ -153,7 +153,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     metrics, window_nll, window_kl = {}, {}, {}
     with ExitStack() as cleanup:
         reference = None
-        if cfg.eval.reference and cfg.quant.method != QuantMethod.none:
+        if cfg.eval.reference and cfg.quant.method != "none":
             # the FP16 pass also stores its log-probs (on disk) for the KL of every later pass
             reference = cleanup.enter_context(ReferenceLogprobs(cfg.eval.kl_topk))
             t = time.perf_counter()
@@ -363,9 +363,9 @@ def check_switching(cfg: DictConfig) -> None:
     from .quant.stage import needs_analysis
 
     if not needs_analysis(cfg.quant):
-        raise UserError("quant.switching.enabled=true needs a DynaMo allocation (quant.allocation.method=fcm or "
-                        "budget) and no quant.plan file")
-    if sw.policy.value == "paper" and sw.channel_mode.value == "requant" and cfg.analysis.channel_unit.value == "neuron":
+        raise UserError("quant.switching.enabled=true needs a DynaMo allocation (a quant.allocation.method that "
+                        "needs significance: fcm, budget) and no quant.plan file")
+    if sw.policy == "paper" and sw.channel_mode.value == "requant" and cfg.analysis.channel_unit.value == "neuron":
         raise UserError("quant.switching.channel_mode=requant needs analysis.channel_unit=row (a neuron's down "
                         "column shares its quantization groups); use channel_mode=fp16")
     if not 0.0 < sw.budget_frac < 1.0:
@@ -381,7 +381,7 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
     channel cache when DQS is on, and with the calibration its method needs), or calibration alone."""
     stage, stats = QuantStage(), None
     known = known_datasets(cfg.dataset)
-    if cfg.quant.method != QuantMethod.none:
+    if cfg.quant.method != "none":
         from .quant.stage import needs_analysis, quantize
 
         significance, policy, prepared = None, None, None

@@ -48,5 +48,5 @@ def analyze(model, tokenizer, sources: dict, names: list[str], cfg: AnalysisConf
                         "windows": int(w.shape[0]), "seqlen": int(w.shape[1]), "token_ids": key["token_ids"]}
         log.info("analysis %-12s %s (%d windows, capture %.1f s)", name, report[name]["cache"], w.shape[0], seconds)
     meta = {"model": model_path, "fingerprint": fingerprint, "seed": seed, "datasets": report}
-    sig = Significance.from_captures(captures, layers, cfg.channel_metric.value, cfg.channel_unit.value, meta)
+    sig = Significance.from_captures(captures, layers, cfg.channel_metric, cfg.channel_unit.value, meta)
     return sig, {"captures": report, "capture_s": round(sum(r["capture_s"] for r in report.values()), 3)}

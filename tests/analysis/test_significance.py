@@ -12,11 +12,12 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
 
 from dynamo.adapters import moe_layers  # noqa: E402
-from dynamo.analysis import METRICS, Significance, analyze, channel_significance  # noqa: E402
+from dynamo.analysis import Significance, analyze, channel_significance  # noqa: E402
+from dynamo.registry import METRICS  # noqa: E402
 from dynamo.calibration import capture  # noqa: E402
 from dynamo.config import AllocationConfig, AnalysisConfig, SourceConfig  # noqa: E402
 from dynamo.quant import QSpec, QuantPlan  # noqa: E402
-from dynamo.quant.allocation import allocate_dynamo  # noqa: E402
+from dynamo.quant.allocation import allocate  # noqa: E402
 from tiny_families import EXPERTS, FAMILIES, VOCAB, build  # noqa: E402
 
 
@@ -28,7 +29,7 @@ def _captures(model, n=2):
 
 
 @pytest.mark.parametrize("unit", ["row", "neuron"])
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", METRICS.names)
 @pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
 def test_expert_shares_sum_to_one_per_layer(family, metric, unit):
     model = build(family)
@@ -92,7 +93,7 @@ def test_dynamo_allocation_fills_every_routed_expert(family, method):
     cfg = OmegaConf.create({"method": method, "target_bits": 3.0, "widths": widths, "fuse": "mean",
                             "fcm": {"m": 2.0, "eps": 1e-5, "max_iter": 300, "overlap_margin": 0.1}})
     cfg = OmegaConf.merge(OmegaConf.structured(AllocationConfig), cfg)
-    allocate_dynamo(plan, sig, layers, cfg)
+    allocate(plan, layers, cfg, significance=sig)
     for layer in layers:
         bits = [plan.spec_for(layer.index, e, "gate").bits for e in range(layer.n_experts)]
         assert set(bits) <= set(widths)
