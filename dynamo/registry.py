@@ -217,7 +217,8 @@ def load_plugins(entries: Iterable[str]) -> None:
     sys.path) or a path to a .py file. Importing runs its decorators; nothing else is executed by the harness."""
     for entry in entries or ():
         entry = str(entry)
-        if entry in _PLUGINS:
+        key = str(Path(entry).expanduser().resolve()) if entry.endswith(".py") else entry  # one file, one import
+        if key in _PLUGINS:
             continue
         try:
             module = _import_plugin(entry)
@@ -226,7 +227,7 @@ def load_plugins(entries: Iterable[str]) -> None:
         except Exception as err:  # the user's code: one line that says where, not a traceback
             raise UserError(f"plugins: importing {entry} failed: {type(err).__name__}: {err} "
                             f"(python -c 'import ...' on it shows the traceback)") from None
-        _PLUGINS[entry] = module
+        _PLUGINS[key] = module
 
 
 def _import_plugin(entry: str):
@@ -262,8 +263,13 @@ def check_names(cfg) -> None:
     """Import the config's plugins, then refuse any name no table holds (one UserError)."""
     from omegaconf import OmegaConf
 
-    load_plugins(OmegaConf.select(cfg, "plugins", default=None) or ())
+    plugins = OmegaConf.select(cfg, "plugins", default=None) or ()
+    load_plugins(plugins)
     for key, table in NAMED.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None:
-            table.check(value)
+            try:
+                table.check(value)
+            except UserError as err:
+                hint = "" if plugins else "; a plugin's name needs plugins=[its module or .py file]"
+                raise UserError(f"{err}{hint}") from None
