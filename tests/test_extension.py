@@ -77,3 +77,43 @@ def test_the_readme_shows_the_shipped_example_file_and_preset_verbatim():
     for path, text in blocks.items():
         assert (REPO / path).read_text() == text, path
     assert "python run.py plugins=[experiments/ablation.py] quant=example_greedy" in section
+
+
+def test_a_metric_with_a_statistic_of_its_own_needs_no_edit_to_the_capture(tmp_path):
+    """register_statistic: captures made for the metric keep the new running sum (checked against the
+    built-in sums it restates), it survives save/load, and the analysis cache keys such captures apart."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_olmoe_config
+    from dynamo.adapters import moe_layers
+    from dynamo.analysis import channel_significance
+    from dynamo.analysis.cache import capture_key
+    from dynamo.analysis.significance import statistics_for
+    from dynamo.calibration import CalibrationStats, capture
+    from dynamo.registry import METRICS, register_metric, register_statistic
+
+    if "test_sq_again" not in METRICS.names:
+        register_statistic("test_sq_again")(torch.square)
+        register_statistic("test_wabs_again", weighted=True)(torch.abs)
+        register_metric("test_sq_again_metric", statistic="test_sq_again")(
+            lambda layer, stats, unit: stats.channels[unit]["test_sq_again"])
+    assert statistics_for("test_sq_again_metric") == ("test_sq_again",) and statistics_for("act_l2") == ()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_olmoe_config(64)).eval()
+    windows = torch.randint(2, 64, (3, 12), generator=torch.Generator().manual_seed(0))
+    stats = capture(model, windows, hessians=False, statistics=("test_sq_again", "test_wabs_again"))
+    stats.save(tmp_path / "capture")
+    loaded = CalibrationStats.load(tmp_path / "capture")
+    for s in (stats, loaded):
+        for layer in s.layers.values():
+            for unit, sums in layer.routed.channels.items():
+                torch.testing.assert_close(sums["test_sq_again"], sums["sq"], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(sums["test_wabs_again"], sums["wabs"], rtol=1e-5, atol=1e-6)
+    layers = list(moe_layers(model))
+    ours = channel_significance(loaded, layers, "test_sq_again_metric", "row")
+    for i, units in ours.items():
+        for unit, t in units.items():
+            torch.testing.assert_close(t, stats.layers[i].routed.channels[unit]["sq"].double())
+    plain, extra = (capture_key("f", "d", windows, 0, s) for s in ((), ("test_sq_again",)))
+    assert "statistics" not in plain and extra["statistics"] == ["test_sq_again"]

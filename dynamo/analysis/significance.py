@@ -21,11 +21,18 @@ from safetensors.torch import load_file, save_file
 
 from ..adapters import MoELayer
 from ..calibration import CalibrationStats
+from ..calibration.stats import CHANNEL_STATS
 from ..records import write_json_atomic
 from ..registry import METRICS
 
 UNITS = {"row": ("gate", "up", "down"), "neuron": ("neuron",)}
 SCHEMA_VERSION = 1
+
+
+def statistics_for(metric: str) -> tuple[str, ...]:
+    """The registered channel statistic a capture must keep for `metric`, beyond the built-in ones."""
+    statistic = METRICS.get(metric).statistic
+    return (statistic,) if statistic and statistic not in CHANNEL_STATS else ()
 
 
 def channel_significance(stats: CalibrationStats, layers: list[MoELayer], metric: str,

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..adapters import PROJECTIONS, moe_layers
-from ..analysis.significance import Significance
+from ..analysis.significance import Significance, statistics_for
 from ..calibration import capture
 from ..errors import UserError
 from ..quant.allocation import LayerInput, layer_widths, rule_of
@@ -197,7 +197,7 @@ class DynamicSwitcher:
         windows = check_token_windows(windows, self.vocab)
         self.store.validate()
         stats = capture(self.model, windows, batch_size=self.batch_size, hessians=False,
-                        expert_outputs=self.store.expert_outputs)
+                        expert_outputs=self.store.expert_outputs, statistics=statistics_for(self.significance.metric))
         new = Significance.from_captures({"new": stats}, list(self.layers.values()), self.significance.metric,
                                          self.significance.unit).expert("new")
         t1 = time.perf_counter()
