@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ExportFormat, SourceConfig, SourceKind, to_container
+from .config import ExportFormat, to_container
 from .data import known_datasets, load_documents, sources_of
 from .errors import UserError
 from .eval.fidelity import ReferenceLogprobs
@@ -30,14 +30,12 @@ from .finite import check_finite, check_weights_finite
 from .loggers import publish
 from .models import is_packed, load_model
 from .records import RESULT_FILE, WINDOW_KL_BQ_FILE, WINDOW_KL_FILE, make_record, write_json_atomic
-from .registry import SWITCH_POLICIES
+from .registry import EVAL_TASKS, SWITCH_POLICIES
 from .stats import MC_CORRECT_FILE
 from .validate import check_required, validate_run
 
 log = logging.getLogger(__name__)
 
-SUITE_TASKS = "suite"  # in eval.lm_eval.tasks: one rolling-loglikelihood task per evaluated dataset
-MC_TASK = "dynamo_math_mc"
 WINDOW_NLL_FILE = "window_nll.json"  # beside result.json: {dataset: [mean loss of each window]}
 WINDOW_NLL_FP16_FILE = "window_nll_fp16.json"  # the same for the eval.reference pass
 WINDOW_NLL_BQ_FILE = "window_nll_bq.json"      # and for BQ alone, when DQS is on
@@ -103,17 +101,13 @@ def record_fidelity(metrics: dict, window_kl: dict, fidelity: dict, key: str, su
 
 def evaluate_lm_eval(loaded, documents: dict, eval_cfg):
     """lm-eval metrics and per-question correctness (dynamo.eval.harness.LmEvalResult)."""
-    from .eval.harness import build_local_tasks, evaluate_tasks
+    from .eval.harness import evaluate_tasks
 
     wanted = list(eval_cfg.lm_eval.tasks)
-    local, hub = [], []
+    ours = [t for t in wanted if t in EVAL_TASKS.names]  # tasks we write (suite, dynamo_math_mc); the rest: lm-eval's
     with tempfile.TemporaryDirectory(prefix="dynamo-lm-eval-") as workdir:
-        rolling = documents if SUITE_TASKS in wanted else {}
-        math = SourceConfig(kind=SourceKind.embedded, path="math")
-        math_docs = load_documents(math, "test") if MC_TASK in wanted else None
-        if rolling or math_docs:
-            local = build_local_tasks(rolling, Path(workdir), mc_source=math_docs)
-        hub = [t for t in wanted if t not in (SUITE_TASKS, MC_TASK)]
+        local = [name for t in ours for name in EVAL_TASKS.get(t)(documents, Path(workdir))]
+        hub = [t for t in wanted if t not in ours]
         limit = eval_cfg.lm_eval.limit
         if limit is not None and float(limit).is_integer():
             limit = int(limit)
