@@ -1,7 +1,9 @@
 """Structured-config schemas for every Hydra config group, registered in Hydra's ConfigStore.
 
 Each YAML under conf/<group>/ starts with `defaults: [<group>_schema, _self_]`, so a misspelt
-key or a value of the wrong type fails at start-up. The schemas mirror the code: a stage
+key or a value of the wrong type fails at start-up. Fields that name an extension (quant.method,
+quant.allocation.method, quant.switching.policy, analysis.channel_metric) are strings checked
+against their tables in dynamo/registry.py, where implementations and plugins register. The schemas mirror the code: a stage
 receives its own node (cfg.model, cfg.eval, ...), never the whole config.
 """
 

@@ -117,3 +117,19 @@ def test_a_metric_with_a_statistic_of_its_own_needs_no_edit_to_the_capture(tmp_p
             torch.testing.assert_close(t, stats.layers[i].routed.channels[unit]["sq"].double())
     plain, extra = (capture_key("f", "d", windows, 0, s) for s in ((), ("test_sq_again",)))
     assert "statistics" not in plain and extra["statistics"] == ["test_sq_again"]
+
+
+def test_tables_list_built_ins_in_a_fixed_order_and_refuse_a_second_entry_of_a_name():
+    import pytest
+
+    from dynamo.errors import UserError
+    from dynamo.registry import ALLOCATIONS, QUANTIZERS, register_allocation
+
+    assert ALLOCATIONS.names[:5] == ("uniform", "moeptq", "random", "fcm", "budget")
+    assert QUANTIZERS.names == ("none", "rtn", "gptq", "bnb")
+    with pytest.raises(ValueError, match="'budget' is already registered"):
+        register_allocation("budget")(lambda layer, cfg: None)
+    with pytest.raises(ValueError, match="needs must be one of"):
+        register_allocation("test_bad_needs", needs="everything")
+    with pytest.raises(UserError, match=r"quant.allocation.method: Invalid value 'fcmm'"):
+        ALLOCATIONS.get("fcmm")
