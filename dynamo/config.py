@@ -1,7 +1,9 @@
 """Structured-config schemas for every Hydra config group, registered in Hydra's ConfigStore.
 
 Each YAML under conf/<group>/ starts with `defaults: [<group>_schema, _self_]`, so a misspelt
-key or a value of the wrong type fails at start-up. The schemas mirror the code: a stage
+key or a value of the wrong type fails at start-up. Fields that name an extension (quant.method,
+quant.allocation.method, quant.switching.policy, analysis.channel_metric) are strings checked
+against their tables in dynamo/registry.py, where implementations and plugins register. The schemas mirror the code: a stage
 receives its own node (cfg.model, cfg.eval, ...), never the whole config.
 """
 
@@ -14,8 +16,6 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
-
-from .registry import SWITCH_POLICIES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -87,34 +87,12 @@ class DatasetConfig:
     calib_path: Optional[str] = None        # its calibration/profiling file; None = its leading calib_fraction
 
 
-class QuantMethod(Enum):
-    none = "none"      # the 16-bit reference
-    rtn = "rtn"
-    gptq = "gptq"
-    bnb = "bnb"        # bitsandbytes NF4 / int8 on every expert (quant.bnb_format)
-
-
-class Allocation(Enum):
-    uniform = "uniform"  # every routed expert at quant.bits
-    moeptq = "moeptq"    # most-routed experts per layer at high_bits, the rest at low_bits
-    random = "random"    # as many high_bits experts per layer as moeptq, chosen at random
-    fcm = "fcm"          # DynaMo (paper Algorithm 1): fuzzy c-means over fused expert significance
-    budget = "budget"    # DynaMo, ours: the least expected error at exactly target_bits per layer
-
-
 class Fuse(Enum):
     """Paper Eq. 2: how the per-dataset expert significances become one (spec Step 2)."""
     mean = "mean"
     max = "max"
     geomean = "geomean"
     gaussian = "gaussian"  # diagonal Gaussian: its mean allocates, its std is kept as the dynamics
-
-
-class ChannelMetric(Enum):
-    act_l2 = "act_l2"    # sum over routed tokens of router weight * y_c^2
-    act_abs = "act_abs"  # sum over routed tokens of router weight * |y_c|
-    wanda = "wanda"      # sum_j |W_cj| * ||x_j|| (Wanda's score, summed over the row)
-    freq = "freq"        # routed-token count only
 
 
 class ChannelUnit(Enum):
@@ -132,7 +110,9 @@ class FcmConfig:
 
 @dataclass
 class AllocationConfig:
-    method: Allocation = Allocation.uniform
+    # a name in dynamo.registry.ALLOCATIONS (checked by check_names): uniform, moeptq, random (baselines),
+    # fcm (paper Algorithm 1), budget (ours: least expected error at exactly target_bits), or a plugin's
+    method: str = "uniform"
     target_bits: float = 3.0                # moeptq / random / budget: average code bits of routed experts
     low_bits: int = 2                       # moeptq / random
     high_bits: int = 4
@@ -158,10 +138,6 @@ class DetectorConfig:
     cooldown: int = 8                       # batches after a switch before the next one may fire
 
 
-# One member per entry of dynamo.registry.SWITCH_POLICIES (the table is the single source of names).
-SwitchPolicy = Enum("SwitchPolicy", {name: name for name in SWITCH_POLICIES.names})
-
-
 class SwitchCandidates(Enum):
     rows = "rows"              # output rows of every projection
     rows_cols = "rows_cols"    # rows and input columns under one budget
@@ -181,7 +157,7 @@ class SwitchingConfig:
     adaptive (ours): slots chosen per dataset from an FP16 master copy (candidates, scoring, budget_frac);
     paper: the FP16 cache of channels fixed offline, re-allocated per dataset (channel_mode, mix)."""
     enabled: bool = False
-    policy: SwitchPolicy = SwitchPolicy.adaptive
+    policy: str = "adaptive"                # dynamo.registry.SWITCH_POLICIES: adaptive (ours) or paper
     # adaptive defaults: the best on held-out calib windows of the novel domains (scripts/dqs_fidelity.py)
     budget_frac: float = 0.01               # adaptive: device-resident slot bytes / routed experts' FP16 bytes
     candidates: SwitchCandidates = SwitchCandidates.rows_cols
@@ -205,7 +181,7 @@ class ExportFormat(Enum):
 @dataclass
 class QuantConfig:
     name: str = MISSING
-    method: QuantMethod = QuantMethod.none
+    method: str = "none"                    # dynamo.registry.QUANTIZERS: none (16-bit), rtn, gptq, bnb
     bits: int = 16                          # routed experts (uniform plan)
     group_size: int = 128                   # input columns per scale/zero; -1 = per row
     sym: bool = False
@@ -231,7 +207,7 @@ class AnalysisConfig:
     windows: int = 32                       # per dataset
     seqlen: int = 512
     batch_size: int = 8
-    channel_metric: ChannelMetric = ChannelMetric.act_l2
+    channel_metric: str = "act_l2"          # dynamo.registry.METRICS (dynamo/analysis/metrics.py) or a plugin's
     channel_unit: ChannelUnit = ChannelUnit.row
     dynamic_channel_frac: float = 0.01      # per expert and unit: the channels that move most across datasets
     cache: bool = True                      # reuse per-dataset captures across runs (keyed, see analysis/cache.py)
@@ -304,6 +280,8 @@ class RunConfig:
     force: bool = False                     # recompute even when results_dir holds a record of this config
     results_dir: str = "results/runs"
     hf_home: Optional[str] = None           # where lm-eval/datasets cache; default: HF_HOME
+    plugins: list[str] = field(default_factory=list)  # modules or .py files that register extensions
+                                            #   (dynamo/registry.py), imported before names are checked
 
 
 SCHEMAS = {"model": ModelConfig, "dataset": DatasetConfig, "quant": QuantConfig,

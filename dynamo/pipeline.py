@@ -20,23 +20,21 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ExportFormat, QuantMethod, SourceConfig, SourceKind, to_container
+from .config import ExportFormat, to_container
 from .data import known_datasets, load_documents, sources_of
 from .errors import UserError
 from .eval.fidelity import ReferenceLogprobs
-from .eval.harness import MC_TASK
 from .eval.perplexity import make_windows, token_perplexity, tokenize_corpus
 from .export import check_export, write_export
 from .finite import check_finite, check_weights_finite
 from .loggers import publish
 from .models import is_packed, load_model
 from .records import MC_CORRECT_FILE, RESULT_FILE, WINDOW_FILES, make_record, write_json_atomic
-from .registry import SWITCH_POLICIES
+from .registry import EVAL_TASKS, SWITCH_POLICIES
 from .validate import check_required, validate_run
 
 log = logging.getLogger(__name__)
 
-SUITE_TASKS = "suite"  # in eval.lm_eval.tasks: one rolling-loglikelihood task per evaluated dataset
 
 
 def seed_everything(seed: int) -> None:
@@ -99,17 +97,13 @@ def record_fidelity(metrics: dict, window_kl: dict, fidelity: dict, key: str, su
 
 def evaluate_lm_eval(loaded, documents: dict, eval_cfg):
     """lm-eval metrics and per-question correctness (dynamo.eval.harness.LmEvalResult)."""
-    from .eval.harness import build_local_tasks, evaluate_tasks
+    from .eval.harness import evaluate_tasks
 
     wanted = list(eval_cfg.lm_eval.tasks)
-    local, hub = [], []
+    ours = [t for t in wanted if t in EVAL_TASKS.names]  # tasks we write (suite, dynamo_math_mc); the rest: lm-eval's
     with tempfile.TemporaryDirectory(prefix="dynamo-lm-eval-") as workdir:
-        rolling = documents if SUITE_TASKS in wanted else {}
-        math = SourceConfig(kind=SourceKind.embedded, path="math")
-        math_docs = load_documents(math, "test") if MC_TASK in wanted else None
-        if rolling or math_docs:
-            local = build_local_tasks(rolling, Path(workdir), mc_source=math_docs)
-        hub = [t for t in wanted if t not in (SUITE_TASKS, MC_TASK)]
+        local = [name for t in ours for name in EVAL_TASKS.get(t)(documents, Path(workdir))]
+        hub = [t for t in wanted if t not in ours]
         limit = eval_cfg.lm_eval.limit
         if limit is not None and float(limit).is_integer():
             limit = int(limit)
@@ -139,7 +133,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     timings["load_model_s"] = time.perf_counter() - t
     check_weights_finite(loaded.model, f"model {cfg.model.path}", "the checkpoint is corrupt; re-download or "
                          "re-save it")
-    if is_packed(loaded.model.config) and cfg.quant.method != QuantMethod.none:
+    if is_packed(loaded.model.config) and cfg.quant.method != "none":
         raise UserError(f"{cfg.model.path} is already quantized (a packed DynaMo checkpoint); evaluate it with quant=fp16")
     check_export(cfg, loaded.model, sources_of(cfg.dataset))  # before any work: a run that cannot export fails now
     if cfg.eval.seqlen > loaded.max_length:
@@ -149,7 +143,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     metrics, window_nll, window_kl = {}, {}, {}
     with ExitStack() as cleanup:
         reference = None
-        if cfg.eval.reference and cfg.quant.method != QuantMethod.none:
+        if cfg.eval.reference and cfg.quant.method != "none":
             # the FP16 pass also stores its log-probs (on disk) for the KL of every later pass
             reference = cleanup.enter_context(ReferenceLogprobs(cfg.eval.kl_topk))
             t = time.perf_counter()
@@ -359,9 +353,9 @@ def check_switching(cfg: DictConfig) -> None:
     from .quant.stage import needs_analysis
 
     if not needs_analysis(cfg.quant):
-        raise UserError("quant.switching.enabled=true needs a DynaMo allocation (quant.allocation.method=fcm or "
-                        "budget) and no quant.plan file")
-    if sw.policy.value == "paper" and sw.channel_mode.value == "requant" and cfg.analysis.channel_unit.value == "neuron":
+        raise UserError("quant.switching.enabled=true needs a DynaMo allocation (a quant.allocation.method that "
+                        "needs significance: fcm, budget) and no quant.plan file")
+    if sw.policy == "paper" and sw.channel_mode.value == "requant" and cfg.analysis.channel_unit.value == "neuron":
         raise UserError("quant.switching.channel_mode=requant needs analysis.channel_unit=row (a neuron's down "
                         "column shares its quantization groups); use channel_mode=fp16")
     if not 0.0 < sw.budget_frac < 1.0:
@@ -377,7 +371,7 @@ def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict)
     channel cache when DQS is on, and with the calibration its method needs), or calibration alone."""
     stage, stats = QuantStage(), None
     known = known_datasets(cfg.dataset)
-    if cfg.quant.method != QuantMethod.none:
+    if cfg.quant.method != "none":
         from .quant.stage import needs_analysis, quantize
 
         significance, policy, prepared = None, None, None

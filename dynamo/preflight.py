@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import CONF_DIR, SCHEMAS
 from .errors import UserError
+from .registry import check_names
 from .rundir import check_writable, claim, model_label
 
 MAX_COMBINATIONS = 64  # sweep jobs composed one by one; beyond this, each swept value is composed once
@@ -143,6 +144,7 @@ def compose_checked(overrides: list[str], multirun: bool) -> list[DictConfig]:
             bad = next((o for o in job if o.lstrip("+").split("=")[0] in str(err)), "")
             raise UserError(explain(err, bad, reference)) from None
         check_appended_keys(OverridesParser.create().parse_overrides(job), cfg, reference)
+        check_names(cfg)  # registry names (metric, allocation, quantizer, policy), after cfg.plugins
         configs.append(cfg)
     return configs
 

@@ -44,13 +44,15 @@ UNHASHED_NESTED = {"analysis": ("cache", "cache_dir", "figures")}
 # Keys added after records existed: left out of the hash while at their default, so a config that
 # does not use them keeps the hash of the records written before they existed.
 NEW_KEY_DEFAULTS = {"quant": {"export": "none", "export_dataset": None}}
+NEW_TOP_KEY_DEFAULTS = {"plugins": []}  # the same, at the top level
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "lm_eval", "hydra-core", "omegaconf",
             "accelerate", "safetensors", "numpy", "wandb", "bitsandbytes", "triton")
 
 
 def config_hash(config: dict) -> str:
     """Stable hash of what a run computes: same hash, same metrics (on the same machine)."""
-    relevant = {k: v for k, v in config.items() if k not in UNHASHED_KEYS}
+    relevant = {k: v for k, v in config.items() if k not in UNHASHED_KEYS
+                and not (k in NEW_TOP_KEY_DEFAULTS and v == NEW_TOP_KEY_DEFAULTS[k])}
     for key, inner in UNHASHED_NESTED.items():
         if isinstance(relevant.get(key), dict):
             relevant[key] = {k: v for k, v in relevant[key].items() if k not in inner}

@@ -1,36 +1,275 @@
-"""Extension-point tables whose names config schemas need before anything heavy is imported.
+"""One table per extension point; an implementation registers itself with a decorator.
 
-A config enum must be built when dynamo.config is imported, which is before torch and before the
-implementations exist (they import dynamo.config themselves, so importing them from there would
-be circular). A table here maps each name to "module:attribute"; the implementation is imported
-on first use. The enum in dynamo.config is derived from the table, so a new entry is one line.
+    @register_metric("act_l2", statistic="wsq")     # dynamo/analysis/metrics.py
+    @register_allocation("budget", needs="significance", error_table=True, records=("target_bits",))
+    @register_quantizer("gptq", plan=True, calibration=True)
+    @register_policy("adaptive")
+    @register_eval_task("suite")
+
+Why names are validated at stage entry and not by an Enum in the structured config: dynamo.config is
+imported before torch and before the implementations (they import dynamo.config, so importing them
+from there would be circular), and a user's plugin module (`plugins=[...]`, imported once the config
+is composed) registers after any Enum would have been built. So these config fields are plain
+strings; `check_names(cfg)` imports the built-in modules of each table on first use (the
+`builtins` below: the only place a table names files), imports the config's plugins, and refuses an
+unknown name in one line worded like Hydra's own enum error. run.py's preflight calls it for every
+job of a command line (before the run folder is claimed), and the pipeline again at its start
+(validate_run), so a run composed in-process is checked too.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from .errors import UserError
 
 
 class Registry:
-    def __init__(self, option: str, entries: dict[str, str]):
-        self.option, self.entries = option, dict(entries)
+    """name -> implementation, filled by the decorator of each implementation."""
+
+    def __init__(self, option: str, builtins: Iterable[str]):
+        self.option = option             # the config key that names an entry, for messages
+        self.builtins = tuple(builtins)  # modules whose import registers the built-in entries
+        self._entries: dict[str, Any] = {}
+        self._order: dict[str, tuple[int, int]] = {}  # name -> (its module's place in builtins, registration)
+        self._loaded = False
+
+    def register(self, name: str, value: Any, module: str | None = None) -> Any:
+        """`module`: where it is defined; built-in entries list in the order of `builtins` whatever the
+        order the modules happened to be imported in, so messages are the same in every process."""
+        if not name or not isinstance(name, str):
+            raise ValueError(f"{self.option}: a registered name must be a non-empty string, got {name!r}")
+        if self._entries.get(name, value) is not value:
+            raise ValueError(f"{self.option} '{name}' is already registered ({self._entries[name]!r})")
+        self._entries[name] = value
+        module = module or getattr(value, "__module__", None)
+        rank = self.builtins.index(module) if module in self.builtins else len(self.builtins)
+        self._order.setdefault(name, (rank, len(self._order)))
+        return value
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True  # first: a built-in module that asks for names while importing does not recurse
+            for module in self.builtins:
+                importlib.import_module(module)
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(self.entries)
+        self._load()
+        return tuple(sorted(self._entries, key=self._order.__getitem__))
 
-    def get(self, name):
-        name = getattr(name, "value", name)  # an enum member of a structured config, or its string
-        if name not in self.entries:
-            raise UserError(f"unknown {self.option} '{name}'; choose one of {', '.join(self.entries)}")
-        module, attribute = self.entries[name].split(":")
-        return getattr(import_module(module), attribute)
+    def check(self, name) -> str:
+        """The name (an enum member's value or a string), or one UserError listing the choices."""
+        name = getattr(name, "value", name)
+        if name not in self.names:
+            raise UserError(f"{self.option}: Invalid value '{name}', expected one of [{', '.join(self.names)}]")
+        return name
+
+    def get(self, name) -> Any:
+        return self._entries[self.check(name)]
 
 
-# DQS policies (dynamo/switching/policies.py): what a switch restores, and from what.
-SWITCH_POLICIES = Registry("quant.switching.policy", {
-    "adaptive": "dynamo.switching.policies:AdaptivePolicy",   # ours: chosen per dataset from its calib split
-    "paper": "dynamo.switching.policies:PaperPolicy",         # the paper's: channels fixed offline, re-allocated
-})
+# --- significance metrics (spec Step 1) ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Metric:
+    """fn(layer: MoELayer, stats: ExpertGroupStats, unit: str) -> S_ch [n_experts, channels] of one unit
+    (gate, up, down or neuron) for one dataset's routed capture. `statistic`: the channel statistic it
+    reads (stats.channels[unit][statistic]); a name not in dynamo.calibration.stats.CHANNEL_STATS is
+    a new statistic, accumulated only by captures for this metric (see register_statistic)."""
+    name: str
+    fn: Callable
+    statistic: str | None = None
+
+
+METRICS = Registry("analysis.channel_metric", ["dynamo.analysis.metrics"])
+
+
+def register_metric(name: str, statistic: str | None = None):
+    def add(fn):
+        METRICS.register(name, Metric(name, fn, statistic), fn.__module__)
+        return fn
+    return add
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A per-channel running sum a metric can ask captures for: sum over routed tokens of
+    transform(y) (weighted: times the token's router weight), y a unit's output (or input) value."""
+    name: str
+    transform: Callable                 # elementwise on a [tokens, channels] tensor
+    weighted: bool = False
+
+
+STATISTICS = Registry("channel statistic", ["dynamo.analysis.metrics"])
+
+
+def register_statistic(name: str, weighted: bool = False):
+    def add(transform):
+        STATISTICS.register(name, Statistic(name, transform, weighted), transform.__module__)
+        return transform
+    return add
+
+
+# --- allocation rules (spec Step 2 and the baselines) --------------------------------------------
+
+@dataclass(frozen=True)
+class AllocationRule:
+    """fn(layer: LayerInput, cfg: AllocationConfig) -> one width per routed expert of the layer, or None
+    to keep the plan's uniform width (dynamo/quant/allocation.py runs it per MoE layer).
+    needs: what the rule reads, so the run computes only that: "nothing", "routing" (routed-token
+      counts of a calibration pass), or "significance" (the analysis stage's fused expert
+      significance; such a rule is DynaMo's BQ, and DQS re-runs it on a new dataset's shares).
+    error_table: also give it each layer's relative RTN error of every expert at every cfg.widths.
+    shared_high: shared experts at cfg.high_bits (unless quant.shared_expert_bits says otherwise).
+    records: the quant.allocation fields the plan's created_by records.
+    check: cfg -> None, raises UserError on a setting the rule cannot use (run before any model work).
+    offers: cfg -> the widths it can give a routed expert (export checks); None: cfg.widths; empty:
+      none of its own, the plan's uniform width quant.bits."""
+    name: str
+    fn: Callable
+    needs: str = "nothing"
+    error_table: bool = False
+    shared_high: bool = False
+    records: tuple[str, ...] = ()
+    check: Callable | None = None
+    offers: Callable | None = None
+
+
+ALLOCATIONS = Registry("quant.allocation.method", ["dynamo.quant.allocation", "dynamo.quant.fcm", "dynamo.quant.budget"])
+NEEDS = ("nothing", "routing", "significance")
+
+
+def register_allocation(name: str, needs: str = "nothing", error_table: bool = False, shared_high: bool = False,
+                        records: tuple[str, ...] = (), check: Callable | None = None, offers: Callable | None = None):
+    if needs not in NEEDS:
+        raise ValueError(f"allocation rule '{name}': needs must be one of {', '.join(NEEDS)}, got '{needs}'")
+
+    def add(fn):
+        ALLOCATIONS.register(name, AllocationRule(name, fn, needs, error_table, shared_high, tuple(records), check,
+                                                          offers), fn.__module__)
+        return fn
+    return add
+
+
+# --- quantizers ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Quantizer:
+    """plan: it applies a QuantPlan of per-expert widths (allocations and DQS work on it).
+    calibration: it needs calibration windows (GPTQ's Hessians). fn: see dynamo/quant/stage.py."""
+    name: str
+    fn: Callable | None
+    plan: bool = False
+    calibration: bool = False
+
+
+QUANTIZERS = Registry("quant.method", ["dynamo.quant.stage"])
+
+
+def register_quantizer(name: str, plan: bool = False, calibration: bool = False):
+    def add(fn):
+        QUANTIZERS.register(name, Quantizer(name, fn, plan, calibration), fn.__module__)
+        return fn
+    return add
+
+
+# --- DQS switching policies ----------------------------------------------------------------------
+
+SWITCH_POLICIES = Registry("quant.switching.policy", ["dynamo.switching.policies"])
+
+
+def register_policy(name: str):
+    """A class with prepare / quantize_errors / build (dynamo/switching/policies.py)."""
+    def add(cls):
+        SWITCH_POLICIES.register(name, cls)
+        return cls
+    return add
+
+
+# --- eval tasks we write ourselves (lm-eval's own tasks are lm-eval's registry) -------------------
+
+EVAL_TASKS = Registry("eval.lm_eval.tasks", ["dynamo.eval.harness"])
+
+
+def register_eval_task(name: str):
+    """fn(documents: {dataset: test documents}, math_documents, workdir: Path, seed) -> lm-eval task
+    names it wrote under workdir (YAML + JSONL). A name in eval.lm_eval.tasks that is not here is an
+    lm-eval task, looked up by lm-eval's TaskManager."""
+    def add(fn):
+        EVAL_TASKS.register(name, fn)
+        return fn
+    return add
+
+
+# --- plugins and the config check ----------------------------------------------------------------
+
+_PLUGINS: dict[str, Any] = {}
+
+
+def load_plugins(entries: Iterable[str]) -> None:
+    """Import each plugin once: a module name (installed, or on PYTHONPATH; the harness never adds to
+    sys.path) or a path to a .py file. Importing runs its decorators; nothing else is executed by the harness."""
+    for entry in entries or ():
+        entry = str(entry)
+        key = str(Path(entry).expanduser().resolve()) if entry.endswith(".py") else entry  # one file, one import
+        if key in _PLUGINS:
+            continue
+        try:
+            module = _import_plugin(entry)
+        except UserError:
+            raise
+        except Exception as err:  # the user's code: one line that says where, not a traceback
+            raise UserError(f"plugins: importing {entry} failed: {type(err).__name__}: {err} "
+                            f"(python -c 'import ...' on it shows the traceback)") from None
+        _PLUGINS[key] = module
+
+
+def _import_plugin(entry: str):
+    if entry.endswith(".py"):
+        path = Path(entry).expanduser().resolve()
+        if not path.is_file():
+            raise UserError(f"plugins: {entry} is not a file; give a .py file or an importable module name")
+        name = f"dynamo_plugin_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return module
+    try:
+        return importlib.import_module(entry)
+    except ModuleNotFoundError as err:
+        if err.name and entry.startswith(err.name):
+            raise UserError(f"plugins: no module named '{entry}'; give an installed module, one on PYTHONPATH, "
+                            "or a path to a .py file") from None
+        raise
+
+
+# config key -> its table: the fields a structured config keeps as plain strings
+NAMED = {"quant.method": QUANTIZERS, "quant.allocation.method": ALLOCATIONS,
+         "quant.switching.policy": SWITCH_POLICIES, "analysis.channel_metric": METRICS}
+
+
+def check_names(cfg) -> None:
+    """Import the config's plugins, then refuse any name no table holds (one UserError)."""
+    from omegaconf import OmegaConf
+
+    plugins = OmegaConf.select(cfg, "plugins", default=None) or ()
+    load_plugins(plugins)
+    for key, table in NAMED.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            try:
+                table.check(value)
+            except UserError as err:
+                hint = "" if plugins else "; a plugin's name needs plugins=[its module or .py file]"
+                raise UserError(f"{err}{hint}") from None

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import QuantMethod
 from .data import known_datasets, load_documents, sources_of
 from .errors import UserError
+from .registry import QUANTIZERS, check_names
 
 
 def _at_least(name: str, value, low: int) -> None:
@@ -38,19 +38,12 @@ def check_ranges(cfg: DictConfig) -> None:
     frac = cfg.analysis.dynamic_channel_frac
     if not 0 < frac <= 1:
         raise UserError(f"analysis.dynamic_channel_frac={frac} must be in (0, 1] (a share of each expert's channels)")
-    if cfg.quant.method == QuantMethod.none:
-        return
-    alloc = cfg.quant.allocation
-    method, target = alloc.method.value, alloc.target_bits
-    if method == "budget" and cfg.quant.plan is None:
-        widths = [int(w) for w in alloc.widths]
-        if not widths or not min(widths) <= target <= max(widths):
-            raise UserError(f"quant.allocation.target_bits={target} is outside the widths offered "
-                            f"(quant.allocation.widths={widths}); choose a target in [{min(widths or [0])}, "
-                            f"{max(widths or [0])}] or add a width")
-    if method in ("moeptq", "random") and cfg.quant.plan is None and not alloc.low_bits <= target <= alloc.high_bits:
-        raise UserError(f"quant.allocation.target_bits={target} is outside [{alloc.low_bits}, {alloc.high_bits}] "
-                        "(quant.allocation.low_bits, high_bits)")
+    if QUANTIZERS.get(cfg.quant.method).plan and cfg.quant.plan is None:
+        from .quant.allocation import rule_of
+
+        rule = rule_of(cfg.quant.allocation)
+        if rule.check is not None:  # e.g. target_bits inside the widths the rule chooses from
+            rule.check(cfg.quant.allocation)
 
 
 def calibration_sources(cfg: DictConfig, evaluated: list[str]) -> list[str]:
@@ -60,8 +53,9 @@ def calibration_sources(cfg: DictConfig, evaluated: list[str]) -> list[str]:
 
     known = known_datasets(cfg.dataset)
     names: list[str] = []
-    quantizing = cfg.quant.method != QuantMethod.none
-    if cfg.calib.enabled or (quantizing and cfg.quant.method != QuantMethod.bnb):
+    quantizer = QUANTIZERS.get(cfg.quant.method)
+    quantizing = quantizer.name != "none"
+    if cfg.calib.enabled or quantizer.plan:
         names += list(cfg.calib.datasets or known)
     if quantizing and needs_analysis(cfg.quant):
         names += analysis_datasets(cfg.analysis, known)
@@ -101,6 +95,8 @@ def check_checkpoint(path: str) -> None:
 
 
 def check_required(cfg: DictConfig) -> None:
+    """Every value set, and every registry name known (after importing cfg.plugins)."""
+    check_names(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"missing required value(s): {', '.join(missing)}; set them on the command line, "

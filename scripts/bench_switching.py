@@ -40,7 +40,7 @@ from dynamo.config import AllocationConfig, AnalysisConfig, SourceConfig  # noqa
 from dynamo.data import load_documents  # noqa: E402
 from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
 from dynamo.quant import QSpec, QuantPlan, apply_plan, bit_accounting, quantize_sequential  # noqa: E402
-from dynamo.quant.allocation import allocate_dynamo  # noqa: E402
+from dynamo.quant.allocation import allocate  # noqa: E402
 from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
 from dynamo.switching import ChannelCache, DynamicSwitcher  # noqa: E402
 from dynamo.switching.adaptive import AdaptiveSwitcher, ExpertMaster  # noqa: E402
@@ -108,7 +108,7 @@ def main() -> None:
         else:
             quantize_sequential(model, plan, calib, batch_size=analysis.batch_size)
 
-    allocate_dynamo(plan, sig, layers, allocation)
+    allocate(plan, layers, allocation, significance=sig)
     cache, cache_s = timed(lambda: ChannelCache.build(fp16_model, sig, args.frac, widths=list(allocation.widths),
                                                       group_size=128, sym=False))
     novel = calibration_windows(tokenizer, sources, NOVEL, switch_cfg)

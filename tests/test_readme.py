@@ -37,7 +37,6 @@ SKIPPED = {
     "-m hydra/launcher=slurm hydra.launcher.partition=a100 hydra.launcher.timeout_min=600 "
     "hydra.launcher.mem_gb=128 hydra.launcher.gpus_per_node=1 model=mixtral quant=gptq_3bit,gptq_4bit":
         "submits to a SLURM cluster (tests/test_launchers.py checks the config)",
-    "analysis.channel_metric=<yours>": "a placeholder for a metric the reader adds",
 }
 OFFLINE_ERROR = "Offline, use"  # the hint that ends the hub's one-line errors (data.py, models.py)
 

@@ -1,7 +1,7 @@
 """DynaMo's multi-level analysis (spec Step 1): channel and expert significance per dataset."""
 
-from .significance import METRICS, UNITS, Significance, channel_significance, expert_shares
+from .significance import UNITS, Significance, channel_significance, expert_shares
 from .stage import analysis_datasets, analyze
 
-__all__ = ["METRICS", "UNITS", "Significance", "analysis_datasets", "analyze", "channel_significance",
+__all__ = ["UNITS", "Significance", "analysis_datasets", "analyze", "channel_significance",
            "expert_shares"]

@@ -3,8 +3,11 @@
 A capture is keyed by what determines it: the model (path, revision, dtype, and a hash of
 its router weights, so a retrained or different checkpoint never hits), the exact token
 windows (a hash of the ids: dataset, split, tokenizer, seqlen and sample count all enter
-through them), and the seed. The channel metric is not part of the key: every metric is
-derived from the same capture, so one capture serves a metric sweep. Each entry is a folder
+through them), and the seed. The channel metric is not part of the key: every built-in metric
+is derived from the same capture, so one capture serves a metric sweep; a metric that asks for a
+registered statistic of its own (dynamo.registry.register_statistic) adds its name to the key,
+because its captures hold that sum too. A registered statistic is named, not versioned: changing
+what a name computes needs a new name (or CAPTURE_VERSION bumped). Each entry is a folder
 `<cache_dir>/<key>/` with the capture (safetensors + JSON, no pickles) and `key.json`, which
 holds the key and the SHA-256 of the capture files. An entry is written in a temporary folder and
 renamed into place, so readers never see a partial one; an entry whose files do not match their
@@ -39,10 +42,14 @@ def model_fingerprint(model, path: str, revision: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def capture_key(fingerprint: str, dataset: str, windows: torch.Tensor, seed: int) -> dict:
+def capture_key(fingerprint: str, dataset: str, windows: torch.Tensor, seed: int,
+                statistics: tuple[str, ...] = ()) -> dict:
     ids = hashlib.sha256(windows.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
-    return {"capture_version": CAPTURE_VERSION, "model": fingerprint, "dataset": dataset,
-            "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "token_ids": ids, "seed": seed}
+    key = {"capture_version": CAPTURE_VERSION, "model": fingerprint, "dataset": dataset,
+           "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "token_ids": ids, "seed": seed}
+    if statistics:  # only then: the keys of captures with the built-in statistics alone stay as they were
+        key["statistics"] = sorted(statistics)
+    return key
 
 
 def _folder(cache_dir: Path, key: dict) -> Path:

@@ -3,11 +3,8 @@
 Input: one routed capture per dataset (dynamo.calibration, no Hessians needed). Output: a
 `Significance` holding, per dataset, the channel significance S_ch of every
 (layer, expert, unit, channel) and the expert significance S_exp of paper Eq. 1, plus what
-changes across datasets. Metrics (`analysis.channel_metric`):
-- act_l2:  sum over routed tokens of g_t * y_c(t)^2 (g_t: the token's router weight for e)
-- act_abs: sum over routed tokens of g_t * |y_c(t)|
-- wanda:   sum_j |W_cj| * ||x_j||, x the unit's routed inputs (Wanda's score, summed over row c)
-- freq:    the routed-token count, the same for every channel of an expert
+changes across datasets. Metrics (`analysis.channel_metric`): dynamo.registry.METRICS, the
+built-in ones in dynamo/analysis/metrics.py (act_l2, act_abs, wanda, freq).
 Units (`analysis.channel_unit`): `row`, an output row of each projection (gate, up, down);
 `neuron`, an intermediate neuron (gate row c, up row c and down column c together).
 Eq. 1 sums S_ch over all of an expert's channels (every unit) and divides by the layer's total.
@@ -24,36 +21,24 @@ from safetensors.torch import load_file
 
 from ..adapters import MoELayer
 from ..calibration import CalibrationStats
+from ..calibration.stats import CHANNEL_STATS
 from ..records import save_tensors_atomic, write_json_atomic
+from ..registry import METRICS
 
-METRICS = ("act_l2", "act_abs", "wanda", "freq")
 UNITS = {"row": ("gate", "up", "down"), "neuron": ("neuron",)}
-_ACTIVATION_STAT = {"act_l2": "wsq", "act_abs": "wabs"}
 SCHEMA_VERSION = 1
 
 
-def _wanda(layer: MoELayer, stats, unit: str) -> torch.Tensor:
-    """sum_j |W_cj| * ||x_j|| for every expert: [n_experts, channels]."""
-    norms_in = stats.channels["input"]["sq"].sqrt()     # [E, H]: ||x_j|| over routed tokens
-    norms_mid = stats.channels["neuron"]["sq"].sqrt()   # [E, I]: ||h_j||, the down projection's input
-    rows = []
-    for e in range(layer.n_experts):
-        weights = {p: layer.weight(e, p).abs().float() for p in ("gate", "up", "down")}
-        if unit == "gate" or unit == "up":
-            rows.append(weights[unit] @ norms_in[e].float())
-        elif unit == "down":
-            rows.append(weights["down"] @ norms_mid[e].float())
-        else:  # neuron c: its gate and up rows read x, its down column is read through ||h_c||
-            rows.append((weights["gate"] + weights["up"]) @ norms_in[e].float()
-                        + weights["down"].sum(dim=0) * norms_mid[e].float())
-    return torch.stack(rows)
+def statistics_for(metric: str) -> tuple[str, ...]:
+    """The registered channel statistic a capture must keep for `metric`, beyond the built-in ones."""
+    statistic = METRICS.get(metric).statistic
+    return (statistic,) if statistic and statistic not in CHANNEL_STATS else ()
 
 
 def channel_significance(stats: CalibrationStats, layers: list[MoELayer], metric: str,
                          unit: str) -> dict[int, dict[str, torch.Tensor]]:
     """layer -> unit name -> S_ch [n_experts, channels] (float64) for one dataset's capture."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown channel metric '{metric}'; choose one of {', '.join(METRICS)}")
+    fn = METRICS.get(metric).fn
     if unit not in UNITS:
         raise ValueError(f"unknown channel unit '{unit}'; choose one of {', '.join(UNITS)}")
     out = {}
@@ -61,13 +46,7 @@ def channel_significance(stats: CalibrationStats, layers: list[MoELayer], metric
         routed = stats.layers[layer.index].routed
         per_unit = {}
         for name in UNITS[unit]:
-            if metric in _ACTIVATION_STAT:
-                per_unit[name] = routed.channels[name][_ACTIVATION_STAT[metric]].double().cpu()
-            elif metric == "wanda":
-                per_unit[name] = _wanda(layer, routed, name).double().cpu()
-            else:
-                width = routed.channels[name]["sq"].shape[1]
-                per_unit[name] = routed.tokens.double().cpu()[:, None].expand(-1, width).clone()
+            per_unit[name] = fn(layer, routed, name).double().cpu()
         out[layer.index] = per_unit
     return out
 

@@ -12,7 +12,7 @@ from ..calibration.stage import calibration_windows
 from ..config import AnalysisConfig
 from ..errors import UserError
 from . import cache
-from .significance import Significance
+from .significance import Significance, statistics_for
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,16 @@ def analyze(model, tokenizer, sources: dict, names: list[str], cfg: AnalysisConf
     layers = list(moe_layers(model))
     cache_dir = Path(cfg.cache_dir).expanduser()
     fingerprint = cache.model_fingerprint(model, model_path, revision)
+    statistics = statistics_for(cfg.channel_metric)
     captures, report = {}, {}
     for name, w in windows.items():
-        key = cache.capture_key(fingerprint, name, w, seed)
+        key = cache.capture_key(fingerprint, name, w, seed, statistics)
         hit = cache.load(cache_dir, key) if cfg.cache else None
         if hit is not None:
             captures[name], seconds = hit
         else:
             t = time.perf_counter()
-            captures[name] = capture(model, w, batch_size=cfg.batch_size, hessians=False)
+            captures[name] = capture(model, w, batch_size=cfg.batch_size, hessians=False, statistics=statistics)
             seconds = time.perf_counter() - t
             if cfg.cache:
                 cache.store(cache_dir, key, captures[name], seconds)
@@ -48,5 +49,5 @@ def analyze(model, tokenizer, sources: dict, names: list[str], cfg: AnalysisConf
                         "windows": int(w.shape[0]), "seqlen": int(w.shape[1]), "token_ids": key["token_ids"]}
         log.info("analysis %-12s %s (%d windows, capture %.1f s)", name, report[name]["cache"], w.shape[0], seconds)
     meta = {"model": model_path, "fingerprint": fingerprint, "seed": seed, "datasets": report}
-    sig = Significance.from_captures(captures, layers, cfg.channel_metric.value, cfg.channel_unit.value, meta)
+    sig = Significance.from_captures(captures, layers, cfg.channel_metric, cfg.channel_unit.value, meta)
     return sig, {"captures": report, "capture_s": round(sum(r["capture_s"] for r in report.values()), 3)}

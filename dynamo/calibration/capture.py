@@ -57,6 +57,7 @@ class _State:
     hessians: bool
     router_weighted: bool
     expert_outputs: ExpertOutputs = _expert_outputs
+    statistics: tuple[str, ...] = ()  # registered channel statistics beyond CHANNEL_STATS (a metric's)
     stats: dict[int, LayerStats] = field(default_factory=dict)
     route_all: dict[int, list[int]] = field(default_factory=dict)   # layer -> experts seeing every token
     route_all_stats: dict[int, ExpertGroupStats] = field(default_factory=dict)
@@ -66,9 +67,9 @@ class _State:
         shared = None
         if layer.shared_expert is not None:
             s_inter = layer.shared_expert.down_proj.weight.shape[1]
-            shared = ExpertGroupStats.zeros(1, hidden, s_inter, self.hessians, device)
+            shared = ExpertGroupStats.zeros(1, hidden, s_inter, self.hessians, device, extra=self.statistics)
         self.stats[layer.index] = LayerStats(layer.index, ExpertGroupStats.zeros(
-            layer.n_experts, hidden, inter, self.hessians, device), shared)
+            layer.n_experts, hidden, inter, self.hessians, device, extra=self.statistics), shared)
 
     def routed(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor,
                top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -129,7 +130,8 @@ def _apply_policy(state: _State, layers: list[MoELayer], min_tokens: int, policy
             if experts:
                 state.route_all[layer.index] = experts
                 state.route_all_stats[layer.index] = ExpertGroupStats.zeros(
-                    layer.n_experts, layer.hidden_size, layer.intermediate_size, state.hessians, device)
+                    layer.n_experts, layer.hidden_size, layer.intermediate_size, state.hessians, device,
+                    extra=state.statistics)
         saved = {layer.index: state.stats[layer.index] for layer in layers}
         # The extra pass must not count routed tokens twice: it accumulates into throw-away stats.
         for layer in layers:
@@ -152,15 +154,16 @@ def _batches(windows: torch.Tensor, batch_size: int, desc: str):
 @torch.no_grad()
 def capture(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, hessians: bool = True,
             hessian_weighting: str = "none", min_tokens: int = 0, policy: str = "warn",
-            expert_outputs: ExpertOutputs | None = None) -> CalibrationStats:
-    """One pass over `windows` [N, T]; statistics of every MoE layer.
+            expert_outputs: ExpertOutputs | None = None, statistics: tuple[str, ...] = ()) -> CalibrationStats:
+    """One pass over `windows` [N, T]; statistics of every MoE layer (and the registered channel
+    `statistics` a metric asks for, dynamo.analysis.significance.statistics_for).
 
     `expert_outputs(layer, e, x)` -> {"gate", "up", "neuron", "down"}: how an expert's outputs are
     computed; default from the model's dense expert weights (a packed model passes its own).
     """
     _check_windows(windows)
     state = _State(hessians=hessians, router_weighted=hessian_weighting == "router",
-                   expert_outputs=expert_outputs or _expert_outputs)
+                   expert_outputs=expert_outputs or _expert_outputs, statistics=tuple(statistics))
     layers = list(moe_layers(model))
     device = model.get_input_embeddings().weight.device
     for layer in layers:

@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from ..records import save_tensors_atomic, write_json_atomic
+from ..registry import STATISTICS
 
 # Per output channel of each projection, and per intermediate neuron (SwiGLU output h = act(g) * u):
 #   sq = sum y^2, abs = sum |y|, wsq = sum r*y^2, wabs = sum r*|y|, with r the token's router weight.
+# A metric may ask for more (dynamo.registry.register_statistic): a capture made for it keeps those too.
 CHANNEL_STATS = ("sq", "abs", "wsq", "wabs")
 CHANNEL_UNITS = ("gate", "up", "down", "neuron", "input")  # input: the tokens x (Wanda's ||x_j||)
 
@@ -30,17 +32,20 @@ class ExpertGroupStats:
     channels: dict[str, dict[str, torch.Tensor]]  # unit -> stat -> [n, channels]
     hessian_in: torch.Tensor | None = None    # [n, H, H]: sum of x x^T over routed tokens (gate and up input)
     hessian_mid: torch.Tensor | None = None   # [n, I, I]: the same for the down projection's input
+    extra: tuple[str, ...] = ()               # registered statistics kept beside CHANNEL_STATS, in channels
 
     @classmethod
-    def zeros(cls, n: int, hidden: int, inter: int, hessians: bool, device, dtype=torch.float32):
+    def zeros(cls, n: int, hidden: int, inter: int, hessians: bool, device, dtype=torch.float32,
+              extra: tuple[str, ...] = ()):
         width = {"gate": inter, "up": inter, "neuron": inter, "down": hidden, "input": hidden}
         return cls(
             tokens=torch.zeros(n, dtype=torch.int64, device=device),
             router_weight_sum=torch.zeros(n, dtype=torch.float64, device=device),
-            channels={u: {s: torch.zeros(n, width[u], dtype=dtype, device=device) for s in CHANNEL_STATS}
+            channels={u: {s: torch.zeros(n, width[u], dtype=dtype, device=device) for s in (*CHANNEL_STATS, *extra)}
                       for u in CHANNEL_UNITS},
             hessian_in=torch.zeros(n, hidden, hidden, dtype=dtype, device=device) if hessians else None,
             hessian_mid=torch.zeros(n, inter, inter, dtype=dtype, device=device) if hessians else None,
+            extra=tuple(extra),
         )
 
     def add(self, e: int, x: torch.Tensor, r: torch.Tensor, outputs: dict[str, torch.Tensor],
@@ -65,6 +70,14 @@ class ExpertGroupStats:
             stats["wsq"][e] += sums[1, start:start + n]
             stats["wabs"][e] += sums[1, width + start:width + start + n]
             start += n
+        for name in self.extra:  # apart from the product above, so the built-in sums stay bit for bit
+            stat = STATISTICS.get(name)
+            extra = (r if stat.weighted else torch.ones_like(r)) @ stat.transform(y)
+            start = 0
+            for unit in CHANNEL_UNITS:
+                n = outputs[unit].shape[1]
+                self.channels[unit][name][e] += extra[start:start + n]
+                start += n
         if self.hessian_in is not None:
             xs, hs = x.to(acc), outputs["neuron"].to(acc)
             if hessian_weights is not None:
@@ -76,7 +89,7 @@ class ExpertGroupStats:
     def replace(self, e: int, other: "ExpertGroupStats") -> None:
         """Take expert e's channel statistics and Hessians from `other` (route_all), keeping its counts."""
         for unit in CHANNEL_UNITS:
-            for stat in CHANNEL_STATS:
+            for stat in (*CHANNEL_STATS, *self.extra):
                 self.channels[unit][stat][e] = other.channels[unit][stat][e]
         if self.hessian_in is not None:
             self.hessian_in[e] = other.hessian_in[e]
@@ -92,9 +105,12 @@ class ExpertGroupStats:
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str) -> "ExpertGroupStats":
+        first = f"{prefix}.channels.{CHANNEL_UNITS[0]}."
+        extra = tuple(sorted(k[len(first):] for k in t if k.startswith(first) and k[len(first):] not in CHANNEL_STATS))
         return cls(tokens=t[f"{prefix}.tokens"], router_weight_sum=t[f"{prefix}.router_weight_sum"],
-                   channels={u: {s: t[f"{prefix}.channels.{u}.{s}"] for s in CHANNEL_STATS} for u in CHANNEL_UNITS},
-                   hessian_in=t.get(f"{prefix}.hessian_in"), hessian_mid=t.get(f"{prefix}.hessian_mid"))
+                   channels={u: {s: t[f"{prefix}.channels.{u}.{s}"] for s in (*CHANNEL_STATS, *extra)}
+                             for u in CHANNEL_UNITS},
+                   hessian_in=t.get(f"{prefix}.hessian_in"), hessian_mid=t.get(f"{prefix}.hessian_mid"), extra=extra)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from dynamo.errors import UserError
+from dynamo.registry import register_eval_task
 
 
 MC_TASK = "dynamo_math_mc"
@@ -58,6 +59,24 @@ def build_local_tasks(domains: dict[str, list[str]], workdir: Path, mc_source: l
                                  for m in ("acc", "acc_norm")])
         names.append(MC_TASK)
     return names
+
+
+# --- the tasks eval.lm_eval.tasks may name that we write (dynamo.registry.EVAL_TASKS) ---------------
+
+@register_eval_task("suite")
+def suite_tasks(documents: dict[str, list[str]], workdir: Path) -> list[str]:
+    """One rolling log-likelihood task per evaluated dataset (dynamo_<dataset>)."""
+    return build_local_tasks(documents, workdir)
+
+
+@register_eval_task(MC_TASK)
+def math_mc_task(documents: dict[str, list[str]], workdir: Path) -> list[str]:
+    """Multiple choice from the embedded math domain's test split, whatever the run evaluates."""
+    from dynamo.config import SourceConfig, SourceKind
+    from dynamo.data import load_documents
+
+    return build_local_tasks({}, workdir, mc_source=load_documents(SourceConfig(kind=SourceKind.embedded,
+                                                                                  path="math"), "test"))
 
 
 def math_mc_docs(mc_source: list[str], seed: int = 0) -> list[dict]:

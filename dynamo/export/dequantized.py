@@ -15,9 +15,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ..config import QuantMethod
 from ..errors import UserError
 from ..records import git_state
+from ..registry import QUANTIZERS
 from .files import atomic_dir, nbytes
 
 EXPORT_DIR = "dequantized_model"
@@ -25,15 +25,15 @@ NOTE_KEY = "dynamo_export"
 
 
 def check(cfg: DictConfig, model) -> None:
-    if cfg.quant.method not in (QuantMethod.rtn, QuantMethod.gptq):
+    if not QUANTIZERS.get(cfg.quant.method).plan:
         raise UserError(f"quant.export=dequantized writes the fake-quantized weights of an rtn or gptq run, not "
-                        f"quant.method={cfg.quant.method.value}")
+                        f"quant.method={cfg.quant.method}")
 
 
 def note(cfg: DictConfig, stage, dtype: str) -> dict:
     bits = stage.quantization["bits"]
     return {"format": "dequantized", "harness": "DynaMo harness (arXiv 2503.21135)",
-            "source_model": cfg.model.path, "quant": cfg.quant.name, "method": cfg.quant.method.value,
+            "source_model": cfg.model.path, "quant": cfg.quant.name, "method": cfg.quant.method,
             "avg_bits_experts": bits["experts"], "avg_bits_experts_codes_only": bits["experts_codes_only"],
             "switched_to": cfg.quant.export_dataset, "dtype": dtype,
             "memory": f"no saving: every weight is stored at {dtype}", "git_commit": git_state()["commit"]}

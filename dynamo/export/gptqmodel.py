@@ -13,11 +13,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ..adapters import moe_layers
-from ..config import Allocation, QuantMethod
 from ..errors import UserError
 from ..quant.export import GPTQMODEL_BITS, to_gptqmodel_dynamic
 from ..quant.plan import QuantPlan
 from ..records import write_json_atomic
+from ..registry import QUANTIZERS
 
 EXPORT_FILE = "gptqmodel_quantize_config.json"
 ALTERNATIVE = "use quant.export=dequantized (a standard checkpoint any tool loads)"
@@ -25,22 +25,18 @@ ALTERNATIVE = "use quant.export=dequantized (a standard checkpoint any tool load
 
 def configured_widths(quant) -> set[int]:
     """The widths a run's allocation can give an expert or shared expert (plan files: checked on export)."""
-    method = quant.allocation.method
-    if method == Allocation.uniform:
-        widths = {quant.bits}
-    elif method in (Allocation.moeptq, Allocation.random):
-        widths = {quant.allocation.low_bits, quant.allocation.high_bits}
-    else:
-        widths = set(quant.allocation.widths)
+    from ..quant.allocation import offered_widths
+
+    widths = offered_widths(quant.allocation) or {quant.bits}
     if quant.shared_expert_bits is not None:
         widths.add(quant.shared_expert_bits)
     return widths
 
 
 def check(cfg: DictConfig, model) -> None:
-    if cfg.quant.method not in (QuantMethod.rtn, QuantMethod.gptq):
-        raise UserError(f"quant.export=gptqmodel describes an rtn or gptq plan, not quant.method="
-                        f"{cfg.quant.method.value}")
+    if not QUANTIZERS.get(cfg.quant.method).plan:
+        raise UserError(f"quant.export=gptqmodel describes a plan of per-expert widths, not quant.method="
+                        f"{cfg.quant.method}")
     if any(layer.adapter.storage != "module_list" for layer in moe_layers(model)):
         raise UserError(f"quant.export=gptqmodel: {cfg.model.name} keeps its experts fused in 3-D parameters "
                         f"(transformers 5), which GPTQModel's per-module rules cannot address; {ALTERNATIVE}")

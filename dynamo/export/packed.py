@@ -16,8 +16,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ..adapters import moe_layers
-from ..config import ChannelUnit, QuantMethod
+from ..config import ChannelUnit
 from ..errors import UserError
+from ..registry import QUANTIZERS
 from .files import atomic_dir, nbytes
 from .guard import guard_checkpoint
 
@@ -43,9 +44,9 @@ For a checkpoint that lm-eval, vLLM or a notebook loads without the harness, exp
 
 
 def check(cfg: DictConfig, model) -> None:
-    if cfg.quant.method not in (QuantMethod.rtn, QuantMethod.gptq):
+    if not QUANTIZERS.get(cfg.quant.method).plan:
         raise UserError(f"quant.export=packed needs integer codes (quant.method rtn or gptq), not "
-                        f"quant.method={cfg.quant.method.value}")
+                        f"quant.method={cfg.quant.method}")
     if any(layer.adapter.storage != "fused_3d" for layer in moe_layers(model)):
         raise UserError(f"quant.export=packed saves fused-expert (transformers-5) models; {cfg.model.name} keeps its "
                         f"experts in a ModuleList (use quant.export=dequantized or gptqmodel, or run "

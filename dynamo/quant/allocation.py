@@ -1,4 +1,6 @@
-"""Expert bit allocations: the baselines (uniform, MoEPTQ-style frequency, random) and DynaMo's.
+"""Expert bit allocations: `allocate` runs the rule `quant.allocation.method` names (dynamo.registry.
+ALLOCATIONS) on every MoE layer, and the baseline rules register here (uniform, moeptq, random);
+DynaMo's register beside their solvers (fcm in fcm.py, budget in budget.py).
 
 MoEPTQ ("Examining Post-Training Quantization for Mixture-of-Experts", arXiv 2406.08155)
 gives the most-routed experts of each layer the high width and the rest the low width, with
@@ -13,15 +15,111 @@ the control every allocation rule must beat.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..errors import UserError
 from ..adapters import SHARED
-from .budget import error_table, layer_budget, solve_budget
-from .fcm import fcm_widths
+from ..errors import UserError
+from ..registry import ALLOCATIONS, AllocationRule, register_allocation
+from .budget import error_table
 from .fusion import fuse
 from .plan import QuantPlan
 from .spec import QSpec
+
+
+@dataclass
+class LayerInput:
+    """What a rule sees of one MoE layer; the fields its registration `needs` are filled, the rest None."""
+    index: int
+    n_experts: int
+    shares: torch.Tensor | None = None        # needs="significance": fused expert significance [E] (Eq. 2), sums to 1
+    counts: torch.Tensor | None = None        # needs="routing": routed tokens per expert [E]
+    errors: torch.Tensor | None = None        # error_table=True: relative RTN error [E, len(cfg.widths)], float64
+    generator: torch.Generator | None = None  # seeded from cfg.seed once per allocation, layers in index order
+
+
+def rule_of(cfg) -> AllocationRule:
+    """The registered rule of a quant.allocation node (one UserError for an unknown name)."""
+    return ALLOCATIONS.get(cfg.method)
+
+
+def _check_widths(plan: QuantPlan, cfg) -> list[QSpec]:
+    """Significance rules choose among cfg.widths: distinct integer widths on the plan's grid."""
+    widths = [int(w) for w in cfg.widths]
+    try:
+        specs = [QSpec(w, plan.default.group_size, plan.default.sym) for w in widths]
+    except ValueError as err:
+        raise UserError(f"quant.allocation.widths: {err}") from None
+    if any(s.is_float for s in specs) or len(set(widths)) != len(widths):
+        raise UserError(f"quant.allocation.widths={widths}: distinct integer widths only (16 is not a width)")
+    return specs
+
+
+def offered_widths(cfg) -> set[int]:
+    """The widths the rule of `cfg` (quant.allocation) can give a routed expert; empty: quant.bits."""
+    rule = rule_of(cfg)
+    return {int(w) for w in (rule.offers(cfg) if rule.offers is not None else cfg.widths)}
+
+
+def layer_widths(rule: AllocationRule, layer: LayerInput, cfg) -> list[int] | None:
+    """One layer's widths from `rule`, checked: one integer per routed expert (None: the plan's width)."""
+    bits = rule.fn(layer, cfg)
+    if bits is None:
+        return None
+    bits = [int(b) for b in bits]
+    if len(bits) != layer.n_experts:
+        raise UserError(f"allocation rule '{rule.name}' gave layer {layer.index} {len(bits)} widths "
+                        f"for {layer.n_experts} experts")
+    return bits
+
+
+def allocate(plan: QuantPlan, layers: list, cfg, significance=None, counts: dict[int, torch.Tensor] | None = None,
+             errors: dict[int, torch.Tensor] | None = None) -> dict:
+    """Fill `plan` in place with the widths of the rule `cfg.method` (cfg: the quant.allocation node).
+    `layers`: the MoE layers (index, n_experts, shared_expert); `significance` (dynamo.analysis) for
+    rules that need it, `counts` (layer -> routed tokens [E]) for rules that need routing, `errors`
+    (layer -> error table over cfg.widths) where something (the DQS cache) measured it already.
+    Returns, for significance rules, the fused significance, spread and widths per layer."""
+    rule = rule_of(cfg)
+    specs = _check_widths(plan, cfg) if rule.needs == "significance" or rule.error_table else None
+    if rule.check is not None:
+        rule.check(cfg)
+    if rule.needs == "significance" and significance is None:
+        raise UserError(f"quant.allocation.method={rule.name} needs the analysis stage's significance")
+    if rule.needs == "routing" and counts is None:
+        raise UserError(f"quant.allocation.method={rule.name} needs the routed-token counts of a calibration pass")
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    out = {}
+    for layer in sorted(layers, key=lambda layer: layer.index):
+        given = LayerInput(layer.index, layer.n_experts, generator=generator)
+        if rule.needs == "routing":
+            given.counts = counts[layer.index]
+        if rule.needs == "significance":
+            fused, spread = fuse(significance.expert_matrix(layer.index), cfg.fuse.value)
+            given.shares = fused
+        if rule.error_table:
+            given.errors = errors[layer.index] if errors and layer.index in errors else error_table(layer, specs)
+        bits = layer_widths(rule, given, cfg)
+        if bits is None:
+            continue
+        for e, b in enumerate(bits):
+            plan.set_expert_bits(layer.index, e, b)
+        if rule.shared_high and layer.shared_expert is not None:
+            plan.set_expert_bits(layer.index, SHARED, cfg.high_bits)
+        if rule.needs == "significance":
+            out[layer.index] = {"fused": given.shares, "spread": spread, "bits": bits}
+    provenance = {"allocation": rule.name}
+    if rule.needs == "significance":
+        provenance.update(fuse=cfg.fuse.value, widths=[int(w) for w in cfg.widths], metric=significance.metric,
+                          unit=significance.unit, datasets=significance.datasets)
+    plan.created_by.update(provenance, **{key: getattr(cfg, key) for key in rule.records})
+    return out
+
+
+# --- the baselines -------------------------------------------------------------------------------
+
+BASELINE_RECORDS = ("target_bits", "low_bits", "high_bits", "seed")
 
 
 def high_count(n_experts: int, target_bits: float, low: int, high: int) -> int:
@@ -31,70 +129,33 @@ def high_count(n_experts: int, target_bits: float, low: int, high: int) -> int:
     return int(round(n_experts * (target_bits - low) / (high - low)))
 
 
-def allocate(plan: QuantPlan, token_counts: dict[int, torch.Tensor], shared_layers: set[int], rule: str,
-             target_bits: float, low: int, high: int, seed: int = 0) -> QuantPlan:
-    """Fill `plan` in place: per MoE layer, `high` bits for the chosen experts, `low` for the rest."""
-    generator = torch.Generator().manual_seed(seed)
-    for layer, counts in sorted(token_counts.items()):
-        n = high_count(len(counts), target_bits, low, high)
-        if rule == "moeptq":
-            # stable order: ties go to the lower expert index, so the plan is deterministic
-            order = sorted(range(len(counts)), key=lambda e: (-int(counts[e]), e))
-        elif rule == "random":
-            order = torch.randperm(len(counts), generator=generator).tolist()
-        else:
-            raise UserError(f"allocate handles moeptq and random, not '{rule}'")
-        chosen = set(order[:n])
-        for e in range(len(counts)):
-            plan.set_expert_bits(layer, e, high if e in chosen else low)
-        if layer in shared_layers:
-            plan.set_expert_bits(layer, SHARED, high)
-    plan.created_by.update(allocation=rule, target_bits=target_bits, low_bits=low, high_bits=high, seed=seed)
-    return plan
+def check_target(cfg) -> None:
+    if not cfg.low_bits <= cfg.target_bits <= cfg.high_bits:
+        raise UserError(f"quant.allocation.target_bits={cfg.target_bits} is outside [{cfg.low_bits}, {cfg.high_bits}] "
+                        "(quant.allocation.low_bits, high_bits)")
 
 
-def layer_widths(shares: torch.Tensor, cfg, errors: torch.Tensor | None, n_experts: int) -> list[int]:
-    """One MoE layer's expert widths from its (fused) significance shares under the allocation rule
-    of `cfg` (the quant.allocation node): `fcm` (paper Algorithm 1) or `budget` (exact, ours; needs
-    `errors`, the layer's error_table over cfg.widths). Shared by BQ and by DQS's re-allocation."""
-    widths = [int(w) for w in cfg.widths]
-    if cfg.method.value == "fcm":
-        bits, _ = fcm_widths(shares, widths, cfg.fcm.m, cfg.fcm.eps, cfg.fcm.max_iter, cfg.fcm.overlap_margin)
-    else:
-        costs = shares.double().numpy()[:, None] * errors.numpy()
-        bits = solve_budget(costs, widths, layer_budget(n_experts, cfg.target_bits))
-    return [int(b) for b in bits]
+def _high_first(order: list[int], layer: LayerInput, cfg) -> list[int]:
+    """The first high_count experts of `order` at cfg.high_bits, the rest at cfg.low_bits."""
+    chosen = set(order[:high_count(layer.n_experts, cfg.target_bits, cfg.low_bits, cfg.high_bits)])
+    return [cfg.high_bits if e in chosen else cfg.low_bits for e in range(layer.n_experts)]
 
 
-def allocate_dynamo(plan: QuantPlan, significance, layers: list, cfg,
-                    errors: dict[int, torch.Tensor] | None = None) -> dict:
-    """DynaMo's expert widths (spec Step 2) into `plan`, in place: per MoE layer, fuse the per-dataset
-    expert significance (Eq. 2), then `fcm` or `budget` (layer_widths). `cfg` is the quant.allocation
-    node; `errors` (layer -> error_table over cfg.widths) saves recomputing a table the channel cache
-    already measured. Returns the fused significance, spread and widths per layer."""
-    method, widths = cfg.method.value, list(cfg.widths)
-    if method not in ("fcm", "budget"):
-        raise UserError(f"allocate_dynamo handles fcm and budget, not '{method}'")
-    try:
-        specs = [QSpec(w, plan.default.group_size, plan.default.sym) for w in widths]
-    except ValueError as err:
-        raise UserError(f"quant.allocation.widths: {err}") from None
-    if any(s.is_float for s in specs) or len(set(widths)) != len(widths):
-        raise UserError(f"quant.allocation.widths={widths}: distinct integer widths only (16 is not a width)")
-    if method == "fcm" and sorted(widths, reverse=True) != widths:
-        raise UserError(f"fcm maps clusters ranked by centre to widths from high to low; "
-                        f"list quant.allocation.widths descending, got {widths}")
-    fused_by_layer = {}
-    for layer in layers:
-        fused, spread = fuse(significance.expert_matrix(layer.index), cfg.fuse.value)
-        table = None
-        if method == "budget":
-            table = errors[layer.index] if errors and layer.index in errors else error_table(layer, specs)
-        bits = layer_widths(fused, cfg, table, layer.n_experts)
-        for e, b in enumerate(bits):
-            plan.set_expert_bits(layer.index, e, b)
-        fused_by_layer[layer.index] = {"fused": fused, "spread": spread, "bits": bits}
-    plan.created_by.update(allocation=method, fuse=cfg.fuse.value, widths=widths, metric=significance.metric,
-                           unit=significance.unit, datasets=significance.datasets,
-                           **({"target_bits": cfg.target_bits} if method == "budget" else {}))
-    return fused_by_layer
+@register_allocation("uniform", offers=lambda cfg: ())
+def uniform(layer: LayerInput, cfg) -> None:
+    """Every routed expert at quant.bits: the plan as built."""
+    return None
+
+
+@register_allocation("moeptq", needs="routing", shared_high=True, records=BASELINE_RECORDS, check=check_target,
+                     offers=lambda cfg: (cfg.low_bits, cfg.high_bits))
+def moeptq(layer: LayerInput, cfg) -> list[int]:
+    counts = layer.counts
+    # stable order: ties go to the lower expert index, so the plan is deterministic
+    return _high_first(sorted(range(len(counts)), key=lambda e: (-int(counts[e]), e)), layer, cfg)
+
+
+@register_allocation("random", shared_high=True, records=BASELINE_RECORDS, check=check_target,
+                     offers=lambda cfg: (cfg.low_bits, cfg.high_bits))
+def random(layer: LayerInput, cfg) -> list[int]:
+    return _high_first(torch.randperm(layer.n_experts, generator=layer.generator).tolist(), layer, cfg)

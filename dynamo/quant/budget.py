@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..registry import register_allocation
 from .rtn import quantize_rtn
 from .spec import QSpec
 
@@ -73,3 +74,19 @@ def solve_budget(costs: np.ndarray, widths: list[int], budget: int) -> list[int]
 def layer_budget(n_experts: int, target_bits: float) -> int:
     """Integer bit total of a layer: the target average times the experts, never above it."""
     return int(math.floor(n_experts * target_bits + 1e-9))
+
+
+def check_target(cfg) -> None:
+    widths = [int(w) for w in cfg.widths]
+    target = cfg.target_bits
+    if not widths or not min(widths) <= target <= max(widths):
+        raise UserError(f"quant.allocation.target_bits={target} is outside the widths offered "
+                        f"(quant.allocation.widths={widths}); choose a target in [{min(widths or [0])}, "
+                        f"{max(widths or [0])}] or add a width")
+
+
+@register_allocation("budget", needs="significance", error_table=True, records=("target_bits",), check=check_target)
+def budget_rule(layer, cfg) -> list[int]:
+    """DynaMo, ours: the least expected error (share x relative RTN error) at exactly cfg.target_bits."""
+    costs = layer.shares.double().numpy()[:, None] * layer.errors.numpy()
+    return solve_budget(costs, [int(w) for w in cfg.widths], layer_budget(layer.n_experts, cfg.target_bits))

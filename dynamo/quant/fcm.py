@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
+from ..registry import register_allocation
+
 
 @dataclass
 class FcmResult:
@@ -78,3 +81,18 @@ def fcm_widths(significance: torch.Tensor, widths: list[int], m: float = 2.0, ep
             best = min(best, int(top2.indices[1]))  # lower centre = lower precision
         out.append(by_rank[best])
     return out, result
+
+
+def check_descending(cfg) -> None:
+    widths = [int(w) for w in cfg.widths]
+    if sorted(widths, reverse=True) != widths:
+        raise UserError(f"fcm maps clusters ranked by centre to widths from high to low; "
+                        f"list quant.allocation.widths descending, got {widths}")
+
+
+@register_allocation("fcm", needs="significance", check=check_descending)
+def fcm_rule(layer, cfg) -> list[int]:
+    """DynaMo as the paper allocates (Algorithm 1): quant.allocation.fcm's parameters, cfg.widths high to low."""
+    bits, _ = fcm_widths(layer.shares, [int(w) for w in cfg.widths], cfg.fcm.m, cfg.fcm.eps, cfg.fcm.max_iter,
+                         cfg.fcm.overlap_margin)
+    return bits

@@ -1,4 +1,5 @@
-"""The quantization stage of a run: a plan from the config, applied with RTN or GPTQ."""
+"""The quantization stage of a run: a plan from the config, filled by the allocation rule, applied by the
+quantizer `quant.method` names (registered here: none, rtn, gptq, bnb)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..adapters import moe_layers
 from ..calibration import CalibrationStats, capture
 from ..calibration.stage import all_calibration_windows
-from ..config import Allocation, CalibConfig, ExportFormat, QuantConfig, QuantMethod
+from ..config import CalibConfig, ExportFormat, QuantConfig
 from ..errors import UserError
-from .allocation import allocate, allocate_dynamo
+from ..registry import QUANTIZERS, Quantizer, register_quantizer
+from .allocation import allocate, rule_of
 from .apply import GPTQOptions, QuantReport, apply_plan, quantize_sequential
 from .bits import bit_accounting
 from .bnb import FORMATS, apply_bnb
@@ -34,8 +34,8 @@ class QuantResult:
 def plan_from_config(cfg: QuantConfig, model, model_name: str) -> QuantPlan:
     if cfg.plan:
         plan = QuantPlan.load(Path(cfg.plan).expanduser())
-        if plan.method != cfg.method.value:
-            raise UserError(f"{cfg.plan} is a {plan.method} plan but quant.method={cfg.method.value}")
+        if plan.method != cfg.method:
+            raise UserError(f"{cfg.plan} is a {plan.method} plan but quant.method={cfg.method}")
         return plan
     try:
         default = QSpec(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym)
@@ -43,56 +43,67 @@ def plan_from_config(cfg: QuantConfig, model, model_name: str) -> QuantPlan:
             QSpec(cfg.shared_expert_bits)
     except ValueError as err:
         raise UserError(f"quant: {err}") from None
-    return QuantPlan(method=cfg.method.value, default=default, shared_default=cfg.shared_expert_bits,
+    return QuantPlan(method=cfg.method, default=default, shared_default=cfg.shared_expert_bits,
                      model={"name": model_name, "model_type": getattr(model.config, "model_type", None),
                             "moe_layers": [layer.index for layer in moe_layers(model)]},
                      created_by={"allocation": "uniform", "quant": cfg.name})
 
 
-DYNAMO_ALLOCATIONS = (Allocation.fcm, Allocation.budget)
-
-
 def needs_analysis(cfg: QuantConfig) -> bool:
-    """DynaMo's allocations need the per-dataset significance of the analysis stage."""
-    return cfg.method in (QuantMethod.rtn, QuantMethod.gptq) and cfg.allocation.method in DYNAMO_ALLOCATIONS \
-        and not cfg.plan
+    """Rules that need significance (DynaMo's) need the analysis stage, with a plan quantizer and no plan file."""
+    return QUANTIZERS.get(cfg.method).plan and rule_of(cfg.allocation).needs == "significance" and not cfg.plan
+
+
+# --- the quantizers (dynamo.registry.QUANTIZERS). A plan quantizer: fn(model, plan, windows, calib,
+# options, keep_codes) -> (QuantReport, CalibrationStats | None); windows are the calibration windows
+# when it is registered with calibration=True (else None). Any other: fn(model, cfg) -> summary dict.
+
+QUANTIZERS.register("none", Quantizer("none", None), __name__)  # the 16-bit reference: nothing to quantize
+
+
+@register_quantizer("rtn", plan=True)
+def rtn(model, plan, windows, calib: CalibConfig, options: GPTQOptions, keep_codes: bool):
+    return apply_plan(model, plan, options=options, keep_codes=keep_codes), None
+
+
+@register_quantizer("gptq", plan=True, calibration=True)
+def gptq(model, plan, windows, calib: CalibConfig, options: GPTQOptions, keep_codes: bool):
+    return quantize_sequential(model, plan, windows, batch_size=calib.batch_size,
+                               hessian_weighting=calib.hessian_weighting.value, min_tokens=calib.min_tokens,
+                               policy=calib.policy.value, options=options, keep_codes=keep_codes)
+
+
+@register_quantizer("bnb")
+def bnb(model, cfg: QuantConfig) -> dict:
+    if cfg.bnb_format not in FORMATS:
+        raise UserError(f"unknown quant.bnb_format '{cfg.bnb_format}'; choose one of {', '.join(FORMATS)}")
+    return {"method": "bnb", "format": cfg.bnb_format, **apply_bnb(model, cfg.bnb_format)}
 
 
 def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig, calib: CalibConfig,
              model_name: str, significance=None, errors: dict | None = None) -> QuantResult:
-    """`significance` (dynamo.analysis.Significance) is required by the fcm and budget allocations;
-    `errors` is the budget rule's per-layer error table when something (the DQS cache) measured it."""
-    if cfg.method == QuantMethod.bnb:
-        if cfg.bnb_format not in FORMATS:
-            raise UserError(f"unknown quant.bnb_format '{cfg.bnb_format}'; choose one of {', '.join(FORMATS)}")
-        summary = apply_bnb(model, cfg.bnb_format)
-        return QuantResult({"method": "bnb", "format": cfg.bnb_format, **summary}, None, None)
+    """`significance` (dynamo.analysis.Significance) is required by rules that need it (fcm, budget);
+    `errors` is an error-table rule's per-layer table when something (the DQS cache) measured it."""
+    quantizer = QUANTIZERS.get(cfg.method)
+    if quantizer.fn is None:
+        raise UserError(f"quant.method={quantizer.name} quantizes nothing")
+    if not quantizer.plan:
+        return QuantResult(quantizer.fn(model, cfg), None, None)
     plan = plan_from_config(cfg, model, model_name)
     options = GPTQOptions(damp=cfg.damp, act_order=cfg.act_order)
-    alloc = cfg.allocation
-    needs_data = cfg.method == QuantMethod.gptq or alloc.method == Allocation.moeptq
+    rule = rule_of(cfg.allocation)
+    routing = rule.needs == "routing" and not cfg.plan
+    needs_data = quantizer.calibration or routing
     windows = all_calibration_windows(tokenizer, sources, known, calib) if needs_data else None
-    if alloc.method != Allocation.uniform and not cfg.plan:
-        layers = list(moe_layers(model))
-        if alloc.method in DYNAMO_ALLOCATIONS:
-            if significance is None:
-                raise UserError(f"quant.allocation.method={alloc.method.value} needs the analysis stage's significance")
-            allocate_dynamo(plan, significance, layers, alloc, errors)
-        else:
-            if alloc.method == Allocation.moeptq:  # routing frequency from a statistics-light pass
-                freq = capture(model, windows, batch_size=calib.batch_size, hessians=False)
-                counts = {i: s.routed.tokens.cpu() for i, s in freq.layers.items()}
-            else:
-                counts = {layer.index: torch.zeros(layer.n_experts) for layer in layers}
-            allocate(plan, counts, {layer.index for layer in layers if layer.shared_expert is not None},
-                     alloc.method.value, alloc.target_bits, alloc.low_bits, alloc.high_bits, alloc.seed)
+    if not cfg.plan:
+        counts = None
+        if routing:  # routing frequency from a statistics-light pass
+            freq = capture(model, windows, batch_size=calib.batch_size, hessians=False)
+            counts = {i: s.routed.tokens.cpu() for i, s in freq.layers.items()}
+        allocate(plan, list(moe_layers(model)), cfg.allocation, significance=significance, counts=counts,
+                 errors=errors)
     keep = cfg.export == ExportFormat.packed
-    if cfg.method == QuantMethod.rtn:
-        report = apply_plan(model, plan, options=options, keep_codes=keep)
-        return QuantResult(_summary(model, plan, report), plan, None, report.codes if keep else None)
-    report, stats = quantize_sequential(model, plan, windows, batch_size=calib.batch_size,
-                                        hessian_weighting=calib.hessian_weighting.value, min_tokens=calib.min_tokens,
-                                        policy=calib.policy.value, options=options, keep_codes=keep)
+    report, stats = quantizer.fn(model, plan, windows if quantizer.calibration else None, calib, options, keep)
     if report.rtn_fallback:
         log.warning("GPTQ: %d expert(s) quantized with RTN (no calibration signal or rtn_fallback): %s",
                     len(report.rtn_fallback), ", ".join(f"L{i}.E{e}" for i, e in report.rtn_fallback[:20]))

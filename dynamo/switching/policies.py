@@ -1,4 +1,4 @@
-"""The DQS policies of dynamo.registry.SWITCH_POLICIES (`quant.switching.policy`).
+"""The DQS policies (`quant.switching.policy`), registered in dynamo.registry.SWITCH_POLICIES.
 
 A policy has two steps: `prepare` runs on the FP16 model before it is quantized (what a switch
 will restore from: the paper's channel cache, or our FP16 master copy) and `build` makes the
@@ -11,37 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-class PaperPolicy:
-    """The paper's DQS: the FP16 cache of each expert's dynamic channels (fixed offline from the known
-    datasets), re-allocated on the new dataset's shares (`mix`), rewritten for the experts that changed."""
-
-    name = "paper"
-
-    @staticmethod
-    def prepare(model, cfg, significance, run_dir: Path):
-        from .cache import ChannelCache
-
-        alloc = cfg.quant.allocation
-        cache = ChannelCache.build(model, significance, cfg.analysis.dynamic_channel_frac,
-                                   widths=list(alloc.widths) if alloc.method.value == "budget" else [],
-                                   group_size=cfg.quant.group_size, sym=cfg.quant.sym)
-        cache.save(run_dir / "channel_cache")
-        return cache
-
-    @staticmethod
-    def quantize_errors(prepared):
-        return prepared.rtn_error  # the budget allocation's error table, measured once by the cache
-
-    @staticmethod
-    def build(model, plan, significance, prepared, cfg):
-        from .switch import DynamicSwitcher
-
-        sw = cfg.quant.switching
-        return DynamicSwitcher(model, plan, significance, prepared, cfg.quant.allocation,
-                               channel_mode=sw.channel_mode.value, mix=sw.mix, batch_size=cfg.analysis.batch_size)
+from ..registry import ALLOCATIONS, register_policy
 
 
+@register_policy("adaptive")
 class AdaptivePolicy:
     """Ours: slots chosen per dataset from its calib split, restored from an FP16 master copy."""
 
@@ -64,3 +37,34 @@ class AdaptivePolicy:
         sw = cfg.quant.switching
         return AdaptiveSwitcher(model, plan, prepared, budget_frac=sw.budget_frac, candidates=sw.candidates.value,
                                 scoring=sw.scoring.value, slot_bits=sw.slot_bits, batch_size=cfg.analysis.batch_size)
+
+
+@register_policy("paper")
+class PaperPolicy:
+    """The paper's DQS: the FP16 cache of each expert's dynamic channels (fixed offline from the known
+    datasets), re-allocated on the new dataset's shares (`mix`), rewritten for the experts that changed."""
+
+    name = "paper"
+
+    @staticmethod
+    def prepare(model, cfg, significance, run_dir: Path):
+        from .cache import ChannelCache
+
+        alloc = cfg.quant.allocation
+        cache = ChannelCache.build(model, significance, cfg.analysis.dynamic_channel_frac,
+                                   widths=list(alloc.widths) if ALLOCATIONS.get(alloc.method).error_table else [],
+                                   group_size=cfg.quant.group_size, sym=cfg.quant.sym)
+        cache.save(run_dir / "channel_cache")
+        return cache
+
+    @staticmethod
+    def quantize_errors(prepared):
+        return prepared.rtn_error  # the budget allocation's error table, measured once by the cache
+
+    @staticmethod
+    def build(model, plan, significance, prepared, cfg):
+        from .switch import DynamicSwitcher
+
+        sw = cfg.quant.switching
+        return DynamicSwitcher(model, plan, significance, prepared, cfg.quant.allocation,
+                               channel_mode=sw.channel_mode.value, mix=sw.mix, batch_size=cfg.analysis.batch_size)

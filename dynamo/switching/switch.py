@@ -45,19 +45,19 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..adapters import PROJECTIONS, moe_layers
-from ..analysis.significance import Significance
+from ..analysis.significance import Significance, statistics_for
 from ..calibration import capture
 from ..errors import UserError
-from ..quant.allocation import layer_widths
+from ..quant.allocation import LayerInput, layer_widths, rule_of
 from ..quant.fusion import fuse
 from ..quant.plan import QuantPlan
 from ..quant.rtn import quantize_rtn
 from ..quant.spec import QSpec
+from ..registry import ALLOCATIONS
 from .cache import ChannelCache
 from .store import ChannelStore, DenseChannelStore, Key
 
 CHANNEL_MODES = ("requant", "fp16")
-METHODS = ("fcm", "budget")
 FLOAT_BITS = 16
 
 
@@ -149,6 +149,7 @@ class DynamicSwitcher:
         self.method, self.fusion = _name(allocation.method), _name(allocation.fuse)
         self.widths = [int(w) for w in allocation.widths]
         self.allocation = allocation
+        self.rule = rule_of(allocation)
         self._check_setup()
         self.layers = {layer.index: layer for layer in moe_layers(model)}
         self.bq: dict[Key, int] = {(i, e, p): plan.spec_for(i, e, p).bits
@@ -165,15 +166,16 @@ class DynamicSwitcher:
     # --- setup checks ----------------------------------------------------------------------
 
     def _check_setup(self) -> None:
-        if self.method not in METHODS:
+        if self.rule.needs != "significance":
+            dynamo_rules = [n for n in ALLOCATIONS.names if ALLOCATIONS.get(n).needs == "significance"]
             raise UserError(f"switching re-runs DynaMo's allocation: quant.allocation.method must be one of "
-                            f"{', '.join(METHODS)}, got '{self.method}'")
-        if self.method == "fcm" and sorted(self.widths, reverse=True) != self.widths:
-            raise UserError(f"fcm needs quant.allocation.widths from high to low, got {self.widths}")
-        if self.method == "budget":
+                            f"{', '.join(dynamo_rules)} (rules that need significance), got '{self.method}'")
+        if self.rule.check is not None:
+            self.rule.check(self.allocation)
+        if self.rule.error_table:
             default = self.plan.default
             if not self.cache.rtn_error:
-                raise UserError("budget switching needs the cache's FP16 error table: build the cache with "
+                raise UserError(f"{self.method} switching needs the cache's FP16 error table: build the cache with "
                                 "widths=quant.allocation.widths")
             if list(self.cache.widths) != self.widths or self.cache.group_size != default.group_size \
                     or self.cache.sym != default.sym:
@@ -195,7 +197,7 @@ class DynamicSwitcher:
         windows = check_token_windows(windows, self.vocab)
         self.store.validate()
         stats = capture(self.model, windows, batch_size=self.batch_size, hessians=False,
-                        expert_outputs=self.store.expert_outputs)
+                        expert_outputs=self.store.expert_outputs, statistics=statistics_for(self.significance.metric))
         new = Significance.from_captures({"new": stats}, list(self.layers.values()), self.significance.metric,
                                          self.significance.unit).expert("new")
         t1 = time.perf_counter()
@@ -211,7 +213,8 @@ class DynamicSwitcher:
             if new.shape != self.fused[i].shape:
                 raise UserError(f"layer {i}: {new.numel()} new shares for {layer.n_experts} experts")
             mixed = (1.0 - self.mix) * self.fused[i] + self.mix * new
-            widths[i] = layer_widths(mixed, self.allocation, self.cache.rtn_error.get(i), layer.n_experts)
+            given = LayerInput(i, layer.n_experts, shares=mixed, errors=self.cache.rtn_error.get(i))
+            widths[i] = layer_widths(self.rule, given, self.allocation)
             mixed_by_layer[i] = mixed
         return widths, mixed_by_layer
 

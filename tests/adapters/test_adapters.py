@@ -112,8 +112,16 @@ def test_family_is_found_by_model_type_not_name():
     model = build("olmoe")
     model.config.name_or_path = "deepseek-ai/looks-like-deepseek"
     assert adapter_for(model).model_type == "olmoe"
-    assert {"olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "deepseek"} <= set(
-        registered_adapters())
+
+
+def test_every_registered_adapter_has_a_tiny_model():
+    """FAMILIES is the registry's list: a supported adapter needs an entry in tiny_families (EXPECTED, CONFIGS)."""
+    supported = {t for t, a in registered_adapters().items() if a.refuse is None}
+    assert set(FAMILIES) == supported
+    missing = sorted(supported - set(EXPECTED))
+    assert not missing, f"adapters without a tiny model in tests/adapters/tiny_families.py: {missing}"
+    for family in FAMILIES:
+        assert adapter_for(build(family)).model_type == family
 
 
 def test_transposed_layouts_are_refused_clearly():

@@ -7,11 +7,12 @@ import torch
 from omegaconf import OmegaConf
 
 from dynamo.adapters import moe_layers
-from dynamo.analysis import METRICS, Significance, analyze, channel_significance
+from dynamo.analysis import Significance, analyze, channel_significance
+from dynamo.registry import METRICS
 from dynamo.calibration import capture
 from dynamo.config import AllocationConfig, AnalysisConfig, SourceConfig
 from dynamo.quant import QSpec, QuantPlan
-from dynamo.quant.allocation import allocate_dynamo
+from dynamo.quant.allocation import allocate
 from tiny_families import EXPERTS, FAMILIES, VOCAB, build
 
 
@@ -23,7 +24,7 @@ def _captures(model, n=2):
 
 
 @pytest.mark.parametrize("unit", ["row", "neuron"])
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", METRICS.names)
 @pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
 def test_expert_shares_sum_to_one_per_layer(family, metric, unit):
     model = build(family)
@@ -110,7 +111,7 @@ def test_dynamo_allocation_fills_every_routed_expert(family, method):
     cfg = OmegaConf.create({"method": method, "target_bits": 3.0, "widths": widths, "fuse": "mean",
                             "fcm": {"m": 2.0, "eps": 1e-5, "max_iter": 300, "overlap_margin": 0.1}})
     cfg = OmegaConf.merge(OmegaConf.structured(AllocationConfig), cfg)
-    allocate_dynamo(plan, sig, layers, cfg)
+    allocate(plan, layers, cfg, significance=sig)
     for layer in layers:
         bits = [plan.spec_for(layer.index, e, "gate").bits for e in range(layer.n_experts)]
         assert set(bits) <= set(widths)

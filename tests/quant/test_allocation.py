@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from dynamo.adapters import PROJECTIONS, moe_layers
+from dynamo.config import AllocationConfig
 from dynamo.errors import UserError
 from dynamo.quant import QSpec, QuantPlan
 from dynamo.quant.allocation import allocate, high_count
@@ -17,9 +21,20 @@ def _plan():
     return QuantPlan(method="gptq", default=QSpec(3))
 
 
+def _layers(counts: dict, shared: set) -> list:
+    return [SimpleNamespace(index=i, n_experts=len(c), shared_expert=object() if i in shared else None)
+            for i, c in counts.items()]
+
+
+def _cfg(method: str, seed: int = 0):
+    return OmegaConf.merge(OmegaConf.structured(AllocationConfig),
+                           {"method": method, "target_bits": 3.0, "low_bits": 2, "high_bits": 4, "seed": seed})
+
+
 def test_moeptq_gives_the_most_routed_experts_the_high_width():
     counts = {0: torch.tensor([5, 50, 7, 50, 1, 9, 0, 3]), 2: torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])}
-    plan = allocate(_plan(), counts, {2}, "moeptq", target_bits=3.0, low=2, high=4)
+    plan = _plan()
+    allocate(plan, _layers(counts, {2}), _cfg("moeptq"), counts=counts)
     high0 = [e for e in range(8) if plan.spec_for(0, e, "down").bits == 4]
     assert high0 == [1, 2, 3, 5]  # counts 50, 50, 9, 7: ties broken by index
     assert [e for e in range(8) if plan.spec_for(2, e, "gate").bits == 4] == [4, 5, 6, 7]
@@ -28,10 +43,11 @@ def test_moeptq_gives_the_most_routed_experts_the_high_width():
 
 
 def test_random_control_matches_the_count_and_depends_on_the_seed():
-    counts = {0: torch.zeros(16)}
-    a = allocate(_plan(), counts, set(), "random", 3.0, 2, 4, seed=0)
-    b = allocate(_plan(), counts, set(), "random", 3.0, 2, 4, seed=0)
-    c = allocate(_plan(), counts, set(), "random", 3.0, 2, 4, seed=1)
+    layers = _layers({0: torch.zeros(16)}, set())
+    a, b, c = _plan(), _plan(), _plan()
+    allocate(a, layers, _cfg("random", seed=0))
+    allocate(b, layers, _cfg("random", seed=0))
+    allocate(c, layers, _cfg("random", seed=1))
     pick = lambda p: {e for e in range(16) if p.spec_for(0, e, "gate").bits == 4}  # noqa: E731
     assert len(pick(a)) == 8 and pick(a) == pick(b) and pick(a) != pick(c)
 

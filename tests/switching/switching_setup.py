@@ -17,7 +17,7 @@ from dynamo.analysis import Significance
 from dynamo.calibration import capture
 from dynamo.config import AllocationConfig
 from dynamo.quant import QSpec, QuantPlan, apply_plan
-from dynamo.quant.allocation import allocate_dynamo
+from dynamo.quant.allocation import allocate
 from dynamo.switching import ChannelCache, DynamicSwitcher
 from tiny_families import HIDDEN, VOCAB, build
 
@@ -69,7 +69,7 @@ def quantized(family: str, *, unit: str = "row", method: str = "budget", target_
     cache = ChannelCache.build(model, sig, FRAC, widths=WIDTHS[method], group_size=GROUP)
     fp16_state = {k: v.clone() for k, v in model.state_dict().items()}
     plan = QuantPlan(method="rtn", default=QSpec(16, group_size=GROUP), shared_default=8)
-    allocate_dynamo(plan, sig, layers, cfg)
+    allocate(plan, layers, cfg, significance=sig)
     report = apply_plan(model, plan, keep_codes=keep_codes)
     return Setup(model, sig, cache, plan, cfg, fp16_state, report.codes if keep_codes else None)
 
