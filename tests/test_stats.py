@@ -103,8 +103,8 @@ def test_accuracy_difference_needs_the_same_questions():
 
 
 def test_sample_file_names_are_the_ones_the_pipeline_writes():
-    from dynamo import pipeline
+    from dynamo import records
 
-    assert stats.SAMPLE_FILES["ppl"] == pipeline.WINDOW_NLL_FILE
-    assert stats.SAMPLE_FILES["ppl_fp16"] == pipeline.WINDOW_NLL_FP16_FILE
-    assert stats.SAMPLE_FILES["ppl_bq"] == pipeline.WINDOW_NLL_BQ_FILE
+    assert stats.SAMPLE_FILES["ppl"] == records.WINDOW_NLL_FILE
+    assert stats.SAMPLE_FILES["ppl_fp16"] == records.WINDOW_NLL_FP16_FILE
+    assert stats.SAMPLE_FILES["ppl_bq"] == records.WINDOW_NLL_BQ_FILE

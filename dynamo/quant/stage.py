@@ -13,6 +13,7 @@ from ..calibration import CalibrationStats, capture
 from ..calibration.stage import all_calibration_windows
 from ..config import Allocation, CalibConfig, ExportFormat, QuantConfig, QuantMethod
 from ..errors import UserError
+from ..tokens import RunTokens
 from .allocation import allocate, allocate_dynamo
 from .apply import GPTQOptions, QuantReport, apply_plan, quantize_sequential
 from .bits import bit_accounting
@@ -58,7 +59,7 @@ def needs_analysis(cfg: QuantConfig) -> bool:
         and not cfg.plan
 
 
-def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig, calib: CalibConfig,
+def quantize(model, tokens: RunTokens, known: list[str], cfg: QuantConfig, calib: CalibConfig,
              model_name: str, significance=None, errors: dict | None = None) -> QuantResult:
     """`significance` (dynamo.analysis.Significance) is required by the fcm and budget allocations;
     `errors` is the budget rule's per-layer error table when something (the DQS cache) measured it."""
@@ -71,7 +72,7 @@ def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig
     options = GPTQOptions(damp=cfg.damp, act_order=cfg.act_order)
     alloc = cfg.allocation
     needs_data = cfg.method == QuantMethod.gptq or alloc.method == Allocation.moeptq
-    windows = all_calibration_windows(tokenizer, sources, known, calib) if needs_data else None
+    windows = all_calibration_windows(tokens, known, calib) if needs_data else None
     if alloc.method != Allocation.uniform and not cfg.plan:
         layers = list(moe_layers(model))
         if alloc.method in DYNAMO_ALLOCATIONS:
