@@ -6,12 +6,16 @@ so a split is loaded and tokenized once per run however many stages read it. Cut
 is a view of the cached ids and costs nothing.
 
 `bos_id` (the tokenizer's BOS when `model.bos_windows` is true) opens every window with BOS,
-as the model was trained (dynamo/eval/windows.py); None keeps plain windows.
+as the model was trained (dynamo/eval/windows.py); None keeps plain windows. The config says
+it (a testbed model's preset sets it), so it is in the record and its hash; a checkpoint's
+training.json that disagrees is refused.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,6 +24,8 @@ from .data import load_documents
 from .errors import UserError
 from .eval.perplexity import make_windows, tokenize_corpus
 from .eval.windows import window_span
+
+TRAINING_FILE = "training.json"  # beside a checkpoint trained by scripts/train_embedded.py
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,26 @@ class RunTokens:
         return self.split(name, split).ids.numel() // window_span(seqlen, self.bos_id)
 
 
+def trained_with_bos(model_cfg: ModelConfig) -> bool | None:
+    """What the checkpoint's training.json (scripts/train_embedded.py) says of BOS windows; None without one."""
+    path = Path(str(model_cfg.path)).expanduser() / TRAINING_FILE
+    if not path.is_file():
+        return None
+    try:
+        train = json.loads(path.read_text(encoding="utf-8")).get("train", {})
+    except (OSError, ValueError, AttributeError):
+        return None  # not ours to judge: the loader reports a broken checkpoint
+    return bool(train.get("bos_windows", False)) if isinstance(train, dict) else None
+
+
 def bos_id_for(model_cfg: ModelConfig, tokenizer) -> int | None:
-    """The BOS id every window starts with when the model was trained so (`model.bos_windows`)."""
+    """The BOS id every window starts with when the model was trained so (`model.bos_windows`).
+    A checkpoint whose training.json says otherwise is refused: its numbers would be off-protocol."""
+    trained = trained_with_bos(model_cfg)
+    if trained is not None and trained != model_cfg.bos_windows:
+        how = "with a BOS token opening every window" if trained else "on plain windows (no BOS)"
+        raise UserError(f"{model_cfg.name} was trained {how} ({TRAINING_FILE}), but model.bos_windows="
+                        f"{str(model_cfg.bos_windows).lower()}; set model.bos_windows={str(trained).lower()}")
     if not model_cfg.bos_windows:
         return None
     bos = getattr(tokenizer, "bos_token_id", None)
