@@ -3,7 +3,7 @@
 Evaluation (every pass: FP16 reference, BQ, the run, the stream), calibration, DynaMo's
 analysis, each DQS switch and the export's switch all read their windows from one `RunTokens`,
 so a split is loaded and tokenized once per run however many stages read it. Cutting windows
-is a view of the cached ids and costs nothing.
+from the cached ids is cheap (a view; a copy with BOS).
 
 `bos_id` (the tokenizer's BOS when `model.bos_windows` is true) opens every window with BOS,
 as the model was trained (dynamo/eval/windows.py); None keeps plain windows. The config says
