@@ -52,6 +52,7 @@ def main(cfg: DictConfig) -> None:
 
     from dynamo.data import known_datasets
     from dynamo.pipeline import run
+    from dynamo.records import record_of
     from dynamo.report import summary_table
     from dynamo.resume import discard_run_dir, reusable_record
 
@@ -66,7 +67,7 @@ def main(cfg: DictConfig) -> None:
         return
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        record = run(cfg, run_dir, list(hydra_cfg.overrides.task))
+        result = run(cfg, run_dir, list(hydra_cfg.overrides.task))
     except UserError as err:
         logging.shutdown()
         if multirun:  # a sweep goes on: the failure is recorded beside the sweep's records
@@ -88,7 +89,7 @@ def main(cfg: DictConfig) -> None:
         gc.collect()
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
-    print(summary_table(record, known_datasets(cfg.dataset)))
+    print(summary_table(record_of(result), known_datasets(cfg.dataset)))
     print(f"record: {run_dir / 'result.json'}")
 
 

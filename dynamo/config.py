@@ -60,6 +60,9 @@ class ModelConfig:
     trust_remote_code: bool = False         # only ever true when a config says so
     attn_implementation: Optional[str] = None
     max_length: Optional[int] = None        # context length; default: the model config's
+    # Trained with a BOS token at every window start (scripts/train_embedded.py, Recipe.bos_windows): every
+    # window it is evaluated, calibrated and analysed on is BOS + seqlen - 1 tokens too (dynamo/tokens.py)
+    bos_windows: bool = False
 
 
 @dataclass

@@ -11,8 +11,7 @@ import random
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,17 +19,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ExportFormat, to_container
+from .config import (AnalysisConfig, DetectorConfig, EvalConfig, ExportFormat, SwitchingConfig, to_container)
 from .data import known_datasets, load_documents, sources_of
 from .errors import UserError
 from .eval.fidelity import ReferenceLogprobs
-from .eval.perplexity import make_windows, token_perplexity, tokenize_corpus
+from .eval.perplexity import token_perplexity
 from .export import check_export, write_export
-from .finite import check_finite, check_weights_finite
+from .finite import check_weights_finite
 from .loggers import publish
 from .models import is_packed, load_model
-from .records import MC_CORRECT_FILE, RESULT_FILE, WINDOW_FILES, make_record, write_json_atomic
+from .records import provenance, write_json_atomic, write_run
 from .registry import EVAL_TASKS, SWITCH_POLICIES
+from .result import Evaluation, LmEval, PerplexityPass, RunResult, Switching
+from .tokens import RunTokens, bos_id_for
 from .validate import check_required, validate_run
 
 log = logging.getLogger(__name__)
@@ -55,65 +56,66 @@ def selected_sources(cfg: DictConfig) -> dict:
     return {name: sources[name] for name in wanted}
 
 
-def evaluate_perplexity(loaded, documents: dict, sources: dict, eval_cfg,
+def evaluate_perplexity(loaded, tokens: RunTokens, names: list[str], eval_cfg: EvalConfig,
                         before: Callable[[str], None] | None = None, reference: ReferenceLogprobs | None = None,
-                        record_reference: bool = False) -> tuple[dict, dict, dict, dict]:
+                        record_reference: bool = False) -> PerplexityPass:
     """PPL per dataset, its protocol, each window's mean loss (for paired comparisons of runs) and,
-    with `reference`, each window's fidelity to it (dataset -> WindowFidelity; the reference pass
-    itself, `record_reference`, stores its log-probs there instead).
-    `before(name)` runs before each dataset is evaluated (DQS switches the model there)."""
-    ppl, protocol, window_nll, fidelity = {}, {}, {}, {}
-    for name, docs in documents.items():
+    with `reference`, each window's fidelity to it (the reference pass itself, `record_reference`,
+    stores its log-probs there instead). `before(name)` runs before each dataset is evaluated (DQS
+    switches the model there)."""
+    t = time.perf_counter()
+    out = PerplexityPass(ppl={}, protocol={}, window_nll={})
+    for name in names:
         if before is not None:
             before(name)
-        ids = tokenize_corpus(loaded.tokenizer, docs, sources[name].separator)
-        windows = make_windows(ids, eval_cfg.seqlen, eval_cfg.max_windows, name)
+        split = tokens.split(name, eval_cfg.split)
+        windows = tokens.windows(name, eval_cfg.split, eval_cfg.seqlen, eval_cfg.max_windows)
         on_logprobs = None
         if reference is not None and record_reference:
             on_logprobs = reference.recorder(name, windows, loaded.model.get_output_embeddings().out_features)
         elif reference is not None:
-            on_logprobs, fidelity[name] = reference.comparer(name, windows)
+            on_logprobs, out.fidelity[name] = reference.comparer(name, windows)
         result = token_perplexity(loaded.model, windows, eval_cfg.batch_size,
-                                  available_windows=ids.numel() // eval_cfg.seqlen, corpus_tokens=ids.numel(),
-                                  desc=f"ppl {name}", on_logprobs=on_logprobs)
-        ppl[name] = result.ppl
-        window_nll[name] = result.window_nll
-        protocol[name] = {**result.protocol(), "split": eval_cfg.split, "documents": len(docs),
-                          "separator": sources[name].separator,
-                          "tokenizer": getattr(loaded.tokenizer, "name_or_path", None)}
+                                  available_windows=tokens.available_windows(name, eval_cfg.split, eval_cfg.seqlen),
+                                  corpus_tokens=split.ids.numel(), desc=f"ppl {name}", on_logprobs=on_logprobs)
+        out.ppl[name] = result.ppl
+        out.window_nll[name] = result.window_nll
+        out.protocol[name] = {**result.protocol(), "split": eval_cfg.split, "documents": split.documents,
+                              "separator": split.separator,
+                              "tokenizer": getattr(loaded.tokenizer, "name_or_path", None)}
+        if tokens.bos_id is not None:  # only then: records of plain windows keep their exact content
+            out.protocol[name]["bos_id"] = tokens.bos_id
+        fidelity = out.fidelity.get(name)
         log.info("ppl %-12s %10.3f  (%d windows x %d tokens)%s", name, result.ppl, result.windows, result.seqlen,
-                 f"  KL {fidelity[name].mean_kl:.5f}  top-1 {fidelity[name].mean_top1:.4f}" if name in fidelity else "")
-    return ppl, protocol, window_nll, fidelity
+                 f"  KL {fidelity.mean_kl:.5f}  top-1 {fidelity.mean_top1:.4f}" if fidelity is not None else "")
+    out.seconds = time.perf_counter() - t
+    return out
 
 
-def record_fidelity(metrics: dict, window_kl: dict, fidelity: dict, key: str, suffix: str = "") -> None:
-    """metrics.kl<suffix> / metrics.top1_agree<suffix> per dataset, and the per-window KL for window_kl*.json."""
-    if not fidelity:
-        return
-    metrics[f"kl{suffix}"] = {name: f.mean_kl for name, f in fidelity.items()}
-    metrics[f"top1_agree{suffix}"] = {name: f.mean_top1 for name, f in fidelity.items()}
-    window_kl[key] = {name: f.kl for name, f in fidelity.items()}
-
-
-def evaluate_lm_eval(loaded, documents: dict, eval_cfg):
-    """lm-eval metrics and per-question correctness (dynamo.eval.harness.LmEvalResult)."""
+def evaluate_lm_eval(loaded, documents: dict, eval_cfg: EvalConfig) -> LmEval:
+    """lm-eval metrics and per-question correctness (dynamo.eval.harness.LmEvalResult), with their protocol."""
     from .eval.harness import evaluate_tasks
 
+    t = time.perf_counter()
     wanted = list(eval_cfg.lm_eval.tasks)
     ours = [t for t in wanted if t in EVAL_TASKS.names]  # tasks we write (suite, dynamo_math_mc); the rest: lm-eval's
+    max_length = min(loaded.max_length, eval_cfg.seqlen)
     with tempfile.TemporaryDirectory(prefix="dynamo-lm-eval-") as workdir:
         local = [name for t in ours for name in EVAL_TASKS.get(t)(documents, Path(workdir))]
         hub = [t for t in wanted if t not in ours]
         limit = eval_cfg.lm_eval.limit
         if limit is not None and float(limit).is_integer():
             limit = int(limit)
-        return evaluate_tasks(loaded.model, loaded.tokenizer, local + hub, Path(workdir) if local else None,
-                              batch_size=eval_cfg.lm_eval.batch_size,
-                              max_length=min(loaded.max_length, eval_cfg.seqlen), limit=limit, device=str(loaded.device))
+        result = evaluate_tasks(loaded.model, loaded.tokenizer, local + hub, Path(workdir) if local else None,
+                                batch_size=eval_cfg.lm_eval.batch_size, max_length=max_length, limit=limit,
+                                device=str(loaded.device))
+    protocol = {"limit": eval_cfg.lm_eval.limit, "max_length": max_length, "split": eval_cfg.split}
+    return LmEval(result, protocol, time.perf_counter() - t)
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
-    """Evaluate one configuration and write its record to run_dir/result.json."""
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
+    """Evaluate one configuration, write its record to run_dir/result.json (records.write_run) and
+    return what it produced."""
     t_start = time.perf_counter()
     check_required(cfg)
     check_switching(cfg)
@@ -135,46 +137,42 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
                          "re-save it")
     if is_packed(loaded.model.config) and cfg.quant.method != "none":
         raise UserError(f"{cfg.model.path} is already quantized (a packed DynaMo checkpoint); evaluate it with quant=fp16")
-    check_export(cfg, loaded.model, sources_of(cfg.dataset))  # before any work: a run that cannot export fails now
+    # before any work: a run that cannot export fails now
+    check_export(cfg.quant, cfg.model, cfg.analysis, loaded.model, sources_of(cfg.dataset), cfg.dataset.name)
     if cfg.eval.seqlen > loaded.max_length:
         raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {cfg.model.name} allows "
                         f"({loaded.max_length} positions); use eval.seqlen<={loaded.max_length}")
+    # every split this run reads, tokenized once (the test splits' documents are already loaded)
+    tokens = RunTokens(loaded.tokenizer, sources_of(cfg.dataset), bos_id_for(cfg.model, loaded.tokenizer),
+                       documents={(name, cfg.eval.split): docs for name, docs in documents.items()})
 
-    metrics, window_nll, window_kl = {}, {}, {}
+    names = list(sources)
+    fp16 = None
     with ExitStack() as cleanup:
         reference = None
         if cfg.eval.reference and cfg.quant.method != "none":
             # the FP16 pass also stores its log-probs (on disk) for the KL of every later pass
             reference = cleanup.enter_context(ReferenceLogprobs(cfg.eval.kl_topk))
             t = time.perf_counter()
-            metrics["ppl_fp16"], _, window_nll["fp16"], _ = evaluate_perplexity(
-                loaded, documents, sources, cfg.eval, reference=reference, record_reference=True)
+            fp16 = evaluate_perplexity(loaded, tokens, names, cfg.eval, reference=reference, record_reference=True)
             if cfg.eval.stream and cfg.quant.switching.enabled:
-                record_stream_reference(loaded, stream_segments(loaded, documents, sources, cfg), reference,
-                                        cfg.eval.batch_size)
+                record_stream_reference(loaded, stream_segments(tokens, cfg.eval), reference, cfg.eval.batch_size)
             timings["eval_ppl_fp16_s"] = time.perf_counter() - t
 
-        stage = quantize_or_calibrate(loaded, cfg, run_dir, timings)
-        calibration, quantization, analysis = stage.calibration, stage.quantization, stage.analysis
+        stage = quantize_or_calibrate(loaded, tokens, cfg, run_dir)
+        timings.update(stage.timings)
+        evaluation = evaluate_run(loaded, tokens, names, cfg.eval, cfg.quant.switching, cfg.analysis, stage,
+                                  reference=reference)
+    if evaluation.bq is not None:
+        timings["eval_ppl_bq_s"] = evaluation.bq.seconds
+    timings["eval_ppl_s"] = evaluation.run.seconds
+    if evaluation.stream_s is not None:
+        timings["eval_stream_s"] = evaluation.stream_s
 
-        ppl, ppl_protocol, switching = evaluate_run(loaded, documents, sources, cfg, stage, metrics, window_nll,
-                                                    timings, reference=reference, window_kl=window_kl)
-    metrics = {"ppl": ppl, **metrics}
-    protocol = {"ppl": ppl_protocol}
-    if quantization is not None:
-        bits = quantization["bits"]
-        metrics["avg_bits"] = {"experts": bits["experts"], "all": bits["all"],
-                               "experts_codes_only": bits["experts_codes_only"]}
-
+    lm_eval = None
     if cfg.eval.lm_eval.enabled and cfg.eval.lm_eval.tasks:
-        t = time.perf_counter()
         lm_eval = evaluate_lm_eval(loaded, documents, cfg.eval)
-        metrics["lm_eval"] = lm_eval.metrics
-        if lm_eval.per_question:  # for paired accuracy intervals (dynamo.stats.accuracy_difference)
-            write_json_atomic(run_dir / MC_CORRECT_FILE, lm_eval.per_question)
-        timings["lm_eval_s"] = time.perf_counter() - t
-        protocol["lm_eval"] = {"limit": cfg.eval.lm_eval.limit, "max_length": min(loaded.max_length, cfg.eval.seqlen),
-                               "split": cfg.eval.split}
+        timings["lm_eval_s"] = lm_eval.seconds
     model = loaded.model
     model_info = {"name": cfg.model.name, "path": cfg.model.path, "class": type(model).__name__,
                   "model_type": getattr(model.config, "model_type", None),
@@ -185,111 +183,98 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         t = time.perf_counter()
         switched = {}
         if cfg.quant.export_dataset is not None:  # DQS: export the model as switched to that dataset
-            switch_before_eval(stage.switcher, loaded.tokenizer, cfg, sources_of(cfg.dataset), switched,
-                               cfg.quant.export_dataset)
-        export = write_export(loaded, stage, cfg, run_dir) | ({"switch": switched} if switched else {})
+            name = cfg.quant.export_dataset
+            switched[name] = switch_step(stage.switcher, tokens, cfg.analysis, cfg.quant.switching, name)
+        export = write_export(loaded, stage, cfg.quant, cfg.model, run_dir) | ({"switch": switched} if switched else {})
         timings["export_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
-    timings = {k: round(v, 3) for k, v in timings.items()}
-    record = make_record(run_id=run_id_of(run_dir, cfg.results_dir), config=to_container(cfg), overrides=overrides,
-                         device=loaded.device, model_info=model_info, metrics=metrics, protocol=protocol,
-                         timings=timings)
-    if calibration is not None:
-        record["calibration"] = calibration
-    if analysis is not None:
-        record["analysis"] = analysis
-    if switching is not None:
-        record["switching"] = switching
-    if quantization is not None:
-        record["quantization"] = quantization
-    if export is not None:
-        record["export"] = export
+    result = RunResult(run_id=run_id_of(run_dir, cfg.results_dir), config=to_container(cfg), overrides=overrides,
+                       **provenance(loaded.device), model=model_info, evaluation=evaluation,
+                       timings={k: round(v, 3) for k, v in timings.items()}, fp16=fp16, lm_eval=lm_eval,
+                       calibration=stage.calibration, analysis=stage.analysis, quantization=stage.quantization,
+                       export=export)
     hint = (f"the model's outputs overflowed or its weights are broken (model.dtype={cfg.model.dtype}; "
             "try model.dtype=float32); nothing was recorded")
-    check_finite(record, "the run's record", hint)
-    check_finite(window_nll, "the per-window losses", hint)
-    check_finite(window_kl, "the per-window KL", hint)
-    for key, name in (("run", "ppl"), ("fp16", "ppl_fp16"), ("bq", "ppl_bq")):
-        if key in window_nll:
-            write_json_atomic(run_dir / WINDOW_FILES[name], window_nll[key])
-    for key, name in (("run", "kl"), ("bq", "kl_bq")):
-        if key in window_kl:
-            write_json_atomic(run_dir / WINDOW_FILES[name], window_kl[key])
-    write_json_atomic(run_dir / RESULT_FILE, record)
+    record = write_run(result, run_dir, hint)
     publish(record, cfg.logger, run_dir)
-    return record
+    return result
 
 
 @dataclass
 class QuantStage:
-    """What the quantization stage hands to evaluation and to the record."""
+    """What the quantization stage hands to evaluation, to the export and to the record."""
 
     calibration: dict | None = None
     quantization: dict | None = None
     analysis: dict | None = None
     switcher: object | None = None   # dynamo.switching.DynamicSwitcher when DQS is on
-    codes: dict | None = None        # the quantizer's integer codes, kept for quant.export=packed
     cache_s: float = 0.0             # the DQS policy's preparation on the FP16 model (cache or master copy)
+    timings: dict[str, float] = field(default_factory=dict)  # analysis_s, quantize_s or calibration_s
+    codes: InitVar[dict | None] = None  # the quantizer's integer codes, kept for quant.export=packed
+
+    def __post_init__(self, codes: dict | None) -> None:
+        self._codes = codes
+
+    def take_codes(self) -> dict | None:
+        """The codes, handed over once: the stage keeps no reference, so they are freed once packed."""
+        codes, self._codes = self._codes, None
+        return codes
 
     def switching_summary(self) -> dict:
         return {**self.switcher.summary(), "prepare_s": round(self.cache_s, 3)}
 
 
-def evaluate_run(loaded, documents: dict, sources: dict, cfg: DictConfig, stage: QuantStage, metrics: dict,
-                 window_nll: dict, timings: dict, reference: ReferenceLogprobs | None = None,
-                 window_kl: dict | None = None) -> tuple[dict, dict, dict | None]:
+def evaluate_run(loaded, tokens: RunTokens, names: list[str], eval_cfg: EvalConfig, switching: SwitchingConfig,
+                 analysis: AnalysisConfig, stage: QuantStage, reference: ReferenceLogprobs | None = None
+                 ) -> Evaluation:
     """The run's PPL (and, with `reference`, its KL to FP16); with DQS, BQ alone first (metrics.ppl_bq,
     metrics.kl_bq), then BQ + DQS switched to each dataset's calib split before it is evaluated, then
     the stream if eval.stream asks for it."""
-    switcher, switching, before = stage.switcher, None, None
-    window_kl = {} if window_kl is None else window_kl
-    if switcher is not None:
+    switcher = stage.switcher
+    if switcher is None:
+        return Evaluation(run=evaluate_perplexity(loaded, tokens, names, eval_cfg, reference=reference))
+    bq = evaluate_perplexity(loaded, tokens, names, eval_cfg, before=lambda name: switcher.restore_bq(),
+                             reference=reference)
+    switches = {}
+
+    def switch(name: str) -> None:
+        switches[name] = switch_step(switcher, tokens, analysis, switching, name)
+
+    run_pass = evaluate_perplexity(loaded, tokens, names, eval_cfg, before=switch, reference=reference)
+    switcher.restore_bq()  # lm-eval and anything after see BQ
+    evaluation = Evaluation(run=run_pass, bq=bq, switching=Switching(switches, stage.switching_summary()))
+    if eval_cfg.stream:
         t = time.perf_counter()
-        metrics["ppl_bq"], _, window_nll["bq"], fidelity = evaluate_perplexity(
-            loaded, documents, sources, cfg.eval, before=lambda name: switcher.restore_bq(), reference=reference)
-        record_fidelity(metrics, window_kl, fidelity, "bq", "_bq")
-        timings["eval_ppl_bq_s"] = time.perf_counter() - t
-        switching = {"switches": {}}
-        before = partial(switch_before_eval, switcher, loaded.tokenizer, cfg, sources, switching["switches"])
-    t = time.perf_counter()
-    ppl, protocol, window_nll["run"], fidelity = evaluate_perplexity(loaded, documents, sources, cfg.eval,
-                                                                     before=before, reference=reference)
-    record_fidelity(metrics, window_kl, fidelity, "run")
-    timings["eval_ppl_s"] = time.perf_counter() - t
-    if switcher is not None:
-        switcher.restore_bq()  # lm-eval and anything after see BQ
-        switching.update(stage.switching_summary())
-        if cfg.eval.stream:
-            t = time.perf_counter()
-            metrics["stream"] = evaluate_stream(loaded, documents, sources, cfg, switcher, reference)
-            switcher.restore_bq()
-            timings["eval_stream_s"] = time.perf_counter() - t
-    return ppl, protocol, switching
+        evaluation.stream = evaluate_stream(loaded, tokens, eval_cfg, switching.detector, switcher, reference)
+        switcher.restore_bq()
+        evaluation.stream_s = time.perf_counter() - t
+    return evaluation
 
 
-def switch_before_eval(switcher, tokenizer, cfg: DictConfig, sources: dict, reports: dict, name: str) -> None:
-    """DQS before evaluating `name`: profile its calib split (never test) and switch to it."""
+def switch_step(switcher, tokens: RunTokens, analysis: AnalysisConfig, switching: SwitchingConfig,
+                name: str) -> dict:
+    """DQS before evaluating `name`: profile its calib split (never test) and switch to it; returns
+    the switch's report as the record keeps it."""
     from .calibration.stage import calibration_windows
 
-    sample = OmegaConf.merge(cfg.analysis, {"windows": cfg.quant.switching.sample_windows})
-    windows = calibration_windows(tokenizer, sources, [name], sample, node="analysis")[name]
+    sample = OmegaConf.merge(analysis, {"windows": switching.sample_windows})
+    windows = calibration_windows(tokens, [name], sample, node="analysis")[name]
     report = switcher.switch_to(windows)
     summary = report.to_dict()
     summary.pop("shares", None)
-    reports[name] = summary
     summary.pop("top", None)
     log.info("DQS %-12s %d expert(s) changed, %.1f ms (profile %.1f ms), exact bits %.3f", name,
              report.experts_changed, 1e3 * report.total_s, 1e3 * report.profile_s, report.exact_bits)
+    return summary
 
 
-def stream_segments(loaded, documents: dict, sources: dict, cfg: DictConfig) -> list[tuple[str, torch.Tensor]]:
+def stream_segments(tokens: RunTokens, eval_cfg: EvalConfig) -> list[tuple[str, torch.Tensor]]:
     """eval.stream's (dataset, windows): test windows evenly spaced over each split, so a segment is
     the dataset, not its first few documents."""
     segments = []
-    for name in cfg.eval.stream:
-        ids = tokenize_corpus(loaded.tokenizer, documents[name], sources[name].separator)
-        windows = make_windows(ids, cfg.eval.seqlen, None, name)
-        pick = torch.linspace(0, len(windows) - 1, min(cfg.eval.stream_windows, len(windows))).round().long()
+    for name in eval_cfg.stream:
+        windows = tokens.windows(name, eval_cfg.split, eval_cfg.seqlen)
+        pick = torch.linspace(0, len(windows) - 1, min(eval_cfg.stream_windows, len(windows))).round().long()
         segments.append((name, windows[pick]))
     return segments
 
@@ -302,17 +287,16 @@ def record_stream_reference(loaded, segments: list, reference: ReferenceLogprobs
                          on_logprobs=reference.recorder(f"stream/{k}", windows, vocab))
 
 
-def evaluate_stream(loaded, documents: dict, sources: dict, cfg: DictConfig, switcher,
+def evaluate_stream(loaded, tokens: RunTokens, eval_cfg: EvalConfig, d: DetectorConfig, switcher,
                     reference: ReferenceLogprobs | None = None) -> dict:
-    """Serve eval.stream's datasets one after another; the detector decides when DQS switches.
+    """Serve eval.stream's datasets one after another; the detector (`d`) decides when DQS switches.
     With `reference`, each segment also reports its KL to FP16 before and after its first switch."""
     from .switching import RoutingShiftDetector, run_stream
 
-    segments = stream_segments(loaded, documents, sources, cfg)
+    segments = stream_segments(tokens, eval_cfg)
     meters = [reference.comparer(f"stream/{k}", w) for k, (_, w) in enumerate(segments)] if reference else None
-    d = cfg.quant.switching.detector
     detector = RoutingShiftDetector(window=d.window, threshold=d.threshold, patience=d.patience, cooldown=d.cooldown)
-    report = run_stream(loaded.model, segments, detector, switcher, batch_size=cfg.eval.stream_batch_size,
+    report = run_stream(loaded.model, segments, detector, switcher, batch_size=eval_cfg.stream_batch_size,
                         on_logits=(lambda s, start, logits: meters[s][0](
                             start, torch.log_softmax(logits[:, :-1].float(), dim=-1))) if meters else None)
     out = report.to_dict()
@@ -324,7 +308,7 @@ def evaluate_stream(loaded, documents: dict, sources: dict, cfg: DictConfig, swi
             seg["kl"] = float(np.mean(per_window))
             seg["window_kl"] = per_window
             if segment.switches:  # the switch applies from the batch after the one that fired
-                cut = (segment.switches[0] - segment.first_batch + 1) * cfg.eval.stream_batch_size
+                cut = (segment.switches[0] - segment.first_batch + 1) * eval_cfg.stream_batch_size
                 seg["kl_before_switch"] = float(np.mean(per_window[:cut]))
                 seg["kl_after_switch"] = float(np.mean(per_window[cut:])) if cut < len(per_window) else None
                 kl = f"  KL {seg['kl_before_switch']:.5f} -> {seg['kl_after_switch'] or float('nan'):.5f}"
@@ -366,66 +350,69 @@ def check_switching(cfg: DictConfig) -> None:
                         f"sample_windows={sw.sample_windows}")
 
 
-def quantize_or_calibrate(loaded, cfg: DictConfig, run_dir: Path, timings: dict) -> QuantStage:
+def quantize_or_calibrate(loaded, tokens: RunTokens, cfg: DictConfig, run_dir: Path) -> QuantStage:
     """The quantization stage (after DynaMo's analysis when its allocation needs it, with the FP16
     channel cache when DQS is on, and with the calibration its method needs), or calibration alone."""
-    stage, stats = QuantStage(), None
     known = known_datasets(cfg.dataset)
-    if cfg.quant.method != "none":
-        from .quant.stage import needs_analysis, quantize
-
-        significance, policy, prepared = None, None, None
-        if needs_analysis(cfg.quant):
-            significance, stage.analysis = run_analysis(loaded, cfg, run_dir, timings)
-            if cfg.quant.switching.enabled:  # what a switch restores from, taken before quantizing
-                policy = SWITCH_POLICIES.get(cfg.quant.switching.policy)
-                t = time.perf_counter()
-                prepared = policy.prepare(loaded.model, cfg, significance, run_dir)
-                stage.cache_s = time.perf_counter() - t
-        t = time.perf_counter()
-        result = quantize(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), known, cfg.quant, cfg.calib,
-                          cfg.model.name, significance=significance,
-                          errors=policy.quantize_errors(prepared) if policy is not None else None)
-        timings["quantize_s"] = time.perf_counter() - t
-        check_weights_finite(loaded.model, "after quantization", "raise quant.damp (e.g. quant.damp=0.1) "
-                             "or try quant.method=rtn on this model")
-        stats, stage.quantization, stage.codes = result.stats, result.summary, result.codes
-        if result.plan is not None:
-            result.plan.save(run_dir / "plan.json")
-        if stage.analysis is not None:
-            # the paper's overhead: analysis as a share of the offline stage (analysis + quantization);
-            # with a cache hit, the share uses the seconds the cached captures took when computed
-            offline = stage.analysis["capture_s"] + timings["quantize_s"]
-            stage.analysis["share_of_offline"] = round(stage.analysis["capture_s"] / offline, 4) if offline else None
-            write_dynamo_figures(cfg, run_dir, significance, result.plan)
-        if policy is not None:
-            stage.switcher = policy.build(loaded.model, result.plan, significance, prepared, cfg)
-    elif cfg.calib.enabled:
+    if cfg.quant.method == "none":
+        if not cfg.calib.enabled:
+            return QuantStage()
         from .calibration.stage import calibrate
 
         t = time.perf_counter()
-        stats = calibrate(loaded.model, loaded.tokenizer, sources_of(cfg.dataset), known, cfg.calib)
-        timings["calibration_s"] = time.perf_counter() - t
-    if stats is not None:
-        stage.calibration = report_coverage(stats, list(cfg.calib.datasets or known), run_dir)
-    return stage
+        stats = calibrate(loaded.model, tokens, known, cfg.calib)
+        return QuantStage(calibration=report_coverage(stats, list(cfg.calib.datasets or known), run_dir),
+                          timings={"calibration_s": time.perf_counter() - t})
+
+    from .quant.stage import needs_analysis, quantize
+
+    timings, significance, analysis, policy, prepared, cache_s = {}, None, None, None, None, 0.0
+    if needs_analysis(cfg.quant):
+        significance, analysis, timings["analysis_s"] = run_analysis(loaded, tokens, cfg, run_dir)
+        if cfg.quant.switching.enabled:  # what a switch restores from, taken before quantizing
+            policy = SWITCH_POLICIES.get(cfg.quant.switching.policy)
+            t = time.perf_counter()
+            prepared = policy.prepare(loaded.model, cfg.quant, cfg.analysis, significance, run_dir)
+            cache_s = time.perf_counter() - t
+    t = time.perf_counter()
+    result = quantize(loaded.model, tokens, known, cfg.quant, cfg.calib, cfg.model.name, significance=significance,
+                      errors=policy.quantize_errors(prepared) if policy is not None else None)
+    timings["quantize_s"] = time.perf_counter() - t
+    check_weights_finite(loaded.model, "after quantization", "raise quant.damp (e.g. quant.damp=0.1) "
+                         "or try quant.method=rtn on this model")
+    if result.plan is not None:
+        result.plan.save(run_dir / "plan.json")
+    if analysis is not None:
+        # the paper's overhead: analysis as a share of the offline stage (analysis + quantization);
+        # with a cache hit, the share uses the seconds the cached captures took when computed
+        offline = analysis["capture_s"] + timings["quantize_s"]
+        analysis["share_of_offline"] = round(analysis["capture_s"] / offline, 4) if offline else None
+        write_dynamo_figures(cfg.analysis, run_dir, significance, result.plan)
+    switcher = None
+    if policy is not None:
+        switcher = policy.build(loaded.model, result.plan, significance, prepared, cfg.quant, cfg.analysis)
+    calibration = None
+    if result.stats is not None:
+        calibration = report_coverage(result.stats, list(cfg.calib.datasets or known), run_dir)
+    return QuantStage(calibration=calibration, quantization=result.summary, analysis=analysis, switcher=switcher,
+                      cache_s=cache_s, timings=timings, codes=result.codes)
 
 
-def run_analysis(loaded, cfg: DictConfig, run_dir: Path, timings: dict):
-    """DynaMo Step 1 on the FP16 model; the significance artifact lands in the run folder."""
+def run_analysis(loaded, tokens: RunTokens, cfg: DictConfig, run_dir: Path):
+    """DynaMo Step 1 on the FP16 model; the significance artifact lands in the run folder.
+    Returns (Significance, the record's "analysis" block, seconds)."""
     from .analysis import analysis_datasets, analyze
 
     t = time.perf_counter()
-    significance, report = analyze(loaded.model, loaded.tokenizer, sources_of(cfg.dataset),
-                                   analysis_datasets(cfg.analysis, known_datasets(cfg.dataset)), cfg.analysis,
-                                   model_path=cfg.model.path, revision=cfg.model.revision, seed=cfg.seed)
-    timings["analysis_s"] = time.perf_counter() - t
+    significance, report = analyze(loaded.model, tokens, analysis_datasets(cfg.analysis, known_datasets(cfg.dataset)),
+                                   cfg.analysis, model_path=cfg.model.path, revision=cfg.model.revision, seed=cfg.seed)
+    seconds = time.perf_counter() - t
     significance.save(run_dir / "significance")
-    return significance, {**report, **significance.summary(), "artifact": "significance.safetensors"}
+    return significance, {**report, **significance.summary(), "artifact": "significance.safetensors"}, seconds
 
 
-def write_dynamo_figures(cfg: DictConfig, run_dir: Path, significance, plan) -> None:
-    if not cfg.analysis.figures:
+def write_dynamo_figures(analysis: AnalysisConfig, run_dir: Path, significance, plan) -> None:
+    if not analysis.figures:
         return
     from .analysis.figures import write_figures
 

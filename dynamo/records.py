@@ -18,12 +18,16 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from safetensors.torch import save_file
 
 from .config import REPO_ROOT
+from .finite import check_finite
+
+if TYPE_CHECKING:
+    from .result import RunResult
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
@@ -43,7 +47,7 @@ UNHASHED_KEYS = ("logger", "results_dir", "hf_home", "tag", "force")
 UNHASHED_NESTED = {"analysis": ("cache", "cache_dir", "figures")}
 # Keys added after records existed: left out of the hash while at their default, so a config that
 # does not use them keeps the hash of the records written before they existed.
-NEW_KEY_DEFAULTS = {"quant": {"export": "none", "export_dataset": None}}
+NEW_KEY_DEFAULTS = {"quant": {"export": "none", "export_dataset": None}, "model": {"bos_windows": False}}
 NEW_TOP_KEY_DEFAULTS = {"plugins": []}  # the same, at the top level
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "lm_eval", "hydra-core", "omegaconf",
             "accelerate", "safetensors", "numpy", "wandb", "bitsandbytes", "triton")
@@ -126,26 +130,79 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
-def make_record(*, run_id: str, config: dict, overrides: list[str], device: torch.device, model_info: dict,
-                metrics: dict, protocol: dict, timings: dict) -> dict:
-    return {
+def provenance(device: torch.device) -> dict:
+    """Where and when a run was computed: RunResult's created_at, device, git and versions."""
+    return {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_info(device),
+            "git": git_state(), "versions": package_versions()}
+
+
+def record_of(result: RunResult) -> dict:
+    """The one serialisation of a RunResult into result.json (schema: results/README.md)."""
+    config, evaluation = result.config, result.evaluation
+    metrics = {"ppl": evaluation.run.ppl}
+    if result.fp16 is not None:
+        metrics["ppl_fp16"] = result.fp16.ppl
+    if evaluation.bq is not None:
+        metrics["ppl_bq"] = evaluation.bq.ppl
+        metrics.update(evaluation.bq.fidelity_metrics("_bq"))
+    metrics.update(evaluation.run.fidelity_metrics())
+    if evaluation.stream is not None:
+        metrics["stream"] = evaluation.stream
+    if result.avg_bits is not None:
+        metrics["avg_bits"] = result.avg_bits
+    protocol = {"ppl": evaluation.run.protocol}
+    if result.lm_eval is not None:
+        metrics["lm_eval"] = result.lm_eval.result.metrics
+        protocol["lm_eval"] = result.lm_eval.protocol
+    record = {
         "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_id": result.run_id,
+        "created_at": result.created_at,
         "config_hash": config_hash(config),
-        "model": model_info,
+        "model": result.model,
         "quant": config["quant"],
         "dataset": {"name": config["dataset"]["name"], "known": config["dataset"]["known"]},
         "seed": config["seed"],
-        "device": device_info(device),
-        "git": git_state(),
-        "versions": package_versions(),
+        "device": result.device,
+        "git": result.git,
+        "versions": result.versions,
         "metrics": metrics,
         "protocol": protocol,
-        "timings": timings,
-        "overrides": overrides,
+        "timings": result.timings,
+        "overrides": result.overrides,
         "config": config,
     }
+    optional = {"calibration": result.calibration, "analysis": result.analysis,
+                "switching": evaluation.switching.to_dict() if evaluation.switching is not None else None,
+                "quantization": result.quantization, "export": result.export}
+    record.update({key: value for key, value in optional.items() if value is not None})
+    return record
+
+
+def sample_files(result: RunResult) -> dict[str, dict]:
+    """The files beside result.json that paired comparisons resample: {file name: payload}."""
+    evaluation = result.evaluation
+    passes = {"ppl": evaluation.run, "ppl_fp16": result.fp16, "ppl_bq": evaluation.bq}
+    files = {WINDOW_FILES[key]: p.window_nll for key, p in passes.items() if p is not None}
+    for key, p in (("kl", evaluation.run), ("kl_bq", evaluation.bq)):
+        if p is not None and p.window_kl is not None:
+            files[WINDOW_FILES[key]] = p.window_kl
+    if result.lm_eval is not None and result.lm_eval.result.per_question:
+        files[MC_CORRECT_FILE] = result.lm_eval.result.per_question  # paired accuracy intervals (dynamo.stats)
+    return files
+
+
+def write_run(result: RunResult, run_dir: Path, hint: str) -> dict:
+    """Check every number, then write the sample files and, last, result.json; returns the record.
+    `hint` says what to do when a number is NaN or infinite (then nothing is written)."""
+    record, files = record_of(result), sample_files(result)
+    check_finite(record, "the run's record", hint)
+    check_finite({k: v for k, v in files.items() if k.startswith("window_nll")}, "the per-window losses", hint)
+    check_finite({k: v for k, v in files.items() if k.startswith("window_kl")}, "the per-window KL", hint)
+    for name, payload in files.items():
+        write_json_atomic(Path(run_dir) / name, payload)
+    write_json_atomic(Path(run_dir) / RESULT_FILE, record)
+    return record
 
 
 def _refuse_constant(name: str):

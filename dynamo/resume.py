@@ -43,7 +43,7 @@ def reusable_record(cfg: DictConfig) -> Path | None:
     """The record this run would reproduce, or None when it must run (force=true, or none yet)."""
     if cfg.force or OmegaConf.missing_keys(cfg):
         return None  # incomplete configs have no record: the pipeline refuses them with its own message
-    # the same hash the pipeline stores in the record it writes (records.make_record)
+    # the same hash the pipeline stores in the record it writes (records.record_of)
     return find_record(cfg.results_dir, config_hash(to_container(cfg)))
 
 

@@ -36,6 +36,7 @@ from dynamo.adapters import moe_layers  # noqa: E402
 from dynamo.analysis import Significance  # noqa: E402
 from dynamo.calibration import capture  # noqa: E402
 from dynamo.calibration.stage import calibration_windows  # noqa: E402
+from dynamo.tokens import RunTokens  # noqa: E402
 from dynamo.config import AllocationConfig, AnalysisConfig, SourceConfig  # noqa: E402
 from dynamo.data import load_documents  # noqa: E402
 from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
@@ -95,7 +96,8 @@ def main() -> None:
 
     # offline: significance, cache and BQ, all from the FP16 model
     layers = list(moe_layers(fp16_model))
-    known_windows = calibration_windows(tokenizer, sources, KNOWN, analysis)
+    tokens = RunTokens(tokenizer, sources)
+    known_windows = calibration_windows(tokens, KNOWN, analysis)
     captures, analysis_s = timed(lambda: {n: capture(fp16_model, w, batch_size=analysis.batch_size, hessians=False)
                                           for n, w in known_windows.items()})
     sig = Significance.from_captures(captures, layers, "act_l2", "row")
@@ -111,7 +113,7 @@ def main() -> None:
     allocate(plan, layers, allocation, significance=sig)
     cache, cache_s = timed(lambda: ChannelCache.build(fp16_model, sig, args.frac, widths=list(allocation.widths),
                                                       group_size=128, sym=False))
-    novel = calibration_windows(tokenizer, sources, NOVEL, switch_cfg)
+    novel = calibration_windows(tokens, NOVEL, switch_cfg)
     ppl_windows = {d: test_windows(tokenizer, sources[d], args.seqlen, args.ppl_windows)
                    for d in NOVEL} if args.ppl_windows else {}
     ppl = lambda model, d: token_perplexity(model, ppl_windows[d], batch_size=8).ppl  # noqa: E731

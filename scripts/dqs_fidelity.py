@@ -46,6 +46,7 @@ from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corp
 from dynamo.models import load_model  # noqa: E402
 from dynamo.pipeline import run_analysis  # noqa: E402
 from dynamo.quant.stage import quantize  # noqa: E402
+from dynamo.tokens import RunTokens, bos_id_for  # noqa: E402
 from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
 from dynamo.switching.policies import AdaptivePolicy, PaperPolicy  # noqa: E402
 
@@ -132,15 +133,15 @@ def main() -> None:
     with ReferenceLogprobs() as reference, tempfile.TemporaryDirectory() as tmp:
         fp16 = {(d, split): evaluate(model, windows[d][split], reference, f"{d}/{split}", record=True)
                 for d in users for split in ("calib", "test")}
-        timings = {}
-        significance, _ = run_analysis(loaded, cfg, Path(tmp), timings)
-        master = AdaptivePolicy.prepare(model, cfg, significance, Path(tmp))
-        cache = PaperPolicy.prepare(model, cfg, significance, Path(tmp))
-        result = quantize(model, tokenizer, sources_of(cfg.dataset), list(cfg.dataset.known), cfg.quant, cfg.calib,
+        tokens = RunTokens(tokenizer, sources_of(cfg.dataset), bos_id_for(cfg.model, tokenizer))
+        significance, _, _ = run_analysis(loaded, tokens, cfg, Path(tmp))
+        master = AdaptivePolicy.prepare(model, cfg.quant, cfg.analysis, significance, Path(tmp))
+        cache = PaperPolicy.prepare(model, cfg.quant, cfg.analysis, significance, Path(tmp))
+        result = quantize(model, tokens, list(cfg.dataset.known), cfg.quant, cfg.calib,
                           cfg.model.name, significance=significance, errors=cache.rtn_error)
         bq_digest = model_digest(model)
-        paper = PaperPolicy.build(model, result.plan, significance, cache, cfg)
-        adaptive = AdaptivePolicy.build(model, result.plan, significance, master, cfg)
+        paper = PaperPolicy.build(model, result.plan, significance, cache, cfg.quant, cfg.analysis)
+        adaptive = AdaptivePolicy.build(model, result.plan, significance, master, cfg.quant, cfg.analysis)
 
         variants = {"paper": (paper, None)}
         variants.update({f"adaptive/{c}/{s}/{b}": (adaptive, (c, s, b)) for c, s, b in ADAPTIVE})

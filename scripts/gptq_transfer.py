@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 from dynamo.adapters import moe_layers  # noqa: E402
 from dynamo.calibration import capture  # noqa: E402
 from dynamo.calibration.stage import calibration_windows  # noqa: E402
+from dynamo.tokens import RunTokens  # noqa: E402
 from dynamo.config import CalibConfig, SourceConfig  # noqa: E402
 from dynamo.quant import QSpec, quantize_gptq, quantize_rtn  # noqa: E402
 from dynamo.records import write_json_atomic  # noqa: E402
@@ -56,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     sources = {name: SourceConfig(path=name) for name in KNOWN + NOVEL}
     calib = OmegaConf.structured(CalibConfig(windows=args.windows, seqlen=args.seqlen))
-    known = torch.cat(list(calibration_windows(tokenizer, sources, KNOWN, calib).values()))
+    tokens = RunTokens(tokenizer, sources)
+    known = torch.cat(list(calibration_windows(tokens, KNOWN, calib).values()))
     fit = capture(model, known)
     probe_cfg = OmegaConf.merge(calib, {"windows": args.eval_windows})
-    probes = {d: capture(model, w) for d, w in calibration_windows(tokenizer, sources, KNOWN + NOVEL,
-                                                                   probe_cfg).items()}
+    probes = {d: capture(model, w) for d, w in calibration_windows(tokens, KNOWN + NOVEL, probe_cfg).items()}
     spec = QSpec(args.bits)
     totals = {d: {"rtn": 0.0, "gptq": 0.0, "gptq_worse": 0, "matrices": 0} for d in probes}
     per_expert = []

@@ -48,6 +48,7 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     cfg = LoggerConfig(name="wandb", backend=LoggerBackend.wandb, mode=WandbMode.offline)
     (tmp_path / "plan.json").write_text('{"bits": {"0": [3, 4]}}')
     (tmp_path / "significance.safetensors").write_bytes(b"not really safetensors")
+    (tmp_path / "significance.json").write_text('{"datasets": ["code"]}')  # its metadata travels with it
     (tmp_path / "window_nll.json").write_text('{"code": [2.5, 2.6]}')
     location = publish(RECORD, cfg, tmp_path)
     assert location and str(tmp_path) in location
@@ -56,7 +57,7 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     assert b"metrics/ppl/code" in data and b"0123456789abcdef" in data and b"2026-01-01_00-00-00_m_fp16" in data
     # The run's files travel as one artifact, named after the run.
     assert b"run-2026-01-01_00-00-00_m_fp16" in data and b"dynamo-run" in data
-    for name in (b"plan.json", b"significance.safetensors", b"window_nll.json"):
+    for name in (b"plan.json", b"significance.safetensors", b"significance.json", b"window_nll.json"):
         assert name in data
     assert b"mc_correct.json" not in data  # absent files are not invented
 

@@ -11,6 +11,7 @@ from ..calibration import capture
 from ..calibration.stage import calibration_windows
 from ..config import AnalysisConfig
 from ..errors import UserError
+from ..tokens import RunTokens
 from . import cache
 from .significance import Significance, statistics_for
 
@@ -25,10 +26,10 @@ def analysis_datasets(cfg: AnalysisConfig, known: list[str]) -> list[str]:
     return names
 
 
-def analyze(model, tokenizer, sources: dict, names: list[str], cfg: AnalysisConfig, *, model_path: str,
+def analyze(model, tokens: RunTokens, names: list[str], cfg: AnalysisConfig, *, model_path: str,
             revision: str | None = None, seed: int = 0) -> tuple[Significance, dict]:
     """Significance of every dataset in `names`, and a report (cache hits, capture seconds)."""
-    windows = calibration_windows(tokenizer, sources, names, cfg, node="analysis")
+    windows = calibration_windows(tokens, names, cfg, node="analysis")
     layers = list(moe_layers(model))
     cache_dir = Path(cfg.cache_dir).expanduser()
     fingerprint = cache.model_fingerprint(model, model_path, revision)

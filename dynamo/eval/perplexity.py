@@ -4,6 +4,9 @@ Protocol: join a split's documents with the source's separator, tokenise once, c
 non-overlapping windows of `seqlen` tokens (the tail shorter than a window is dropped),
 and average the next-token loss over every predicted token (seqlen - 1 per window, no
 context carried across windows). This is not lm-eval's `word_perplexity`.
+A model trained with a BOS token at every window start (`model.bos_windows`) gets windows
+of BOS + seqlen - 1 stream tokens (dynamo/eval/windows.py): still seqlen - 1 predicted
+tokens per window, now every stream token of the window, and never BOS itself.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .windows import cut_windows
+from .windows import cut_windows, window_span
 
 
 @dataclass
@@ -44,12 +47,13 @@ def tokenize_corpus(tokenizer, documents: list[str], separator: str) -> torch.Te
 
 
 def make_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, name: str = "dataset",
-                 setting: str = "eval.seqlen") -> torch.Tensor:
-    """`setting` names the config key of `seqlen` in the message (calibration passes its own)."""
-    if ids.numel() < seqlen:
+                 setting: str = "eval.seqlen", bos_id: int | None = None) -> torch.Tensor:
+    """`setting` names the config key of `seqlen` in the message (calibration passes its own);
+    with `bos_id`, each window is BOS + seqlen - 1 tokens of `ids`."""
+    if ids.numel() < window_span(seqlen, bos_id):
         raise UserError(f"{name}: {ids.numel()} tokens is less than one window of {setting}={seqlen}; "
                         f"lower {setting} or add text")
-    return cut_windows(ids, seqlen, max_windows)
+    return cut_windows(ids, seqlen, max_windows, bos_id)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

@@ -10,11 +10,16 @@ from __future__ import annotations
 import torch
 
 
+def window_span(seqlen: int, bos_id: int | None = None) -> int:
+    """Tokens of the stream one window holds: seqlen, or seqlen - 1 after its BOS."""
+    return seqlen - (bos_id is not None)
+
+
 def cut_windows(ids: torch.Tensor | list[int], seqlen: int, max_windows: int | None = None,
                 bos_id: int | None = None) -> torch.Tensor:
     """[n, seqlen] non-overlapping windows; the tail shorter than a window is dropped."""
     ids = torch.as_tensor(ids, dtype=torch.long)
-    span = seqlen - (bos_id is not None)
+    span = window_span(seqlen, bos_id)
     n = ids.numel() // span
     if max_windows is not None:
         n = min(n, max_windows)

@@ -1,7 +1,8 @@
 """Quantized models for other tools: quant.export=packed|dequantized|gptqmodel at the end of a run.
 
 One registry (`EXPORTERS`) maps each format to its check, run before any work so a run that
-cannot export fails in seconds, and its writer, run after every evaluation. README: "Using the
+cannot export fails in seconds, and its writer, run after every evaluation. Both get the config
+nodes they read (quant, model, and analysis for the check), not the whole config. README: "Using the
 quantized model elsewhere".
 """
 
@@ -11,17 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import DictConfig
-
-from ..config import ExportFormat
+from ..config import AnalysisConfig, ExportFormat, ModelConfig, QuantConfig
 from ..errors import UserError
 from . import dequantized, gptqmodel, packed
 
 
 @dataclass(frozen=True)
 class Exporter:
-    check: Callable[[DictConfig, object], None]            # (cfg, model) -> raises UserError
-    write: Callable[[object, object, DictConfig, Path], dict]  # (loaded, stage, cfg, run_dir) -> record["export"]
+    check: Callable[[QuantConfig, ModelConfig, AnalysisConfig, object], None]  # (..., model) -> raises UserError
+    write: Callable[[object, object, QuantConfig, ModelConfig, Path], dict]    # (loaded, stage, ..., run_dir)
+                                                                               #   -> record["export"]
 
 
 EXPORTERS: dict[ExportFormat, Exporter] = {
@@ -31,9 +31,10 @@ EXPORTERS: dict[ExportFormat, Exporter] = {
 }
 
 
-def check_export(cfg: DictConfig, model, sources: dict) -> None:
-    """Refuse an export this run cannot write; `sources` are the dataset's (any may be switched to)."""
-    quant = cfg.quant
+def check_export(quant: QuantConfig, model_cfg: ModelConfig, analysis: AnalysisConfig, model, sources: dict,
+                 suite: str) -> None:
+    """Refuse an export this run cannot write; `sources` are those of the dataset suite `suite` (any
+    may be switched to)."""
     if quant.export_packed:
         raise UserError("quant.export_packed was replaced by quant.export=packed (also: dequantized, gptqmodel); "
                         "re-run with quant.export=packed")
@@ -46,11 +47,11 @@ def check_export(cfg: DictConfig, model, sources: dict) -> None:
             raise UserError("quant.export_dataset switches the model with DQS before exporting: use a DynaMo quant "
                             "with switching (e.g. quant=dynamo_3bit)")
         if quant.export_dataset not in sources:
-            raise UserError(f"quant.export_dataset={quant.export_dataset} is not a dataset of '{cfg.dataset.name}' "
+            raise UserError(f"quant.export_dataset={quant.export_dataset} is not a dataset of '{suite}' "
                             f"(available: {sorted(sources)})")
     if quant.export != ExportFormat.none:
-        EXPORTERS[quant.export].check(cfg, model)
+        EXPORTERS[quant.export].check(quant, model_cfg, analysis, model)
 
 
-def write_export(loaded, stage, cfg: DictConfig, run_dir: Path) -> dict:
-    return EXPORTERS[cfg.quant.export].write(loaded, stage, cfg, run_dir)
+def write_export(loaded, stage, quant: QuantConfig, model_cfg: ModelConfig, run_dir: Path) -> dict:
+    return EXPORTERS[quant.export].write(loaded, stage, quant, model_cfg, run_dir)

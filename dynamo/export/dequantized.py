@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig
-
+from ..config import AnalysisConfig, ModelConfig, QuantConfig
 from ..errors import UserError
 from ..records import git_state
 from ..registry import QUANTIZERS
@@ -24,25 +23,25 @@ EXPORT_DIR = "dequantized_model"
 NOTE_KEY = "dynamo_export"
 
 
-def check(cfg: DictConfig, model) -> None:
-    if not QUANTIZERS.get(cfg.quant.method).plan:
+def check(quant: QuantConfig, model_cfg: ModelConfig, analysis: AnalysisConfig, model) -> None:
+    if not QUANTIZERS.get(quant.method).plan:
         raise UserError(f"quant.export=dequantized writes the fake-quantized weights of an rtn or gptq run, not "
-                        f"quant.method={cfg.quant.method}")
+                        f"quant.method={quant.method}")
 
 
-def note(cfg: DictConfig, stage, dtype: str) -> dict:
+def note(quant: QuantConfig, model_cfg: ModelConfig, stage, dtype: str) -> dict:
     bits = stage.quantization["bits"]
     return {"format": "dequantized", "harness": "DynaMo harness (arXiv 2503.21135)",
-            "source_model": cfg.model.path, "quant": cfg.quant.name, "method": cfg.quant.method,
+            "source_model": model_cfg.path, "quant": quant.name, "method": quant.method,
             "avg_bits_experts": bits["experts"], "avg_bits_experts_codes_only": bits["experts_codes_only"],
-            "switched_to": cfg.quant.export_dataset, "dtype": dtype,
+            "switched_to": quant.export_dataset, "dtype": dtype,
             "memory": f"no saving: every weight is stored at {dtype}", "git_commit": git_state()["commit"]}
 
 
-def write(loaded, stage, cfg: DictConfig, run_dir: Path) -> dict:
+def write(loaded, stage, quant: QuantConfig, model_cfg: ModelConfig, run_dir: Path) -> dict:
     model = loaded.model
     dtype = str(loaded.dtype).removeprefix("torch.")
-    info = note(cfg, stage, dtype)
+    info = note(quant, model_cfg, stage, dtype)
     if getattr(model.config, "quantization_config", None) is not None:
         raise UserError("quant.export=dequantized: the model carries a quantization_config; nothing to dequantize")
     target = run_dir / EXPORT_DIR

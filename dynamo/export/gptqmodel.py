@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from ..adapters import moe_layers
+from ..config import AnalysisConfig, ModelConfig, QuantConfig
 from ..errors import UserError
 from ..quant.export import GPTQMODEL_BITS, to_gptqmodel_dynamic
 from ..quant.plan import QuantPlan
@@ -33,20 +32,20 @@ def configured_widths(quant) -> set[int]:
     return widths
 
 
-def check(cfg: DictConfig, model) -> None:
-    if not QUANTIZERS.get(cfg.quant.method).plan:
+def check(quant: QuantConfig, model_cfg: ModelConfig, analysis: AnalysisConfig, model) -> None:
+    if not QUANTIZERS.get(quant.method).plan:
         raise UserError(f"quant.export=gptqmodel describes a plan of per-expert widths, not quant.method="
-                        f"{cfg.quant.method}")
+                        f"{quant.method}")
     if any(layer.adapter.storage != "module_list" for layer in moe_layers(model)):
-        raise UserError(f"quant.export=gptqmodel: {cfg.model.name} keeps its experts fused in 3-D parameters "
+        raise UserError(f"quant.export=gptqmodel: {model_cfg.name} keeps its experts fused in 3-D parameters "
                         f"(transformers 5), which GPTQModel's per-module rules cannot address; {ALTERNATIVE}")
-    odd = sorted(w for w in configured_widths(cfg.quant) if w not in (*GPTQMODEL_BITS, 16))
-    if odd and cfg.quant.plan is None:
+    odd = sorted(w for w in configured_widths(quant) if w not in (*GPTQMODEL_BITS, 16))
+    if odd and quant.plan is None:
         raise UserError(f"quant.export=gptqmodel: this allocation can choose {odd}-bit experts, which GPTQModel "
                         f"cannot pack (it packs {list(GPTQMODEL_BITS)}); {ALTERNATIVE}, or drop those widths")
 
 
-def write(loaded, stage, cfg: DictConfig, run_dir: Path) -> dict:
+def write(loaded, stage, quant: QuantConfig, model_cfg: ModelConfig, run_dir: Path) -> dict:
     plan = QuantPlan.load(run_dir / "plan.json")
     try:
         config = to_gptqmodel_dynamic(plan, loaded.model)

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from ..adapters import moe_layers
-from ..config import ChannelUnit
+from ..config import AnalysisConfig, ChannelUnit, ModelConfig, QuantConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .files import atomic_dir, nbytes
@@ -43,23 +41,24 @@ For a checkpoint that lm-eval, vLLM or a notebook loads without the harness, exp
 """
 
 
-def check(cfg: DictConfig, model) -> None:
-    if not QUANTIZERS.get(cfg.quant.method).plan:
+def check(quant: QuantConfig, model_cfg: ModelConfig, analysis: AnalysisConfig, model) -> None:
+    if not QUANTIZERS.get(quant.method).plan:
         raise UserError(f"quant.export=packed needs integer codes (quant.method rtn or gptq), not "
-                        f"quant.method={cfg.quant.method}")
+                        f"quant.method={quant.method}")
     if any(layer.adapter.storage != "fused_3d" for layer in moe_layers(model)):
-        raise UserError(f"quant.export=packed saves fused-expert (transformers-5) models; {cfg.model.name} keeps its "
+        raise UserError(f"quant.export=packed saves fused-expert (transformers-5) models; {model_cfg.name} keeps its "
                         f"experts in a ModuleList (use quant.export=dequantized or gptqmodel, or run "
                         f"dynamo.packed.model.packed_forward on it)")
-    if cfg.quant.switching.enabled and cfg.analysis.channel_unit != ChannelUnit.row:
+    if quant.switching.enabled and analysis.channel_unit != ChannelUnit.row:
         raise UserError("quant.export=packed keeps the DQS cache as output rows: use analysis.channel_unit=row")
 
 
-def write(loaded, stage, cfg: DictConfig, run_dir: Path) -> dict:
+def write(loaded, stage, quant: QuantConfig, model_cfg: ModelConfig, run_dir: Path) -> dict:
     """Pack, attach and save; returns what the record keeps under "export"."""
     from ..packed.model import attach_packed, pack_experts
 
-    if stage.codes is None:
+    codes = stage.take_codes()  # the stage lets go of them: packed below, their memory goes back
+    if codes is None:
         raise UserError("quant.export=packed: the quantizer kept no codes")
     model = loaded.model
     cache = None
@@ -68,8 +67,8 @@ def write(loaded, stage, cfg: DictConfig, run_dir: Path) -> dict:
         # the paper policy's channel cache travels as packed channel rows; the adaptive policy's slots
         # (chosen per dataset at run time, rows and columns) have no packed layout yet: BQ alone is exported
         cache = getattr(stage.switcher, "cache", None)
-    attach_packed(model, pack_experts(model, stage.codes, cache))
-    stage.codes = None  # packed now; the codes' memory goes back
+    attach_packed(model, pack_experts(model, codes, cache))
+    del codes
     target = run_dir / EXPORT_DIR
     save_packed(model, loaded.tokenizer, target)
     dqs = ("paper channel rows" if cache is not None else

@@ -13,6 +13,7 @@ from ..calibration.stage import all_calibration_windows
 from ..config import CalibConfig, ExportFormat, QuantConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS, Quantizer, register_quantizer
+from ..tokens import RunTokens
 from .allocation import allocate, rule_of
 from .apply import GPTQOptions, QuantReport, apply_plan, quantize_sequential
 from .bits import bit_accounting
@@ -80,7 +81,7 @@ def bnb(model, cfg: QuantConfig) -> dict:
     return {"method": "bnb", "format": cfg.bnb_format, **apply_bnb(model, cfg.bnb_format)}
 
 
-def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig, calib: CalibConfig,
+def quantize(model, tokens: RunTokens, known: list[str], cfg: QuantConfig, calib: CalibConfig,
              model_name: str, significance=None, errors: dict | None = None) -> QuantResult:
     """`significance` (dynamo.analysis.Significance) is required by rules that need it (fcm, budget);
     `errors` is an error-table rule's per-layer table when something (the DQS cache) measured it."""
@@ -94,7 +95,7 @@ def quantize(model, tokenizer, sources: dict, known: list[str], cfg: QuantConfig
     rule = rule_of(cfg.allocation)
     routing = rule.needs == "routing" and not cfg.plan
     needs_data = quantizer.calibration or routing
-    windows = all_calibration_windows(tokenizer, sources, known, calib) if needs_data else None
+    windows = all_calibration_windows(tokens, known, calib) if needs_data else None
     if not cfg.plan:
         counts = None
         if routing:  # routing frequency from a statistics-light pass

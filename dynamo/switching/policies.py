@@ -1,8 +1,8 @@
 """The DQS policies (`quant.switching.policy`), registered in dynamo.registry.SWITCH_POLICIES.
 
-A policy has two steps: `prepare` runs on the FP16 model before it is quantized (what a switch
-will restore from: the paper's channel cache, or our FP16 master copy) and `build` makes the
-switcher once BQ is in the model. A switcher offers `switch_to(windows)` (a report with
+A policy has two steps, each given the config nodes it reads (quant, analysis): `prepare` runs on
+the FP16 model before it is quantized (what a switch will restore from: the paper's channel cache,
+or our FP16 master copy) and `build` makes the switcher once BQ is in the model. A switcher offers `switch_to(windows)` (a report with
 `to_dict()`, `experts_changed`, `total_s`, `profile_s`, `exact_bits`), `restore_bq()` and
 `summary()` (the record's `switching` block).
 """
@@ -21,7 +21,7 @@ class AdaptivePolicy:
     name = "adaptive"
 
     @staticmethod
-    def prepare(model, cfg, significance, run_dir: Path):
+    def prepare(model, quant, analysis, significance, run_dir: Path):
         from .adaptive import ExpertMaster
 
         return ExpertMaster(model)
@@ -31,12 +31,12 @@ class AdaptivePolicy:
         return None
 
     @staticmethod
-    def build(model, plan, significance, prepared, cfg):
+    def build(model, plan, significance, prepared, quant, analysis):
         from .adaptive import AdaptiveSwitcher
 
-        sw = cfg.quant.switching
+        sw = quant.switching
         return AdaptiveSwitcher(model, plan, prepared, budget_frac=sw.budget_frac, candidates=sw.candidates.value,
-                                scoring=sw.scoring.value, slot_bits=sw.slot_bits, batch_size=cfg.analysis.batch_size)
+                                scoring=sw.scoring.value, slot_bits=sw.slot_bits, batch_size=analysis.batch_size)
 
 
 @register_policy("paper")
@@ -47,13 +47,13 @@ class PaperPolicy:
     name = "paper"
 
     @staticmethod
-    def prepare(model, cfg, significance, run_dir: Path):
+    def prepare(model, quant, analysis, significance, run_dir: Path):
         from .cache import ChannelCache
 
-        alloc = cfg.quant.allocation
-        cache = ChannelCache.build(model, significance, cfg.analysis.dynamic_channel_frac,
+        alloc = quant.allocation
+        cache = ChannelCache.build(model, significance, analysis.dynamic_channel_frac,
                                    widths=list(alloc.widths) if ALLOCATIONS.get(alloc.method).error_table else [],
-                                   group_size=cfg.quant.group_size, sym=cfg.quant.sym)
+                                   group_size=quant.group_size, sym=quant.sym)
         cache.save(run_dir / "channel_cache")
         return cache
 
@@ -62,9 +62,9 @@ class PaperPolicy:
         return prepared.rtn_error  # the budget allocation's error table, measured once by the cache
 
     @staticmethod
-    def build(model, plan, significance, prepared, cfg):
+    def build(model, plan, significance, prepared, quant, analysis):
         from .switch import DynamicSwitcher
 
-        sw = cfg.quant.switching
-        return DynamicSwitcher(model, plan, significance, prepared, cfg.quant.allocation,
-                               channel_mode=sw.channel_mode.value, mix=sw.mix, batch_size=cfg.analysis.batch_size)
+        sw = quant.switching
+        return DynamicSwitcher(model, plan, significance, prepared, quant.allocation,
+                               channel_mode=sw.channel_mode.value, mix=sw.mix, batch_size=analysis.batch_size)

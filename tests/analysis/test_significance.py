@@ -125,27 +125,29 @@ def test_analysis_reuses_its_cache(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dynamo.config import REPO_ROOT
+    from dynamo.tokens import RunTokens
 
     path = REPO_ROOT / "assets" / "models" / "tiny-olmoe"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     sources = {name: SourceConfig(path=name) for name in ("code", "chat")}
+    tokens = RunTokens(tokenizer, sources)
     cfg = OmegaConf.merge(OmegaConf.structured(AnalysisConfig),
                           {"windows": 2, "seqlen": 64, "cache_dir": str(tmp_path / "cache")})
-    first, report1 = analyze(model, tokenizer, sources, ["code", "chat"], cfg, model_path=str(path))
-    second, report2 = analyze(model, tokenizer, sources, ["code", "chat"], cfg, model_path=str(path))
+    first, report1 = analyze(model, tokens, ["code", "chat"], cfg, model_path=str(path))
+    second, report2 = analyze(model, tokens, ["code", "chat"], cfg, model_path=str(path))
     assert [r["cache"] for r in report1["captures"].values()] == ["miss", "miss"]
     assert [r["cache"] for r in report2["captures"].values()] == ["hit", "hit"]
     for d in first.datasets:
         for i in first.layers:
             torch.testing.assert_close(first.expert(d)[i], second.expert(d)[i])
     # a different sample is a different key, and a changed model is a different key
-    _, report3 = analyze(model, tokenizer, sources, ["code"], OmegaConf.merge(cfg, {"windows": 3}),
+    _, report3 = analyze(model, tokens, ["code"], OmegaConf.merge(cfg, {"windows": 3}),
                          model_path=str(path))
     assert report3["captures"]["code"]["cache"] == "miss"
     with torch.no_grad():
         next(iter(moe_layers(model))).router.weight.mul_(1.01)
-    _, report4 = analyze(model, tokenizer, sources, ["code"], cfg, model_path=str(path))
+    _, report4 = analyze(model, tokens, ["code"], cfg, model_path=str(path))
     assert report4["captures"]["code"]["cache"] == "miss"
 
 

@@ -28,6 +28,11 @@ def compose_run(*overrides):
         return compose(config_name="config", overrides=["experiment=smoke", *overrides])
 
 
+def check(cfg, model) -> None:
+    """check_export with the nodes the pipeline passes it."""
+    check_export(cfg.quant, cfg.model, cfg.analysis, model, SOURCES, cfg.dataset.name)
+
+
 def test_every_export_format_has_an_exporter():
     from dynamo.config import ExportFormat
 
@@ -45,20 +50,20 @@ def test_every_export_format_has_an_exporter():
 ])
 def test_exports_a_run_cannot_write_are_refused_before_any_work(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        check_export(compose_run(*overrides), build("olmoe"), SOURCES)
+        check(compose_run(*overrides), build("olmoe"))
 
 
 def test_gptqmodel_export_where_the_format_can_say_it(tmp_path):
     """ModuleList experts (the DeepSeek layout), widths GPTQModel packs: the quantize config is written."""
     model = build("deepseek")
-    check_export(compose_run("quant=gptq_3bit", "quant.export=gptqmodel"), model, SOURCES)
+    check(compose_run("quant=gptq_3bit", "quant.export=gptqmodel"), model)
     with pytest.raises(UserError, match=r"can choose \[6\]-bit experts.*quant.export=dequantized"):
-        check_export(compose_run("quant.export=gptqmodel"), model, SOURCES)  # dynamo_3bit may pick 6 bits
+        check(compose_run("quant.export=gptqmodel"), model)  # dynamo_3bit may pick 6 bits
 
     cfg = compose_run("quant=gptq_3bit", "quant.export=gptqmodel")
     plan = QuantPlan(method="gptq", default=QSpec(3), shared_default=16)
     plan.save(tmp_path / "plan.json")
-    export = write_export(SimpleNamespace(model=model), None, cfg, tmp_path)
+    export = write_export(SimpleNamespace(model=model), None, cfg.quant, cfg.model, tmp_path)
     written = json.loads((tmp_path / EXPORT_FILE).read_text())
     assert export["path"] == EXPORT_FILE and written["bits"] == 3 and written["quant_method"] == "gptq"
     assert any(rule.startswith("-:") for rule in written["dynamic"])  # shared experts and attention stay 16-bit
@@ -66,7 +71,7 @@ def test_gptqmodel_export_where_the_format_can_say_it(tmp_path):
     plan.set_expert_bits(next(iter(moe_layers(model))).index, 0, 6)  # a plan file could still ask for 6 bits
     plan.save(tmp_path / "plan.json")
     with pytest.raises(UserError, match="GPTQModel packs only.*quant.export=dequantized"):
-        write_export(SimpleNamespace(model=model), None, cfg, tmp_path)
+        write_export(SimpleNamespace(model=model), None, cfg.quant, cfg.model, tmp_path)
 
 
 def test_the_export_keys_at_their_defaults_keep_old_hashes():
