@@ -32,7 +32,8 @@ def test_calibration_overhead_benchmark(tmp_path):
     run_script("bench_calibration.py", "--windows", "4", "--rounds", "1", "--out", str(out))
     report = json.loads(out.read_text())
     assert report["hessians"] is True and len(report["capture_s"]) == len(report["plain_forward_s"]) == 1
-    assert report["ratio_of_medians"] == pytest.approx(report["capture_s"][0] / report["plain_forward_s"][0], abs=2e-3)
+    # the recorded seconds are rounded to 1 ms; the ratio was taken before rounding
+    assert report["ratio_of_medians"] == pytest.approx(report["capture_s"][0] / report["plain_forward_s"][0], rel=0.02)
     # with Hessians, the statistics hold at least one fp32 [in, in] matrix per expert and projection input
     config = json.loads((REPO / "assets" / "models" / "tiny-olmoe" / "config.json").read_text())
     hidden, inter = config["hidden_size"], config["intermediate_size"]
