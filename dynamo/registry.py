@@ -73,6 +73,13 @@ class Registry:
     def get(self, name) -> Any:
         return self._entries[self.check(name)]
 
+    def decorator(self, name: str, make: Callable[[Any], Any] = lambda obj: obj) -> Callable:
+        """A decorator registering make(obj) under `name` (ranked by obj's module) and returning obj."""
+        def add(obj):
+            self.register(name, make(obj), obj.__module__)
+            return obj
+        return add
+
 
 # --- significance metrics (spec Step 1) ----------------------------------------------------------
 
@@ -91,10 +98,7 @@ METRICS = Registry("analysis.channel_metric", ["dynamo.analysis.metrics"])
 
 
 def register_metric(name: str, statistic: str | None = None):
-    def add(fn):
-        METRICS.register(name, Metric(name, fn, statistic), fn.__module__)
-        return fn
-    return add
+    return METRICS.decorator(name, lambda fn: Metric(name, fn, statistic))
 
 
 @dataclass(frozen=True)
@@ -110,10 +114,7 @@ STATISTICS = Registry("channel statistic", ["dynamo.analysis.metrics"])
 
 
 def register_statistic(name: str, weighted: bool = False):
-    def add(transform):
-        STATISTICS.register(name, Statistic(name, transform, weighted), transform.__module__)
-        return transform
-    return add
+    return STATISTICS.decorator(name, lambda transform: Statistic(name, transform, weighted))
 
 
 # --- allocation rules (spec Step 2 and the baselines) --------------------------------------------
@@ -149,12 +150,8 @@ def register_allocation(name: str, needs: str = "nothing", error_table: bool = F
                         records: tuple[str, ...] = (), check: Callable | None = None, offers: Callable | None = None):
     if needs not in NEEDS:
         raise ValueError(f"allocation rule '{name}': needs must be one of {', '.join(NEEDS)}, got '{needs}'")
-
-    def add(fn):
-        ALLOCATIONS.register(name, AllocationRule(name, fn, needs, error_table, shared_high, tuple(records), check,
-                                                          offers), fn.__module__)
-        return fn
-    return add
+    return ALLOCATIONS.decorator(name, lambda fn: AllocationRule(name, fn, needs, error_table, shared_high,
+                                                                 tuple(records), check, offers))
 
 
 # --- quantizers ----------------------------------------------------------------------------------
@@ -173,10 +170,7 @@ QUANTIZERS = Registry("quant.method", ["dynamo.quant.stage"])
 
 
 def register_quantizer(name: str, plan: bool = False, calibration: bool = False):
-    def add(fn):
-        QUANTIZERS.register(name, Quantizer(name, fn, plan, calibration), fn.__module__)
-        return fn
-    return add
+    return QUANTIZERS.decorator(name, lambda fn: Quantizer(name, fn, plan, calibration))
 
 
 # --- DQS switching policies ----------------------------------------------------------------------
@@ -186,10 +180,7 @@ SWITCH_POLICIES = Registry("quant.switching.policy", ["dynamo.switching.policies
 
 def register_policy(name: str):
     """A class with prepare / quantize_errors / build (dynamo/switching/policies.py)."""
-    def add(cls):
-        SWITCH_POLICIES.register(name, cls)
-        return cls
-    return add
+    return SWITCH_POLICIES.decorator(name)
 
 
 # --- eval tasks we write ourselves (lm-eval's own tasks are lm-eval's registry) -------------------
@@ -198,13 +189,10 @@ EVAL_TASKS = Registry("eval.lm_eval.tasks", ["dynamo.eval.harness"])
 
 
 def register_eval_task(name: str):
-    """fn(documents: {dataset: test documents}, math_documents, workdir: Path, seed) -> lm-eval task
-    names it wrote under workdir (YAML + JSONL). A name in eval.lm_eval.tasks that is not here is an
-    lm-eval task, looked up by lm-eval's TaskManager."""
-    def add(fn):
-        EVAL_TASKS.register(name, fn)
-        return fn
-    return add
+    """fn(documents: {dataset: evaluated documents}, workdir: Path) -> lm-eval task names it wrote
+    under workdir (YAML + JSONL). A name in eval.lm_eval.tasks that is not here is an lm-eval task,
+    looked up by lm-eval's TaskManager."""
+    return EVAL_TASKS.decorator(name)
 
 
 # --- plugins and the config check ----------------------------------------------------------------
