@@ -57,6 +57,9 @@ class ModelConfig:
     dtype: str = "auto"                     # auto | float32 | float16 | bfloat16
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
     device_map: Optional[str] = None        # e.g. "auto" to spread a large model (accelerate)
+    # Decoder layers stay in CPU memory and visit model.device one at a time (dynamo/offload.py): GPU memory
+    # of about one layer, for models larger than the GPU; slower (each forward moves every layer)
+    offload: bool = False
     trust_remote_code: bool = False         # only ever true when a config says so
     attn_implementation: Optional[str] = None
     max_length: Optional[int] = None        # context length; default: the model config's

@@ -69,7 +69,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype, device)
     common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     kwargs = dict(dtype=dtype, **common)
-    if cfg.device_map and device.type == "cuda":
+    if cfg.device_map and device.type == "cuda" and not cfg.offload:  # offload places the layers itself
         kwargs["device_map"] = cfg.device_map
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -92,7 +92,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
                             "model.trust_remote_code=true (and pin model.revision)") from None
         raise UserError(f"could not load model {cfg.path}: {first}. Offline, use an embedded model "
                         "(model=tiny-olmoe) or model=local model.path=<dir>") from None
-    if "device_map" not in kwargs:
+    if cfg.offload:
+        from .offload import offload_layers
+
+        state = offload_layers(model, device)
+        log.info("model.offload: %.2f GiB of decoder layers stay on the CPU, one at a time on %s",
+                 sum(p.numel() * p.element_size() for b in state.blocks for p in b.parameters()) / 2**30, device)
+    elif "device_map" not in kwargs:
         model.to(device)
     model.eval()
     max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", None)

@@ -28,6 +28,7 @@ from .export import check_export, write_export
 from .finite import check_weights_finite
 from .loggers import publish
 from .models import is_packed, load_model
+from .offload import offload_of
 from .records import provenance, write_json_atomic, write_run
 from .registry import EVAL_TASKS, SWITCH_POLICIES
 from .result import Evaluation, LmEval, PerplexityPass, RunResult, Switching
@@ -178,6 +179,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
                   "model_type": getattr(model.config, "model_type", None),
                   "params": sum(p.numel() for p in model.parameters()), "dtype": str(loaded.dtype).removeprefix("torch."),
                   "max_length": loaded.max_length}
+    if offload_of(model) is not None:
+        model_info["offload"] = offload_of(model).report()
+    if loaded.device.type == "cuda":  # what a user sizes a GPU by (scripts/dryrun.py reads it)
+        model_info["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(loaded.device)
     export = None
     if cfg.quant.export != ExportFormat.none:
         t = time.perf_counter()

@@ -47,7 +47,7 @@ UNHASHED_KEYS = ("logger", "results_dir", "hf_home", "tag", "force")
 UNHASHED_NESTED = {"analysis": ("cache", "cache_dir", "figures")}
 # Keys added after records existed: left out of the hash while at their default, so a config that
 # does not use them keeps the hash of the records written before they existed.
-NEW_KEY_DEFAULTS = {"quant": {"export": "none", "export_dataset": None}, "model": {"bos_windows": False}}
+NEW_KEY_DEFAULTS = {"quant": {"export": "none", "export_dataset": None}, "model": {"bos_windows": False, "offload": False}}
 NEW_TOP_KEY_DEFAULTS = {"plugins": []}  # the same, at the top level
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "lm_eval", "hydra-core", "omegaconf",
             "accelerate", "safetensors", "numpy", "wandb", "bitsandbytes", "triton")

@@ -86,6 +86,10 @@ def main() -> None:
     p.add_argument("--moe-layers", type=int, default=2, help="MoE layers kept (after any dense prefix)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32",
                    help="CPU has no fast bf16 matmul: float32 by default (memory accounting stays at bf16)")
+    p.add_argument("--device", default="cpu", help="model.device of the pipeline runs (cuda: the record gains the "
+                   "peak GPU memory)")
+    p.add_argument("--offload", action="store_true", help="model.offload=true: decoder layers on the CPU, one at a "
+                   "time on --device (dynamo/offload.py); the JSON records what was resident")
     p.add_argument("--work", type=Path, default=Path("/tmp/dynamo-dryrun"))
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -112,12 +116,12 @@ def main() -> None:
     del model
 
     py = [sys.executable, "run.py", "model=local", f"model.path={work / 'model'}", f"model.name={args.model}",
-          f"model.dtype={args.dtype}", "model.device=cpu"]
+          f"model.dtype={args.dtype}", f"model.device={args.device}", f"model.offload={str(args.offload).lower()}"]
     runs = {"pipeline": timed([*py, "experiment=dryrun", f"hydra.run.dir={work / 'run'}"], work / "run.log")}
     record = json.loads((work / "run" / "result.json").read_text())
     packed = work / "run" / "packed_model"
     runs["reload_packed"] = timed([sys.executable, "run.py", "model=local", f"model.path={packed}",
-                                   f"model.name={args.model}-packed", f"model.dtype={args.dtype}", "model.device=cpu",
+                                   f"model.name={args.model}-packed", f"model.dtype={args.dtype}", f"model.device={args.device}",
                                    "quant=fp16", *EVAL, f"hydra.run.dir={work / 'reload'}"], work / "reload.log")
     reload = json.loads((work / "reload" / "result.json").read_text())
 
@@ -158,11 +162,14 @@ def main() -> None:
         "benchmark": "dryrun", "model": args.model, "source": json.loads(
             (REPO / "assets" / "configs" / f"{args.model}.json").read_text())["_source"],
         "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python scripts/dryrun.py --model {args.model} "
-                   f"--moe-layers {args.moe_layers} --dtype {args.dtype}",
+                   f"--moe-layers {args.moe_layers} --dtype {args.dtype} --device {args.device}"
+                   + (" --offload" if args.offload else ""),
         "truncated": {"layers": layers, "moe_layers": n_dry, "vocab_size": values["vocab_size"], "shrunk": None,
                       "dtype": args.dtype, "build_s": round(build_s, 2), **dry_params},
         "full": {"layers": values["num_hidden_layers"], "moe_layers": n_full, **full_params},
         "runs": runs,
+        "offload": record["model"].get("offload"),  # bytes resident on the execution device, transfers
+        "peak_gpu_memory_bytes": record["model"].get("peak_gpu_memory_bytes"),
         "pipeline": {"timings": tm, "ppl_fp16": record["metrics"]["ppl_fp16"], "ppl_bq": record["metrics"]["ppl_bq"],
                      "ppl_dqs": record["metrics"]["ppl"], "avg_bits": record["metrics"]["avg_bits"],
                      "gptq_matrices": gptq_matrices_dry, "rtn_fallback": len(record["quantization"]["rtn_fallback"]),
@@ -177,7 +184,10 @@ def main() -> None:
                           "packed_routed_gib": round(routed_per_layer / GIB, 3)},
         "accounting_check": {"predicted_sequential_gib": round(mem_dry.sequential() / GIB, 2),
                              "measured_peak_rss_gib": runs["pipeline"]["peak_rss_gib"],
-                             "note": "CPU RSS also holds the interpreter, torch, the tokenizer and fp32 temporaries"},
+                             "note": "CPU RSS also holds the interpreter, torch, the tokenizer and fp32 temporaries",
+                             **({"offload_resident_layer_bytes": {
+                                 "measured": record["model"]["offload"]["peak_resident_layer_bytes"],
+                                 "predicted": mem_dry.one_layer_weights}} if args.offload else {})},
         "extrapolation": {
             "gpu_memory": mem_full.to_dict(),
             "packed_checkpoint_gib": round(disk_full / GIB, 2), "bf16_checkpoint_gib": round(full_params["bytes"] / GIB, 2),

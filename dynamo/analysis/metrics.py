@@ -30,8 +30,10 @@ def act_abs(layer: MoELayer, stats, unit: str) -> torch.Tensor:
 @register_metric("wanda")
 def wanda(layer: MoELayer, stats, unit: str) -> torch.Tensor:
     """sum_j |W_cj| * ||x_j|| for every expert (Wanda's score, summed over row c): [n_experts, channels]."""
-    norms_in = stats.channels["input"]["sq"].sqrt()     # [E, H]: ||x_j|| over routed tokens
-    norms_mid = stats.channels["neuron"]["sq"].sqrt()   # [E, I]: ||h_j||, the down projection's input
+    # statistics accumulate where the forward ran; the weights may be elsewhere (model.offload keeps them on the CPU)
+    device = layer.weight(0, "gate").device
+    norms_in = stats.channels["input"]["sq"].sqrt().to(device)     # [E, H]: ||x_j|| over routed tokens
+    norms_mid = stats.channels["neuron"]["sq"].sqrt().to(device)   # [E, I]: ||h_j||, the down projection's input
     rows = []
     for e in range(layer.n_experts):
         weights = {p: layer.weight(e, p).abs().float() for p in ("gate", "up", "down")}

@@ -9,7 +9,8 @@ Two modes:
 - `capture_sequential(model, windows, on_layer)`: decoder layer by decoder layer, each
   fed the previous layer's outputs *after* `on_layer` ran (GPTQ's sequential order: a
   quantizer in `on_layer` sees inputs produced by already-quantized layers). Only one
-  layer's activations are alive at a time, so layers can be offloaded between steps.
+  layer's activations are alive at a time, and under model.offload only one layer's weights
+  are on the GPU (dynamo/offload.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from ..adapters import MoELayer, expert_compute, moe_layers
 from ..adapters.base import adapter_for, get_path
 from ..errors import UserError
+from ..offload import resident, statistics_device
 from .stats import CalibrationStats, ExpertGroupStats, LayerStats
 
 log = logging.getLogger(__name__)
@@ -167,7 +169,7 @@ def capture(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, hes
     layers = list(moe_layers(model))
     device = model.get_input_embeddings().weight.device
     for layer in layers:
-        state.new_layer(layer, layer.router.weight.device)
+        state.new_layer(layer, statistics_device(model, layer.router))
 
     def run_all() -> None:
         hooks = [layer.shared_expert.register_forward_hook(state.shared_hook(layer))
@@ -249,26 +251,27 @@ def capture_sequential(model: nn.Module, windows: torch.Tensor,
                 for h in hooks:
                     h.remove()
 
-        if layer is not None:
-            state.new_layer(layer, layer.router.weight.device)
-        run_layer(keep=True)
-        if layer is not None:
-            ra, fb = _apply_policy(state, [layer], min_tokens, policy, lambda: run_layer(keep=False))
-            all_route_all += ra
-            all_fallback += fb
-        changed = on_layer(index, state.stats.get(index)) if on_layer else False
-        if layer is not None and not keep_hessians:
-            for group in (state.stats[index].routed, state.stats[index].shared):
-                if group is not None:
-                    group.hessian_in = group.hessian_mid = None
-        if changed:
-            outputs.clear()
-            if layer is not None:  # the re-run must not add to the statistics handed out
-                saved = state.stats[index]
-                state.new_layer(layer, layer.router.weight.device)
+        with resident(model, block):  # model.offload: the layer stays on the GPU for its whole step
+            if layer is not None:
+                state.new_layer(layer, statistics_device(model, layer.router))
             run_layer(keep=True)
             if layer is not None:
-                state.stats[index] = saved
+                ra, fb = _apply_policy(state, [layer], min_tokens, policy, lambda: run_layer(keep=False))
+                all_route_all += ra
+                all_fallback += fb
+            changed = on_layer(index, state.stats.get(index)) if on_layer else False
+            if layer is not None and not keep_hessians:
+                for group in (state.stats[index].routed, state.stats[index].shared):
+                    if group is not None:
+                        group.hessian_in = group.hessian_mid = None
+            if changed:
+                outputs.clear()
+                if layer is not None:  # the re-run must not add to the statistics handed out
+                    saved = state.stats[index]
+                    state.new_layer(layer, statistics_device(model, layer.router))
+                run_layer(keep=True)
+                if layer is not None:
+                    state.stats[index] = saved
         inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
     return CalibrationStats(layers=state.stats, windows=len(windows), seqlen=windows.shape[1],
                             hessian_weighting=hessian_weighting, route_all=all_route_all, rtn_fallback=all_fallback,

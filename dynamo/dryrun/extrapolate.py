@@ -61,6 +61,7 @@ class MemoryModel:
 
     weights: int            # the whole model at its dtype
     one_layer_weights: int  # the largest decoder layer (offloaded path)
+    outside_weights: int    # embeddings, final norm, LM head: on the GPU under offload too
     layer_stats: int        # one MoE layer's statistics (Hessians in fp32)
     moe_layers: int
     activations: int        # calibration windows' hidden states in and out of one layer
@@ -74,7 +75,8 @@ class MemoryModel:
         return self.weights + self.moe_layers * self.layer_stats + self.activations + self.gptq_work + self.dqs_cache
 
     def offloaded(self) -> int:
-        return self.one_layer_weights + self.layer_stats + self.activations + self.gptq_work + self.dqs_cache
+        """model.offload (dynamo/offload.py): the layers and the DQS cache (built from them) stay on the CPU."""
+        return self.outside_weights + self.one_layer_weights + self.layer_stats + self.activations + self.gptq_work
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items()}
@@ -88,6 +90,8 @@ def memory_model(model, *, calib_tokens: int, hidden: int, dqs_cache: int, bytes
     n_moe = len(list(moe_layers(model)))
     return MemoryModel(weights=sum(p.numel() for p in model.parameters()) * bytes_per_param,
                        one_layer_weights=layer_weight_nbytes(model, bytes_per_param),
+                       outside_weights=sum(p.numel() for p in model.parameters()) * bytes_per_param
+                       - sum(p.numel() for p in model.model.layers.parameters()) * bytes_per_param,
                        layer_stats=layer_stats_nbytes(model)["total"], moe_layers=n_moe,
                        activations=2 * calib_tokens * hidden * bytes_per_param,
                        gptq_work=gptq_work_nbytes(model), dqs_cache=dqs_cache)

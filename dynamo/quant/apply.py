@@ -19,6 +19,7 @@ from torch import nn
 from ..adapters import SHARED, MoELayer, moe_layers
 from ..calibration import CalibrationStats, LayerStats, capture_sequential
 from ..errors import UserError
+from ..offload import HOME, offload_of
 from .gptq import quantize_gptq
 from .plan import QuantPlan
 from .rtn import QuantizedWeight, quantize_rtn
@@ -107,11 +108,15 @@ def quantize_sequential(model: nn.Module, plan: QuantPlan, windows: torch.Tensor
         options.rtn_below_tokens = max(options.rtn_below_tokens, min_tokens)
     layers = {layer.index: layer for layer in _check_plan(model, plan)}
     report = QuantReport()
+    offloaded = offload_of(model) is not None
 
     def on_layer(index: int, layer_stats: LayerStats | None) -> bool:
         if index not in layers:
             return False
         quantize_layer(layers[index], plan, layer_stats, report, options, set(), keep_codes)
+        if keep_codes and offloaded:  # every layer's codes would otherwise pile up on the GPU
+            for key in [k for k in report.codes if k[0] == index]:
+                report.codes[key] = report.codes[key].to(HOME)
         return True
 
     stats = capture_sequential(model, windows, on_layer, batch_size=batch_size, hessians=True,

@@ -7,7 +7,7 @@ Symmetric: s = max|w| / (2^(b-1) - 1), z = 2^(b-1). Dequantized: w_hat = s * (q 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +25,10 @@ class QuantizedWeight:
     zeros: torch.Tensor    # [rows, groups] float32 (integer values)
     spec: QSpec
     g_idx: torch.Tensor | None = None  # [cols] group of each column when act-order permuted them
+
+    def to(self, device: torch.device) -> QuantizedWeight:
+        return replace(self, codes=self.codes.to(device), scales=self.scales.to(device), zeros=self.zeros.to(device),
+                       g_idx=None if self.g_idx is None else self.g_idx.to(device))
 
     def dequantize(self) -> torch.Tensor:
         cols = self.codes.shape[1]
