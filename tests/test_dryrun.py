@@ -2,7 +2,8 @@
 
 The CI tier runs one Qwen1.5-MoE-A2.7B decoder layer at its real width (60 experts of 2048 x 1408,
 the 5632-wide shared expert with its sigmoid gate) in bf16, as a GPU run would, with two short
-windows. The whole dry runs (scripts/dryrun.py) are minutes each: they run only with
+windows, and the DeepSeek-MoE dry run's remote-code path (scripts/dryrun.py --shrink: toy widths,
+the real layout). The whole dry runs are minutes each: they run only with
 
     DYNAMO_REALSHAPE=1 OMP_NUM_THREADS=2 python -m pytest -q -m realshape tests/test_dryrun.py
 """
