@@ -10,6 +10,7 @@ the real layout). The whole dry runs are minutes each: they run only with
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -68,6 +69,13 @@ def test_deepseek_moe_standin_loads_as_remote_code_only_when_trusted(tmp_path):
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "deepseek_standin.DeepseekStandInForCausalLM"
     assert (tmp_path / "deepseek_standin.py").is_file()  # the code travels with the weights, as on the hub
+    # transformers imports that copy on its own, outside this package: torch and transformers only
+    tree = ast.parse((tmp_path / "deepseek_standin.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] if node.level == 0 else "<relative import>" for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "typing", "torch", "transformers"}, imported
 
     cfg = ModelConfig(name="deepseek-moe", path=str(tmp_path), dtype="float32", device="cpu")
     with pytest.raises(UserError, match="ships its own modelling code"):
