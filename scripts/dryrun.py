@@ -2,6 +2,7 @@
 through the whole pipeline; measurements and an extrapolation to the full model.
 
     OMP_NUM_THREADS=2 python scripts/dryrun.py --model qwen-moe [--moe-layers 2]
+    python scripts/dryrun.py --model deepseek-moe --shrink    # seconds: the same path at toy widths
 
 Steps (each run.py call is a fresh process, timed by /usr/bin/time for its peak RSS):
   1. build the truncated model (assets/configs/<model>.json; dynamo/dryrun/build.py), bf16, real
@@ -11,9 +12,15 @@ Steps (each run.py call is a fresh process, timed by /usr/bin/time for its peak 
   3. `run.py model=local model.path=<packed_model> quant=fp16` in a fresh process: reload and evaluate;
   4. GPTQ's per-matrix seconds at the real shapes, and this CPU's matmul throughput;
   5. extrapolation (dynamo/dryrun/extrapolate.py) -> results/benchmarks/dryrun_<model>.json.
-DeepSeek-MoE (remote code, no transformers class) cannot be saved and reloaded by run.py: its
-stand-in (dynamo/dryrun/deepseek_standin.py) is built and checked by tests/test_dryrun.py, but
-its pipeline dry run is not implemented yet (the script refuses it).
+DeepSeek-MoE has no transformers class: its stand-in (dynamo/dryrun/deepseek_standin.py) is saved
+the way the hub checkpoint ships, as remote code (the module beside the weights, `auto_map` in
+config.json), and run.py loads it with model.trust_remote_code=true, as conf/model/deepseek-moe.yaml
+does. Its experts are a ModuleList, which the packed export refuses: step 2 runs once with the
+export to record that one-line refusal (before any work), then with quant.export=none; step 3 is
+skipped ("reload": null), and the packed checkpoint's disk comes from the plan's bits per routed
+weight (the accounting the export checks itself against) instead of a measured checkpoint.
+`--shrink` runs any model at toy widths (dynamo/dryrun/build.py SHRINK) to check this path in
+seconds; its JSON is not a measurement of the model (it goes under --work, not results/).
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from dynamo.adapters import moe_layers  # noqa: E402
 from dynamo.dryrun import build_model, load_real_config, param_bytes  # noqa: E402
-from dynamo.dryrun.build import dense_prefix  # noqa: E402
-from dynamo.dryrun.extrapolate import GIB, matmul_gflops, memory_model  # noqa: E402
+from dynamo.dryrun.build import REMOTE_CODE, dense_prefix, shrink_overrides  # noqa: E402
+from dynamo.dryrun.extrapolate import GIB, dqs_device_nbytes, matmul_gflops, memory_model  # noqa: E402
 from dynamo.quant import QSpec, quantize_gptq  # noqa: E402
 from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
 
@@ -65,6 +72,17 @@ def timed(cmd: list[str], log: Path) -> dict:
     return {"wall_s": round(wall, 2), "peak_rss_gib": round(int(stats.read_text().split()[-1]) * 1024 / GIB, 3)}
 
 
+def refusal(cmd: list[str], log: Path) -> str:
+    """Run cmd, which must stop with run.py's bad-input exit (2) and one `error:` line; that line."""
+    with log.open("w") as out:
+        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+    if rc != 2 or len(errors) != 1:
+        sys.exit(f"error: expected the packed export to refuse ModuleList experts (exit 2, one error line), got "
+                 f"exit {rc}; see {log}. If the export now supports them, drop the remote-code special case here")
+    return errors[0]
+
+
 def gptq_seconds(model, bits: int = 4) -> dict:
     """Median-free single timing of GPTQ on one routed expert's matrices at the real shapes."""
     layer = next(iter(moe_layers(model)))
@@ -92,55 +110,81 @@ def main() -> None:
                    "time on --device (dynamo/offload.py); the JSON records what was resident")
     p.add_argument("--work", type=Path, default=Path("/tmp/dynamo-dryrun"))
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--shrink", action="store_true",
+                   help="toy widths (dynamo/dryrun/build.py SHRINK), same layout: checks the path in seconds; the "
+                        "JSON (default under --work) is not a measurement of the model")
     args = p.parse_args()
-    out_path = args.out or REPO / "results" / "benchmarks" / f"dryrun_{args.model}.json"
     values = load_real_config(args.model)
+    shrink = shrink_overrides(values) if args.shrink else None
+    dry_values = {**values, **(shrink or {})}
+    out_path = args.out or (args.work / f"dryrun_{args.model}-shrunk.json" if shrink else
+                            REPO / "results" / "benchmarks" / f"dryrun_{args.model}.json")
     layers = dense_prefix(values) + args.moe_layers
-    if values["model_type"] == "deepseek":
-        sys.exit("error: --model deepseek-moe: the pipeline dry run of the remote-code stand-in is not implemented "
-                 "yet (run.py cannot load it); its config and shapes are checked by tests/test_dryrun.py")
+    remote = values["model_type"] in REMOTE_CODE  # the stand-in: remote code, ModuleList experts
     work = args.work / args.model
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 
     t = time.perf_counter()
     dtype = getattr(torch, args.dtype)
-    model = build_model(args.model, layers, dtype=dtype)
+    model = build_model(args.model, layers, overrides=shrink, dtype=dtype)
     build_s = time.perf_counter() - t
     dry_params = param_bytes(model)
     gptq = gptq_seconds(model)
     from transformers import AutoTokenizer
 
-    model.save_pretrained(work / "model")
+    if remote:
+        from dynamo.dryrun.deepseek_standin import save_remote_code
+
+        save_remote_code(model, work / "model")
+    else:
+        model.save_pretrained(work / "model")
     AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(work / "model")
     del model
 
     py = [sys.executable, "run.py", "model=local", f"model.path={work / 'model'}", f"model.name={args.model}",
-          f"model.dtype={args.dtype}", f"model.device={args.device}", f"model.offload={str(args.offload).lower()}"]
-    runs = {"pipeline": timed([*py, "experiment=dryrun", f"hydra.run.dir={work / 'run'}"], work / "run.log")}
+          f"model.dtype={args.dtype}", f"model.device={args.device}", f"model.offload={str(args.offload).lower()}",
+          *(["model.trust_remote_code=true"] if remote else []), "experiment=dryrun"]
+    refused = None
+    if remote:  # the export refuses before any work (dynamo/export/packed.py check): record it, run without
+        refused = refusal([*py, f"hydra.run.dir={work / 'refused'}"], work / "refused.log")
+        py.append("quant.export=none")
+    runs = {"pipeline": timed([*py, f"hydra.run.dir={work / 'run'}"], work / "run.log")}
     record = json.loads((work / "run" / "result.json").read_text())
-    packed = work / "run" / "packed_model"
-    runs["reload_packed"] = timed([sys.executable, "run.py", "model=local", f"model.path={packed}",
-                                   f"model.name={args.model}-packed", f"model.dtype={args.dtype}", f"model.device={args.device}",
-                                   "quant=fp16", *EVAL, f"hydra.run.dir={work / 'reload'}"], work / "reload.log")
-    reload = json.loads((work / "reload" / "result.json").read_text())
+    reload = None
+    if not remote:
+        packed = work / "run" / "packed_model"
+        runs["reload_packed"] = timed([sys.executable, "run.py", "model=local", f"model.path={packed}",
+                                       f"model.name={args.model}-packed", f"model.dtype={args.dtype}",
+                                       f"model.device={args.device}", "quant=fp16", *EVAL,
+                                       f"hydra.run.dir={work / 'reload'}"], work / "reload.log")
+        reload = json.loads((work / "reload" / "result.json").read_text())
 
     full = build_model(args.model, None, device="meta")
     full_params = param_bytes(full)
-    meta_dry = build_model(args.model, layers, device="meta")
+    meta_dry = build_model(args.model, layers, overrides=shrink, device="meta")
     hidden = values["hidden_size"]
     n_dry, n_full = len(list(moe_layers(meta_dry))), len(list(moe_layers(full)))
     sw = record["switching"]
-    dqs_dry = sw["cache"]["nbytes"] + sw["bq_copy_nbytes"]
-    mem_dry = memory_model(meta_dry, calib_tokens=DRY_TOKENS["calib"], hidden=hidden, dqs_cache=dqs_dry,
-                           bytes_per_param=dtype.itemsize)
+    dqs_dry = dqs_device_nbytes(sw)
+    mem_dry = memory_model(meta_dry, calib_tokens=DRY_TOKENS["calib"], hidden=dry_values["hidden_size"],
+                           dqs_cache=dqs_dry, bytes_per_param=dtype.itemsize)
     mem_full = memory_model(full, calib_tokens=FULL_TOKENS["calib"], hidden=hidden,
                             dqs_cache=round(dqs_dry * n_full / n_dry))
 
-    # disk: everything but the routed experts at bf16, the routed experts as packed per layer
-    ckpt = record["export"]["checkpoint_nbytes"]
-    width = dtype.itemsize  # the checkpoint keeps non-routed weights at the run's dtype; the full model's at bf16
-    routed_per_layer = (ckpt - width * (dry_params["params"] - dry_params["routed_expert_params"])) / n_dry
+    # disk: everything but the routed experts at bf16, the routed experts as packed per layer: measured
+    # in the exported checkpoint, or (no export: ModuleList experts) the plan's bits per routed weight
+    if "export" in record:
+        width = dtype.itemsize  # the checkpoint keeps non-routed weights at the run's dtype; the full model's at bf16
+        routed_dry = record["export"]["checkpoint_nbytes"] - width * (dry_params["params"]
+                                                                      - dry_params["routed_expert_params"])
+        disk_basis = "measured: the packed checkpoint's bytes less its non-routed weights"
+    else:
+        bits = record["quantization"]["bits"]
+        routed_dry = bits["experts"] * bits["expert_params"] / 8
+        disk_basis = (f"accounting: {bits['experts']:.3f} bits per routed weight (codes, scales, zeros; the plan's "
+                      "avg bits), no packed export of ModuleList experts")
+    routed_per_layer = routed_dry / n_dry
     disk_full = 2 * (full_params["params"] - full_params["routed_expert_params"]) + routed_per_layer * n_full
 
     # hours: capture-like stages scale with tokens and layers, GPTQ's solves with matrices
@@ -152,19 +196,28 @@ def main() -> None:
     per_layer = {"analysis_s": tm["analysis_s"] / n_dry,
                  "quantize_capture_s": (tm["quantize_s"] - solve_dry) / n_dry,
                  "gptq_solve_s_full_tokens": solve_layer,
-                 "dqs_cache_s": sw["cache_build_s"] / n_dry}
+                 "dqs_prepare_s": sw["prepare_s"] / n_dry}
     cpu_s = n_full * (per_layer["analysis_s"] * FULL_TOKENS["analysis"] / DRY_TOKENS["analysis"]
                       + per_layer["quantize_capture_s"] * FULL_TOKENS["calib"] / DRY_TOKENS["calib"]
-                      + solve_layer + per_layer["dqs_cache_s"])
+                      + solve_layer + per_layer["dqs_prepare_s"])
     gflops = matmul_gflops()
     ratio = {gpu: tf * 1e3 * GPU_EFFICIENCY / gflops for gpu, tf in GPU_FP32_TFLOPS.items()}
+    if reload is None:
+        reloaded = {"reload": None, "reload_skipped": "no packed checkpoint to reload: the packed export refuses "
+                                                      "ModuleList experts (pipeline.export.refused)"}
+    else:
+        ppl = reload["metrics"]["ppl"]
+        reloaded = {"reload": {"ppl": ppl, "timings": reload["timings"], "ppl_matches_bq": {
+            d: abs(ppl[d] / record["metrics"]["ppl_bq"][d] - 1) < 1e-2 for d in ppl}}}
     out = {
         "benchmark": "dryrun", "model": args.model, "source": json.loads(
             (REPO / "assets" / "configs" / f"{args.model}.json").read_text())["_source"],
         "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python scripts/dryrun.py --model {args.model} "
                    f"--moe-layers {args.moe_layers} --dtype {args.dtype} --device {args.device}"
-                   + (" --offload" if args.offload else ""),
-        "truncated": {"layers": layers, "moe_layers": n_dry, "vocab_size": values["vocab_size"], "shrunk": None,
+                   + (" --offload" if args.offload else "") + (" --shrink" if shrink else ""),
+        "truncated": {"layers": layers, "moe_layers": n_dry, "vocab_size": dry_values["vocab_size"],
+                      "shrunk": shrink and {"overrides": shrink, "note": "a path check at toy widths: the per-layer "
+                                            "measurements are not the model's, nor is the extrapolation"},
                       "dtype": args.dtype, "build_s": round(build_s, 2), **dry_params},
         "full": {"layers": values["num_hidden_layers"], "moe_layers": n_full, **full_params},
         "runs": runs,
@@ -173,10 +226,9 @@ def main() -> None:
         "pipeline": {"timings": tm, "ppl_fp16": record["metrics"]["ppl_fp16"], "ppl_bq": record["metrics"]["ppl_bq"],
                      "ppl_dqs": record["metrics"]["ppl"], "avg_bits": record["metrics"]["avg_bits"],
                      "gptq_matrices": gptq_matrices_dry, "rtn_fallback": len(record["quantization"]["rtn_fallback"]),
-                     "switches": sw["switches"], "export": record["export"]},
-        "reload": {"ppl": reload["metrics"]["ppl"], "timings": reload["timings"],
-                   "ppl_matches_bq": {d: abs(reload["metrics"]["ppl"][d] / record["metrics"]["ppl_bq"][d] - 1) < 1e-2
-                                      for d in reload["metrics"]["ppl"]}},
+                     "switches": sw["switches"], "export": record.get("export", {"format": "packed",
+                                                                                  "refused": refused})},
+        **reloaded,
         "per_moe_layer": {**{k: round(v, 3) for k, v in per_layer.items()},
                           "gptq_s_per_matrix": gptq,
                           "stats": mem_full.layer_stats, "stats_gib": round(mem_full.layer_stats / GIB, 3),
@@ -190,7 +242,8 @@ def main() -> None:
                                  "predicted": mem_dry.one_layer_weights}} if args.offload else {})},
         "extrapolation": {
             "gpu_memory": mem_full.to_dict(),
-            "packed_checkpoint_gib": round(disk_full / GIB, 2), "bf16_checkpoint_gib": round(full_params["bytes"] / GIB, 2),
+            "packed_checkpoint_gib": round(disk_full / GIB, 2), "packed_checkpoint_basis": disk_basis,
+            "bf16_checkpoint_gib": round(full_params["bytes"] / GIB, 2),
             "offline_cpu_hours": round(cpu_s / 3600, 2),
             "cpu_matmul_gflops": round(gflops, 1),
             "cpu_to_gpu_ratio": {g: round(r, 1) for g, r in ratio.items()},

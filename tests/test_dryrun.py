@@ -2,13 +2,15 @@
 
 The CI tier runs one Qwen1.5-MoE-A2.7B decoder layer at its real width (60 experts of 2048 x 1408,
 the 5632-wide shared expert with its sigmoid gate) in bf16, as a GPU run would, with two short
-windows. The whole dry runs (scripts/dryrun.py) are minutes each: they run only with
+windows, and the DeepSeek-MoE dry run's remote-code path (scripts/dryrun.py --shrink: toy widths,
+the real layout). The whole dry runs are minutes each: they run only with
 
     DYNAMO_REALSHAPE=1 OMP_NUM_THREADS=2 python -m pytest -q -m realshape tests/test_dryrun.py
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -19,7 +21,13 @@ import pytest
 import torch
 
 from dynamo.adapters import moe_layers
-from dynamo.dryrun import REAL_MODELS, build_model, param_bytes
+from dynamo.config import AnalysisConfig, ExportFormat, ModelConfig, QuantConfig
+from dynamo.dryrun import REAL_MODELS, build_model, load_real_config, param_bytes
+from dynamo.dryrun.build import shrink_overrides
+from dynamo.dryrun.deepseek_standin import save_remote_code
+from dynamo.errors import UserError
+from dynamo.export.packed import check as check_packed_export
+from dynamo.models import load_model
 from dynamo.quant import QSpec, QuantPlan, quantize_sequential
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +58,65 @@ def test_deepseek_moe_keeps_its_dense_first_layer():
     assert next(iter(moe_layers(model))).shared_expert.down_proj.weight.shape == (2048, 2 * 1408)
 
 
+def test_deepseek_moe_standin_loads_as_remote_code_only_when_trusted(tmp_path):
+    # toy widths, the real layout: dense first layer, 8 ModuleList experts, 2 shared
+    model = build_model("deepseek-moe", 3, overrides=shrink_overrides(load_real_config("deepseek-moe")),
+                        dtype=torch.float32)
+    save_remote_code(model, tmp_path)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(REPO / "assets" / "tokenizer").save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "deepseek_standin.DeepseekStandInForCausalLM"
+    assert (tmp_path / "deepseek_standin.py").is_file()  # the code travels with the weights, as on the hub
+    # transformers imports that copy on its own, outside this package: torch and transformers only
+    tree = ast.parse((tmp_path / "deepseek_standin.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] if node.level == 0 else "<relative import>" for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "typing", "torch", "transformers"}, imported
+
+    cfg = ModelConfig(name="deepseek-moe", path=str(tmp_path), dtype="float32", device="cpu")
+    with pytest.raises(UserError, match="ships its own modelling code"):
+        load_model(cfg)
+    cfg.trust_remote_code = True
+    loaded = load_model(cfg).model
+    assert type(loaded).__module__.startswith("transformers_modules")  # the copy beside the weights ran
+    ids = torch.randint(0, 8192, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert [(layer.index, layer.adapter.storage, layer.shared_expert is not None) for layer in moe_layers(loaded)] == \
+        [(1, "module_list", True), (2, "module_list", True)]
+    with pytest.raises(UserError, match="keeps its experts in a ModuleList"):  # the packed export still refuses
+        check_packed_export(QuantConfig(name="q", method="gptq", export=ExportFormat.packed), cfg, AnalysisConfig(),
+                            loaded)
+
+
+@pytest.mark.slow
+def test_deepseek_moe_dry_run_path_at_toy_widths(tmp_path):
+    """scripts/dryrun.py's remote-code path end to end: trust_remote_code load, BQ + DQS, the export's refusal."""
+    out = tmp_path / "dryrun.json"
+    proc = subprocess.run([sys.executable, "scripts/dryrun.py", "--model", "deepseek-moe", "--shrink", "--work",
+                           str(tmp_path), "--out", str(out)], cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["truncated"]["shrunk"]["overrides"]["hidden_size"] == 64
+    _check_remote_code_dry_run(result)
+
+
+def _check_remote_code_dry_run(result: dict) -> None:
+    """No packed export (refused, its one line kept), no reload, the disk from the plan's bits."""
+    assert result["pipeline"]["export"]["refused"].startswith("error: quant.export=packed saves fused-expert")
+    assert result["reload"] is None and "refuses ModuleList experts" in result["reload_skipped"]
+    assert set(result["runs"]) == {"pipeline"}
+    pipeline = result["pipeline"]
+    assert set(pipeline["ppl_dqs"]) == {"code", "docs"} and set(pipeline["switches"]) == {"code", "docs"}
+    assert pipeline["gptq_matrices"] > 0 and 4 < pipeline["avg_bits"]["experts"] < 5
+    extra = result["extrapolation"]
+    assert extra["packed_checkpoint_basis"].startswith("accounting")
+    assert 0 < extra["packed_checkpoint_gib"] < extra["bf16_checkpoint_gib"]
+
+
 def test_qwen_moe_layer_at_real_width_runs_sequential_gptq_in_bf16():
     # vocabulary shrunk to 512 (the embedding is not what this test is about; the dry run keeps it)
     model = build_model("qwen-moe", 1, vocab_size=512, dtype=torch.bfloat16)
@@ -78,11 +145,14 @@ def test_qwen_moe_layer_at_real_width_runs_sequential_gptq_in_bf16():
 
 @pytest.mark.realshape
 @pytest.mark.skipif(not os.environ.get("DYNAMO_REALSHAPE"), reason="minutes per model: DYNAMO_REALSHAPE=1")
-@pytest.mark.parametrize("name", ["olmoe", "qwen-moe", "deepseek-v2-lite", "qwen3-moe", "mixtral"])
+@pytest.mark.parametrize("name", REAL_MODELS)
 def test_dry_run_completes(name, tmp_path):
     out = tmp_path / f"dryrun_{name}.json"
     subprocess.run([sys.executable, "scripts/dryrun.py", "--model", name, "--work", str(tmp_path), "--out", str(out)],
                    cwd=REPO, check=True)
     result = json.loads(out.read_text())
-    assert all(result["reload"]["ppl_matches_bq"].values())
+    if load_real_config(name)["model_type"] == "deepseek":  # remote code, ModuleList experts: no packed export
+        _check_remote_code_dry_run(result)
+    else:
+        assert all(result["reload"]["ppl_matches_bq"].values())
     assert result["extrapolation"]["gpu_memory"]["sequential_nbytes"] < result["extrapolation"]["gpu_memory"]["one_pass_nbytes"]

@@ -20,6 +20,13 @@ from ..errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "assets" / "configs"
 REAL_MODELS = ("olmoe", "qwen-moe", "deepseek-v2-lite", "qwen3-moe", "deepseek-moe", "mixtral")
 REMOTE_CODE = {"deepseek"}  # model_types without a transformers class: the stand-in
+# A path check at toy widths (scripts/dryrun.py --shrink, tests): every width down, the layout kept
+# (dense prefix, shared experts, routing); a key a family's config lacks is left out.
+SHRINK = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+          "shared_expert_intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16,
+          "n_routed_experts": 8, "num_experts": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+          "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+          "vocab_size": 8192}  # the embedded tokenizer's size
 
 
 def load_real_config(name: str) -> dict:
@@ -38,8 +45,8 @@ def dense_prefix(values: dict) -> int:
 
 
 def hf_config(values: dict, layers: int | None = None, vocab_size: int | None = None):
-    from transformers import AutoConfig
-
+    """The model's config from the published values, truncated to `layers` (and `vocab_size`); the
+    remote-code families get the stand-in's config class."""
     values = dict(values)
     values.pop("architectures", None)
     model_type = values.pop("model_type")
@@ -47,24 +54,38 @@ def hf_config(values: dict, layers: int | None = None, vocab_size: int | None = 
         values["num_hidden_layers"] = layers
     if vocab_size is not None:
         values["vocab_size"] = vocab_size
+    if model_type in REMOTE_CODE:
+        from .deepseek_standin import DeepseekStandInConfig
+
+        return DeepseekStandInConfig(**values)
+    from transformers import AutoConfig
+
     return AutoConfig.for_model(model_type, **values)
 
 
+def shrink_overrides(values: dict) -> dict:
+    """SHRINK's values for the keys `values` (a published config) has."""
+    return {k: v for k, v in SHRINK.items() if k in values}
+
+
 def build_model(name: str, layers: int | None = None, *, vocab_size: int | None = None,
-                dtype: torch.dtype = torch.bfloat16, device: str = "cpu", seed: int = 0) -> nn.Module:
+                overrides: dict | None = None, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+                seed: int = 0) -> nn.Module:
     """`name`'s architecture with `layers` decoder layers (None: all), random weights.
-    `vocab_size` shrinks the embedding (tests only; a dry run keeps the real one)."""
-    values = load_real_config(name)
+    `vocab_size` shrinks the embedding (tests only; a dry run keeps the real one); `overrides`
+    replace published values (shrink_overrides: a toy-width path check, never a measurement)."""
+    values = {**load_real_config(name), **(overrides or {})}
     torch.manual_seed(seed)
+    config = hf_config(values, layers, vocab_size)
     with torch.device(device):
         if values["model_type"] in REMOTE_CODE:
-            from .deepseek_standin import DeepseekStandIn
+            from .deepseek_standin import DeepseekStandInForCausalLM
 
-            model = DeepseekStandIn(values, layers=layers, vocab_size=vocab_size, dtype=dtype)
+            model = DeepseekStandInForCausalLM._from_config(config, dtype=dtype)
         else:
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_config(hf_config(values, layers, vocab_size), dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 

@@ -86,6 +86,15 @@ class MemoryModel:
         return out
 
 
+def dqs_device_nbytes(switching: dict) -> int:
+    """The DQS bytes a run's record (`switching`) says stay on the model's device: the paper policy's
+    channel cache and the BQ copy for the way back; the adaptive policy's slot budget (its master
+    copy of the experts is kept on the host, `master_location`)."""
+    if switching["policy"] == "paper":
+        return switching["cache"]["nbytes"] + switching["bq_copy_nbytes"]
+    return switching["budget_nbytes"]
+
+
 def memory_model(model, *, calib_tokens: int, hidden: int, dqs_cache: int, bytes_per_param: int = 2) -> MemoryModel:
     n_moe = len(list(moe_layers(model)))
     return MemoryModel(weights=sum(p.numel() for p in model.parameters()) * bytes_per_param,
