@@ -44,15 +44,21 @@ def unigram_ppl(train_ids: torch.Tensor, test_windows: torch.Tensor, vocab: int)
     return math.exp(float(-probs[targets].log().mean()))
 
 
+def trained_with_bos(name: str) -> bool:
+    training = json.loads((REPO / "assets" / "models" / name / "training.json").read_text())
+    return bool(training["train"].get("bos_windows", False))
+
+
 def evaluate(name: str) -> dict:
     loaded = load_model(ModelConfig(name=name, path=str(REPO / "assets" / "models" / name)))
     model, tok = loaded.model, loaded.tokenizer
+    bos = tok.bos_token_id if trained_with_bos(name) else None  # evaluated as trained: BOS + 511 tokens
     source = {d: SourceConfig(kind=SourceKind.embedded, path=d) for d in DOMAINS}
     unigram_train = torch.cat([tokenize_corpus(tok, load_documents(source[d], "calib"), SEPARATOR) for d in KNOWN])
     rows, freqs = {}, {}
     for domain in DOMAINS:
         ids = tokenize_corpus(tok, load_documents(source[domain], "test"), SEPARATOR)
-        windows = make_windows(ids, SEQLEN, None, domain)
+        windows = make_windows(ids, SEQLEN, None, domain, bos_id=bos)
         result = token_perplexity(model, windows, batch_size=8)
         rows[domain] = {"role": "known" if domain in KNOWN else "novel", "token_ppl": round(result.ppl, 3),
                         "unigram_ppl": round(unigram_ppl(unigram_train, windows, len(tok)), 3),
@@ -62,7 +68,8 @@ def evaluate(name: str) -> dict:
     n_layers = next(iter(freqs.values())).shape[0]
     jsd = {f"{a}|{b}": [round(js_divergence(freqs[a][layer], freqs[b][layer]), 4) for layer in range(n_layers)]
            for a, b in itertools.combinations(DOMAINS, 2)}
-    return {"model": name, "seqlen": SEQLEN, "split": "test", "domains": rows, "routing_jsd_bits": jsd,
+    return {"model": name, "seqlen": SEQLEN, "split": "test", "bos_windows": bos is not None, "domains": rows,
+            "routing_jsd_bits": jsd,
             "expert_share": {d: [[round(x, 4) for x in layer.tolist()] for layer in f] for d, f in freqs.items()}}
 
 
@@ -71,6 +78,7 @@ def card(name: str, ev: dict, train: dict, config: dict) -> str:
                                    "num_experts", "num_experts_per_tok", "intermediate_size",
                                    "moe_intermediate_size", "shared_expert_intermediate_size",
                                    "max_position_embeddings", "vocab_size") if k in config}
+    tracked = all("sensitivity" in p for p in train["curve"])
     lines = [f"# {name}", "",
              f"A tiny `{train['architecture']}` trained from scratch by this project "
              "(`scripts/train_embedded.py`) so that the harness has a real MoE language model that runs "
@@ -81,19 +89,29 @@ def card(name: str, ev: dict, train: dict, config: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in arch.items()]
     lines += [f"| parameters | {train['params'] / 1e6:.2f} M |", "| weights on disk | float16 safetensors |", "",
               "## Training", "",
-              f"Seed {train['seed']}; one pass over {train['total_tokens'] / 1e6:.2f} M tokens in windows of "
-              f"{train['seqlen']}; AdamW, lr {train['train']['lr']} (cosine to {train['train']['min_lr']}, "
-              f"{train['train']['warmup_steps']} warm-up steps), batch {train['train']['batch_size']}, "
-              f"router load-balancing loss; {train['steps']} steps in {train['seconds'] / 60:.0f} min on "
-              f"{train['threads']} CPU thread(s), torch {train['torch']}.", "",
+              f"Seed {train['seed']}; {passes(train)} {train['total_tokens'] / 1e6:.2f} M tokens in windows of "
+              f"{train['seqlen']}{bos_note(train)}; AdamW, lr {train['train']['lr']} (cosine to "
+              f"{train['train']['min_lr']}, {train['train']['warmup_steps']} warm-up steps), batch "
+              f"{train['train']['batch_size']}{decay_note(train)}, router load-balancing loss; {train['steps']} steps "
+              f"in {train['seconds'] / 60:.0f} min on {train['threads']} CPU thread(s), torch {train['torch']}.", "",
               "Data mix (known domains, tokens): " + ", ".join(f"{d} {n / 1e6:.2f} M" for d, n in train["mix_tokens"].items())
               + ". Tokenizer: byte-level BPE, 8192 tokens, trained on the same domains.", "",
               "Training curve (held-out loss on the known domains' calib splits, nats/token):", "",
-              "| step | tokens | train loss | " + " | ".join(train["curve"][0]["held_out_loss"]) + " |",
-              "|---|---|---|" + "---|" * len(train["curve"][0]["held_out_loss"])]
+              "| step | tokens | train loss | " + " | ".join(train["curve"][0]["held_out_loss"]) + " |"
+              + (" RTN-3bit PPL increase | expert-input max/median RMS per layer |" if tracked else ""),
+              "|---|---|---|" + "---|" * (len(train["curve"][0]["held_out_loss"]) + 2 * tracked)]
     for p in train["curve"]:
-        lines.append(f"| {p['step']} | {p['tokens'] / 1e6:.2f} M | {p['train_loss']:.3f} | "
-                     + " | ".join(f"{v:.3f}" for v in p["held_out_loss"].values()) + " |")
+        row = (f"| {p['step']} | {p['tokens'] / 1e6:.2f} M | {p['train_loss']:.3f} | "
+               + " | ".join(f"{v:.3f}" for v in p["held_out_loss"].values()) + " |")
+        if tracked:
+            sens = p["sensitivity"]
+            row += (f" {sens['rtn3_ppl_increase']:+.2%} | "
+                    + ", ".join(f"{r:.1f}" for r in sens["max_over_median_rms"]) + " |")
+        lines.append(row)
+    if tracked:
+        lines += ["", "The last two columns are tracked during training (`Recipe.track_sensitivity`) on the held-out "
+                  "windows above: the PPL increase when every expert is RTN-quantized to 3 bits, and per MoE layer "
+                  "the max/median channel RMS of the expert inputs."]
     lines += ["", "## Token perplexity per domain", "",
               f"Test splits of `assets/data`, non-overlapping windows of {ev['seqlen']} tokens, every full window "
               "(the harness's evaluator). Unigram: add-one unigram over the same tokenizer, fitted on the known "
@@ -119,6 +137,21 @@ def card(name: str, ev: dict, train: dict, config: dict) -> str:
     return "\n".join(lines)
 
 
+def passes(train: dict) -> str:
+    epochs = train["train"].get("epochs", 1)
+    return "one pass over" if epochs == 1 else f"{epochs} epochs,"
+
+
+def bos_note(train: dict) -> str:
+    return ", each opened by the BOS token (an attention sink, as in real LLMs)" if train["train"].get("bos_windows") else ""
+
+
+def decay_note(train: dict) -> str:
+    t = train["train"]
+    return (f", weight decay {t['weight_decay']} on matrices, betas {tuple(t['betas'])}, eps {t['eps']}"
+            if "betas" in t else "")
+
+
 TARGET_ROWS = [  # (targets key in the sensitivity JSON, what the issue-13 target says)
     ("gptq3_geomean_ppl_increase", "GPTQ-3bit (g128), geometric-mean known-domain PPL increase", ">= +10%"),
     ("rtn3_worse_than_gptq3_on_every_known_domain", "RTN-3bit worse than GPTQ-3bit, CI excludes 1 on every "
@@ -127,6 +160,27 @@ TARGET_ROWS = [  # (targets key in the sensitivity JSON, what the issue-13 targe
      ">= 10", ">= 50%"),
     ("salient_recovery", "RTN-3bit damage recovered by 1% salient input channels in FP16", ">= 25%"),
 ]
+
+
+PREVIOUS_DEFAULT = "tiny-olmoe"  # the embedded default before the testbed: "routing divergence at least today's"
+MAX_CHECKPOINT_MB = 40
+
+
+def extra_target_rows(name: str, s: dict) -> list[str]:
+    """The testbed's targets that are not quantization damage: routing divergence against the previous
+    default model's (its own sensitivity JSON) and the checkpoint's size."""
+    lines = []
+    ref_path = REPO / "results" / "benchmarks" / f"sensitivity_{PREVIOUS_DEFAULT}.json"
+    if name != PREVIOUS_DEFAULT and ref_path.is_file():
+        ref = json.loads(ref_path.read_text())["routing_divergence"]["known_vs_novel"]["mean"]
+        value = s["routing_divergence"]["known_vs_novel"]["mean"]
+        lines.append(f"| routing divergence, known vs novel domains (mean JS, bits) | >= {ref:.3f} ({PREVIOUS_DEFAULT}) "
+                     f"| {value:.3f} | {'yes' if value >= ref else 'no'} |")
+    weights = REPO / "assets" / "models" / name / "model.safetensors"
+    if weights.is_file():
+        mb = weights.stat().st_size / 1e6
+        lines.append(f"| checkpoint size | <= {MAX_CHECKPOINT_MB} MB | {mb:.1f} MB | {'yes' if mb <= MAX_CHECKPOINT_MB else 'no'} |")
+    return lines
 
 
 def sensitivity_section(name: str) -> list[str]:
@@ -149,6 +203,7 @@ def sensitivity_section(name: str) -> list[str]:
         shown = f"{value:+.1%}" if key == "gptq3_geomean_ppl_increase" else \
             f"{value:.1%}" if isinstance(value, float) else ("yes" if value else "no")
         lines.append(f"| {label} | {target} | {shown} | {'yes' if t['met'] else 'no'} |")
+    lines += extra_target_rows(name, s)
     rows = [(method.upper(), bits, r) for method in ("rtn", "gptq") for bits, r in s[method].items()]
     lines += ["", "PPL ratio to FP16 (geometric mean over the known domains; per domain with its 95% CI):", "",
               "| method | bits | geomean | " + " | ".join(s["fp16_ppl"]) + " |",
