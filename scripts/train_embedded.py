@@ -8,6 +8,7 @@
 
     # the quantization-realistic testbed: hours on 2 cores, in several sittings
     python scripts/train_embedded.py model testbed-qwen-moe --resume --stop-after-minutes 120
+    python scripts/train_embedded.py model testbed-qwen-moe --device cuda   # on a GPU: minutes
 
 The architectures are transformers' own (OlmoeForCausalLM, Qwen2MoeForCausalLM), so
 AutoModelForCausalLM.from_pretrained(<dir>) loads them like any hub checkpoint. Each model has a
@@ -220,8 +221,8 @@ def save_checkpoint(folder: Path, model, opt, state: dict) -> None:
                 moments[f"{names[id(p)]}::exp_avg"] = st["exp_avg"]
                 moments[f"{names[id(p)]}::exp_avg_sq"] = st["exp_avg_sq"]
                 state.setdefault("adam_step", float(st["step"]))
-    save_tensors_atomic(folder / "model.safetensors", dict(model.named_parameters()))
-    save_tensors_atomic(folder / "optimizer.safetensors", moments)
+    save_tensors_atomic(folder / "model.safetensors", {n: p.detach().cpu() for n, p in model.named_parameters()})
+    save_tensors_atomic(folder / "optimizer.safetensors", {n: t.cpu() for n, t in moments.items()})
     write_json_atomic(folder / "state.json", state)  # last: a checkpoint counts only once its state is written
 
 
@@ -234,13 +235,14 @@ def load_checkpoint(folder: Path, model, opt) -> dict:
     moments = load_file(str(folder / "optimizer.safetensors"))
     for name, p in params.items():
         if f"{name}::exp_avg" in moments:
-            opt.state[p] = {"step": torch.tensor(state["adam_step"]), "exp_avg": moments[f"{name}::exp_avg"],
-                            "exp_avg_sq": moments[f"{name}::exp_avg_sq"]}
+            opt.state[p] = {"step": torch.tensor(state["adam_step"]), "exp_avg": moments[f"{name}::exp_avg"].to(p.device),
+                            "exp_avg_sq": moments[f"{name}::exp_avg_sq"].to(p.device)}
     return state
 
 
 def train_model(name: str, max_steps: int | None, resume: bool, checkpoint_minutes: float,
-                stop_after_minutes: float | None, stop_at_step: int | None = None) -> None:
+                stop_after_minutes: float | None, stop_at_step: int | None = None,
+                device: torch.device = torch.device("cpu")) -> None:
     build, recipe = ARCHITECTURES[name]
     torch.manual_seed(SEED)
     random.seed(SEED)
@@ -248,11 +250,11 @@ def train_model(name: str, max_steps: int | None, resume: bool, checkpoint_minut
     ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     config = build(ids)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     n_embedding = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
     data, counts = training_windows(tokenizer, recipe)
-    held_out = eval_windows(tokenizer, recipe)
+    held_out = {d: w.to(device) for d, w in eval_windows(tokenizer, recipe).items()}
     bs = recipe.batch_size
     per_epoch = len(data) // bs
     steps = per_epoch * recipe.epochs if max_steps is None else min(max_steps, per_epoch * recipe.epochs)
@@ -272,8 +274,11 @@ def train_model(name: str, max_steps: int | None, resume: bool, checkpoint_minut
         return recipe.min_lr + 0.5 * (recipe.lr - recipe.min_lr) * (1 + math.cos(math.pi * progress))
 
     folder = CHECKPOINT_ROOT / name
+    # a GPU run's float sums differ from a CPU run's: its checkpoints resume only on a GPU (CPU identities
+    # carry no device key, so the checkpoints written before GPUs were supported stay valid)
+    on_gpu = {"device": "cuda"} if device.type == "cuda" else {}
     identity = json.loads(json.dumps({"model": name, "recipe": asdict(recipe), "steps": steps, "params": n_params,
-                                      "torch": torch.__version__}))  # as stored: tuples become lists
+                                      "torch": torch.__version__, **on_gpu}))  # as stored: tuples become lists
     first, curve, seconds = 0, [], 0.0
     if resume and (folder / "checkpoint" / "state.json").exists():
         state = load_checkpoint(folder / "checkpoint", model, opt)
@@ -300,7 +305,7 @@ def train_model(name: str, max_steps: int | None, resume: bool, checkpoint_minut
             order, order_epoch = epoch_order(len(data), epoch), epoch
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        batch = data[order[i * bs:(i + 1) * bs]]
+        batch = data[order[i * bs:(i + 1) * bs]].to(device)
         out = model(input_ids=batch, labels=batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -328,13 +333,14 @@ def train_model(name: str, max_steps: int | None, resume: bool, checkpoint_minut
 
     out_dir = ASSETS / "models" / name
     model.config.output_router_logits = False
-    model.to(torch.float16).save_pretrained(out_dir)
+    model.to("cpu", torch.float16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     log = {"model": name, "architecture": type(model).__name__, "params": n_params,
            "non_embedding_params": n_params - n_embedding, "seed": SEED, "seqlen": SEQLEN,
            "train": asdict(recipe), "mix_tokens": counts, "total_tokens": int(steps * bs * SEQLEN),
            "tokens_per_non_embedding_param": round(steps * bs * SEQLEN / (n_params - n_embedding), 2),
            "steps": steps, "seconds": round(seconds + time.time() - start, 1), "threads": torch.get_num_threads(),
+           **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
            "torch": torch.__version__, "curve": curve}
     (out_dir / "training.json").write_text(json.dumps(log, indent=2) + "\n")
     print(f"saved {out_dir}")
@@ -353,6 +359,7 @@ def main() -> None:
     p.add_argument("--stop-after-minutes", type=float, default=None,
                    help="checkpoint and exit after this long (one sitting of a multi-session run)")
     p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint and exit after this step")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where to train (training.json names the GPU)")
     args = parser.parse_args()
     if not (CACHE / "code" / "train.jsonl").exists():
         sys.exit(f"error: no training split under {CACHE}; run python scripts/build_corpora.py first")
@@ -361,8 +368,10 @@ def main() -> None:
     else:
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            sys.exit(f"error: --device {args.device} but no CUDA device is visible; train with --device cpu")
         train_model(args.name, args.max_steps, args.resume, args.checkpoint_minutes, args.stop_after_minutes,
-                    args.stop_at_step)
+                    args.stop_at_step, torch.device(args.device))
 
 
 if __name__ == "__main__":
