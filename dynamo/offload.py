@@ -82,7 +82,7 @@ def offload_layers(model: nn.Module, device: torch.device) -> LayerOffload:
     for name, module in model.named_modules():
         if name == prefix or name.startswith(prefix + "."):
             continue
-        for key, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             param.data = param.data.to(state.device)   # .data: tied weights stay one Parameter
             state.outside_bytes += param.numel() * param.element_size()
         for key, buf in module.named_buffers(recurse=False):

@@ -242,8 +242,9 @@ def load_checkpoint(folder: Path, model, opt) -> dict:
 
 def train_model(name: str, max_steps: int | None, resume: bool, checkpoint_minutes: float,
                 stop_after_minutes: float | None, stop_at_step: int | None = None,
-                device: torch.device = torch.device("cpu")) -> None:
+                device: torch.device | None = None) -> None:
     build, recipe = ARCHITECTURES[name]
+    device = device or torch.device("cpu")
     torch.manual_seed(SEED)
     random.seed(SEED)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(ASSETS / "tokenizer")

@@ -65,7 +65,7 @@ def test_offloaded_sequential_gptq_is_identical(family):
     report_a, _ = quantize_sequential(plain, _plan(plain), windows, batch_size=2, keep_codes=True)
     report_b, _ = quantize_sequential(offloaded, _plan(offloaded), windows, batch_size=2, keep_codes=True)
     assert report_a.matrices == report_b.matrices > 0 and report_a.rtn_fallback == report_b.rtn_fallback
-    for a, b in zip(plain.state_dict().values(), offloaded.state_dict().values()):
+    for a, b in zip(plain.state_dict().values(), offloaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert report_a.codes.keys() == report_b.codes.keys()
     assert all(q.codes.device.type == "cpu" for q in report_b.codes.values())
@@ -104,6 +104,6 @@ def test_offload_to_gpu_matches_and_bounds_memory():
     report_a, _ = quantize_sequential(plain, _plan(plain), windows.cuda(), batch_size=2)
     report_b, _ = quantize_sequential(offloaded, _plan(offloaded), windows, batch_size=2)
     assert report_a.matrices == report_b.matrices
-    for a, b in zip(plain.state_dict().values(), offloaded.state_dict().values()):
+    for a, b in zip(plain.state_dict().values(), offloaded.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b.to(a.device), rtol=1e-3, atol=1e-3)
     assert all(p.device.type == "cpu" for b in state.blocks for p in b.parameters())
