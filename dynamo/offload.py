@@ -79,11 +79,15 @@ def offload_layers(model: nn.Module, device: torch.device) -> LayerOffload:
     prefix = adapter_for(model).layers
     decoder = get_path(model, prefix)
     state = LayerOffload(device=torch.device(device), blocks=list(decoder))
+    seen = set()  # tied weights (embeddings = LM head) are one Parameter: moved and counted once
     for name, module in model.named_modules():
         if name == prefix or name.startswith(prefix + "."):
             continue
         for param in module.parameters(recurse=False):
-            param.data = param.data.to(state.device)   # .data: tied weights stay one Parameter
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            param.data = param.data.to(state.device)   # .data: the Parameter object stays the one modules hold
             state.outside_bytes += param.numel() * param.element_size()
         for key, buf in module.named_buffers(recurse=False):
             module._buffers[key] = buf.to(state.device)

@@ -76,16 +76,16 @@ def test_offloaded_sequential_gptq_is_identical(family):
 
 @pytest.mark.slow
 def test_run_py_with_offload_records_it_and_matches(cli, tmp_path):
-    # analysis, BQ, a DQS switch and the evaluations, with and without offload (RTN: the sequential GPTQ
+    # analysis, BQ, a DQS switch, the evaluations and lm-eval, with and without offload (RTN: the sequential GPTQ
     # path is compared above, at a fraction of the time)
-    common = ("experiment=smoke", "eval=ppl", "eval.datasets=[code]", "eval.max_windows=2", "quant=dynamo_3bit",
-              "quant.method=rtn", "logger=none")
+    common = ("experiment=smoke", "eval.datasets=[code]", "eval.max_windows=2", "eval.lm_eval.limit=2",
+              "quant=dynamo_3bit", "quant.method=rtn", "logger=none")
     runs = {}
     for offload in (False, True):
         status, _, err = cli(*common, f"model.offload={str(offload).lower()}", f"results_dir={tmp_path / str(offload)}")
         assert status == 0, err[-2000:]
         runs[offload] = json.loads(next((tmp_path / str(offload)).rglob("result.json")).read_text())
-    for metric in ("ppl", "ppl_bq", "ppl_fp16"):
+    for metric in ("ppl", "ppl_bq", "ppl_fp16", "lm_eval"):  # lm-eval: HFLM on the offloaded model
         assert runs[True]["metrics"][metric] == runs[False]["metrics"][metric]
     info = runs[True]["model"]["offload"]
     assert info["layer_transfers"] > 0 and info["peak_resident_layer_bytes"] > 0

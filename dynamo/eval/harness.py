@@ -179,6 +179,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], include_path: Path | None
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from ..offload import offload_of
+
     lm_logger = logging.getLogger("lm_eval")
     old_level, was_training = lm_logger.level, model.training
     lm_logger.setLevel(logging.WARNING)
@@ -192,7 +194,9 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], include_path: Path | None
                                 f"or a task written by build_local_tasks into include_path ({include_path})")
         # Datasets are loaded here, task by task, so a failure names its task.
         loaded = [task for name in tasks for task in _load_task(manager, name)]
-        lm = HFLM(pretrained=model.to(device), tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        if offload_of(model) is None:  # an offloaded model is placed already: .to() would load every layer
+            model = model.to(device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=loaded, task_manager=manager, limit=limit,
             bootstrap_iters=0,  # stderr is dropped anyway; perplexity stderr would bootstrap 100k times
