@@ -97,7 +97,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
 
         state = offload_layers(model, device)
         log.info("model.offload: %.2f GiB of decoder layers stay on the CPU, one at a time on %s",
-                 sum(p.numel() * p.element_size() for b in state.blocks for p in b.parameters()) / 2**30, device)
+                 state.decoder_bytes() / 2**30, device)
     elif "device_map" not in kwargs:
         model.to(device)
     model.eval()

@@ -68,6 +68,10 @@ class LayerOffload:
             self._pinned.discard(id(block))
             self.send_back(block)
 
+    def decoder_bytes(self) -> int:
+        """All decoder layers' bytes: what stays in CPU memory."""
+        return sum(_nbytes(b) for b in self.blocks)
+
     def report(self) -> dict:
         return {"device": str(self.device), "outside_layers_bytes": self.outside_bytes,
                 "peak_resident_layer_bytes": self.peak_resident_bytes, "layer_transfers": self.transfers}

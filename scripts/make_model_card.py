@@ -30,6 +30,7 @@ from dynamo.data import load_documents  # noqa: E402
 from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
 from dynamo.models import load_model  # noqa: E402
 from dynamo.records import write_json_atomic  # noqa: E402
+from dynamo.tokens import trained_with_bos  # noqa: E402
 
 DOMAINS = ["code", "docs", "speeches", "literature", "email", "legal", "math", "chat"]
 KNOWN = ["code", "docs", "speeches", "literature"]
@@ -44,15 +45,11 @@ def unigram_ppl(train_ids: torch.Tensor, test_windows: torch.Tensor, vocab: int)
     return math.exp(float(-probs[targets].log().mean()))
 
 
-def trained_with_bos(name: str) -> bool:
-    training = json.loads((REPO / "assets" / "models" / name / "training.json").read_text())
-    return bool(training["train"].get("bos_windows", False))
-
-
 def evaluate(name: str) -> dict:
-    loaded = load_model(ModelConfig(name=name, path=str(REPO / "assets" / "models" / name)))
+    model_cfg = ModelConfig(name=name, path=str(REPO / "assets" / "models" / name))
+    loaded = load_model(model_cfg)
     model, tok = loaded.model, loaded.tokenizer
-    bos = tok.bos_token_id if trained_with_bos(name) else None  # evaluated as trained: BOS + 511 tokens
+    bos = tok.bos_token_id if trained_with_bos(model_cfg) else None  # evaluated as trained: BOS + 511 tokens
     source = {d: SourceConfig(kind=SourceKind.embedded, path=d) for d in DOMAINS}
     unigram_train = torch.cat([tokenize_corpus(tok, load_documents(source[d], "calib"), SEPARATOR) for d in KNOWN])
     rows, freqs = {}, {}

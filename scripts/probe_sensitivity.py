@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import math
 import sys
 import time
@@ -50,6 +49,7 @@ from dynamo.quant.apply import quantize_sequential  # noqa: E402
 from dynamo.quant.plan import QuantPlan  # noqa: E402
 from dynamo.quant.spec import QSpec  # noqa: E402
 from dynamo.records import write_json_atomic  # noqa: E402
+from dynamo.tokens import trained_with_bos  # noqa: E402
 
 KNOWN = ["code", "docs", "speeches", "literature"]
 NOVEL = ["email", "legal", "math", "chat"]
@@ -138,11 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "results" / "benchmarks" / f"sensitivity_{name}.json"
     started = time.time()
 
-    loaded = load_model(ModelConfig(name=name, path=str(args.model_dir), dtype="float32"))
+    model_cfg = ModelConfig(name=name, path=str(args.model_dir), dtype="float32")
+    loaded = load_model(model_cfg)
     model, tok = loaded.model, loaded.tokenizer
-    training = args.model_dir / "training.json"
-    trained_with_bos = training.is_file() and json.loads(training.read_text()).get("train", {}).get("bos_windows", False)
-    use_bos = args.bos == "yes" or (args.bos == "auto" and trained_with_bos)
+    use_bos = args.bos == "yes" or (args.bos == "auto" and bool(trained_with_bos(model_cfg)))
     bos = tok.bos_token_id if use_bos else None
 
     test = {d: windows_of(tok, d, "test", args.seqlen, args.max_windows, bos) for d in KNOWN}

@@ -97,10 +97,9 @@ def dqs_device_nbytes(switching: dict) -> int:
 
 def memory_model(model, *, calib_tokens: int, hidden: int, dqs_cache: int, bytes_per_param: int = 2) -> MemoryModel:
     n_moe = len(list(moe_layers(model)))
-    return MemoryModel(weights=sum(p.numel() for p in model.parameters()) * bytes_per_param,
-                       one_layer_weights=layer_weight_nbytes(model, bytes_per_param),
-                       outside_weights=sum(p.numel() for p in model.parameters()) * bytes_per_param
-                       - sum(p.numel() for p in model.model.layers.parameters()) * bytes_per_param,
+    weights = sum(p.numel() for p in model.parameters()) * bytes_per_param
+    return MemoryModel(weights=weights, one_layer_weights=layer_weight_nbytes(model, bytes_per_param),
+                       outside_weights=weights - sum(p.numel() for p in model.model.layers.parameters()) * bytes_per_param,
                        layer_stats=layer_stats_nbytes(model)["total"], moe_layers=n_moe,
                        activations=2 * calib_tokens * hidden * bytes_per_param,
                        gptq_work=gptq_work_nbytes(model), dqs_cache=dqs_cache)
