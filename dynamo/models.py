@@ -91,7 +91,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             raise UserError(f"{cfg.path} ships its own modelling code; if you trust it, re-run with "
                             "model.trust_remote_code=true (and pin model.revision)") from None
         raise UserError(f"could not load model {cfg.path}: {first}. Offline, use an embedded model "
-                        "(model=tiny-olmoe) or model=local model.path=<dir>") from None
+                        "(model=testbed-qwen-moe) or model=local model.path=<dir>") from None
     if cfg.offload:
         from .offload import offload_layers
 

@@ -1,6 +1,6 @@
 """DynaMo's online switch (DQS) on the embedded model: latency, bytes moved, cache size.
 
-    OMP_NUM_THREADS=1 python scripts/bench_switching.py [--repeats 3] [--modes requant fp16]
+    OMP_NUM_THREADS=1 python scripts/bench_switching.py [--model testbed-qwen-moe] [--repeats 3] [--modes requant fp16]
 
 Known datasets code, docs, speeches, literature (calib split, --windows x --seqlen tokens each)
 give the significance; the FP16 channel cache keeps 1% of each expert's channels; BQ is RTN
@@ -14,7 +14,8 @@ The paper's switch (--modes, --mix) and the adaptive policy (the default; --budg
 timed alike; the adaptive switch is split into profile (routed capture with Hessians) / select /
 write. Medians over --repeats. Token PPL on --ppl-windows test
 windows of each novel domain: FP16, BQ, and BQ + the switch (the same windows for all three).
-Writes results/benchmarks/switching.json.
+Windows open with BOS where the model was trained so (its training.json).
+Writes results/benchmarks/switching_<model>.json (`_rtn` added with --quantizer rtn).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from dynamo.adapters import moe_layers  # noqa: E402
 from dynamo.analysis import Significance  # noqa: E402
 from dynamo.calibration import capture  # noqa: E402
 from dynamo.calibration.stage import calibration_windows  # noqa: E402
-from dynamo.tokens import RunTokens  # noqa: E402
-from dynamo.config import AllocationConfig, AnalysisConfig, SourceConfig  # noqa: E402
+from dynamo.tokens import RunTokens, bos_id_for, trained_with_bos  # noqa: E402
+from dynamo.config import AllocationConfig, AnalysisConfig, ModelConfig, SourceConfig  # noqa: E402
 from dynamo.data import load_documents  # noqa: E402
 from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
 from dynamo.quant import QSpec, QuantPlan, apply_plan, bit_accounting, quantize_sequential  # noqa: E402
@@ -46,7 +47,6 @@ from dynamo.records import device_info, package_versions, write_json_atomic  # n
 from dynamo.switching import ChannelCache, DynamicSwitcher  # noqa: E402
 from dynamo.switching.adaptive import AdaptiveSwitcher, ExpertMaster  # noqa: E402
 
-MODEL = REPO / "assets" / "models" / "tiny-olmoe"
 KNOWN = ["code", "docs", "speeches", "literature"]
 NOVEL = ["email", "legal", "math", "chat"]
 TARGETS = {"switch_over_full_requant": 0.05, "cache_over_expert_bytes": 0.011}
@@ -60,13 +60,14 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def test_windows(tokenizer, source: SourceConfig, seqlen: int, n: int) -> torch.Tensor:
+def test_windows(tokenizer, source: SourceConfig, seqlen: int, n: int, bos_id: int | None) -> torch.Tensor:
     ids = tokenize_corpus(tokenizer, load_documents(source, "test"), source.separator)
-    return make_windows(ids, seqlen, n, source.path)
+    return make_windows(ids, seqlen, n, source.path, bos_id=bos_id)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="testbed-qwen-moe", help="an embedded model (assets/models/<name>)")
     parser.add_argument("--windows", type=int, default=8, help="analysis windows per known dataset")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--switch-windows", type=int, default=4, help="windows of the new domain that switch_to profiles")
@@ -78,16 +79,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq",
                         help="BQ's quantizer, and the full re-quantization's (GPTQ's is timed once: it is slow)")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "switching.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/benchmarks/switching_<model>[_rtn].json")
     args = parser.parse_args()
+    model_dir = REPO / "assets" / "models" / args.model
+    if not (model_dir / "config.json").is_file():
+        parser.error(f"--model {args.model}: no embedded model at {model_dir.relative_to(REPO)}")
+    suffix = "_rtn" if args.quantizer == "rtn" else ""
+    out = args.out or REPO / "results" / "benchmarks" / f"switching_{args.model}{suffix}.json"
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     started = time.perf_counter()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    fp16_model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    fp16_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_cfg = ModelConfig(name=args.model, path=str(model_dir))
+    model_cfg.bos_windows = bool(trained_with_bos(model_cfg))
+    bos_id = bos_id_for(model_cfg, tokenizer)  # evaluated and calibrated as it was trained
     sources = {name: SourceConfig(path=name) for name in KNOWN + NOVEL}
     analysis = OmegaConf.merge(OmegaConf.structured(AnalysisConfig), {"windows": args.windows, "seqlen": args.seqlen})
     switch_cfg = OmegaConf.merge(analysis, {"windows": args.switch_windows})
@@ -96,12 +105,12 @@ def main() -> None:
 
     # offline: significance, cache and BQ, all from the FP16 model
     layers = list(moe_layers(fp16_model))
-    tokens = RunTokens(tokenizer, sources)
+    tokens = RunTokens(tokenizer, sources, bos_id)
     known_windows = calibration_windows(tokens, KNOWN, analysis)
     captures, analysis_s = timed(lambda: {n: capture(fp16_model, w, batch_size=analysis.batch_size, hessians=False)
                                           for n, w in known_windows.items()})
     sig = Significance.from_captures(captures, layers, "act_l2", "row")
-    plan = QuantPlan(method=args.quantizer, default=QSpec(3, group_size=128), model={"name": "tiny-olmoe"})
+    plan = QuantPlan(method=args.quantizer, default=QSpec(3, group_size=128), model={"name": args.model})
     calib = torch.cat(list(known_windows.values()))
 
     def quantize(model) -> None:
@@ -114,7 +123,7 @@ def main() -> None:
     cache, cache_s = timed(lambda: ChannelCache.build(fp16_model, sig, args.frac, widths=list(allocation.widths),
                                                       group_size=128, sym=False))
     novel = calibration_windows(tokens, NOVEL, switch_cfg)
-    ppl_windows = {d: test_windows(tokenizer, sources[d], args.seqlen, args.ppl_windows)
+    ppl_windows = {d: test_windows(tokenizer, sources[d], args.seqlen, args.ppl_windows, bos_id)
                    for d in NOVEL} if args.ppl_windows else {}
     ppl = lambda model, d: token_perplexity(model, ppl_windows[d], batch_size=8).ppl  # noqa: E731
     ppl_fp16 = {d: ppl(fp16_model, d) for d in ppl_windows}
@@ -132,7 +141,7 @@ def main() -> None:
     expert_bytes = cache.expert_weight_count * 2
     result = {
         "benchmark": "switching", "command": "python scripts/bench_switching.py " + " ".join(sys.argv[1:]),
-        "model": str(MODEL.relative_to(REPO)), "dtype": "float32", "known": KNOWN, "novel": NOVEL,
+        "model": str(model_dir.relative_to(REPO)), "bos_windows": bos_id is not None, "dtype": "float32", "known": KNOWN, "novel": NOVEL,
         "analysis": {"windows": args.windows, "seqlen": args.seqlen, "split": "calib", "metric": "act_l2",
                      "unit": "row", "capture_s": round(analysis_s, 3)},
         "switch_sample": {"windows": args.switch_windows, "seqlen": args.seqlen, "split": "calib"},
@@ -209,9 +218,9 @@ def main() -> None:
         "within_target": statistics.median(totals) / full_s <= TARGETS["switch_over_full_requant"]}
     result.update(wall_s=round(time.perf_counter() - started, 1), threads=torch.get_num_threads(),
                   device=device_info(torch.device("cpu")), versions=package_versions())
-    write_json_atomic(args.out, result)
+    write_json_atomic(out, result)
     print(f"cache {cache.nbytes} B = {result['cache']['cache_over_expert_bytes']:.4%} of FP16 expert weights; "
-          f"full {args.quantizer} requant {full_s * 1e3:.1f} ms; wall {result['wall_s']} s -> {args.out}")
+          f"full {args.quantizer} requant {full_s * 1e3:.1f} ms; wall {result['wall_s']} s -> {out}")
 
 
 if __name__ == "__main__":

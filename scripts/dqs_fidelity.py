@@ -1,6 +1,6 @@
 """How much of BQ's KL-to-FP16 damage each DQS policy removes on the novel domains.
 
-    OMP_NUM_THREADS=1 python scripts/dqs_fidelity.py [--model tiny-olmoe] [--quant dynamo_3bit]
+    OMP_NUM_THREADS=1 python scripts/dqs_fidelity.py [--model testbed-qwen-moe] [--quant dynamo_3bit]
 
 One BQ model (the harness's `quant=<quant>`: analysis on the known domains, GPTQ, budget
 allocation) serves every variant. Each novel domain (email, legal, math, chat) is given as a
@@ -96,7 +96,7 @@ def fmt(iv: dict, pct: bool = True) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-olmoe")
+    parser.add_argument("--model", default="testbed-qwen-moe")
     parser.add_argument("--quant", default="dynamo_3bit")
     parser.add_argument("--calib-eval-windows", type=int, default=8,
                         help="held-out calib windows per domain for the design choice")
@@ -114,6 +114,7 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
+    bos_id = bos_id_for(cfg.model, tokenizer)  # windows as the model was trained (model.bos_windows)
     data = REPO / "assets" / "data"
     users = {d: SourceConfig(kind=SourceKind.local, path=str(data / d / "test.jsonl"),
                              calib_path=str(data / d / "calib.jsonl")) for d in args.domains}
@@ -122,10 +123,10 @@ def main() -> None:
     for d, src in users.items():
         test_ids = tokenize_corpus(tokenizer, load_documents(src, "test"), src.separator)
         calib_ids = tokenize_corpus(tokenizer, load_documents(src, "calib"), src.separator)
-        calib = make_windows(calib_ids, cfg.analysis.seqlen, None, d)
+        calib = make_windows(calib_ids, cfg.analysis.seqlen, None, d, bos_id=bos_id)
         held = calib[sample:]
         pick = torch.linspace(0, len(held) - 1, min(args.calib_eval_windows, len(held))).round().long()
-        test = make_windows(test_ids, cfg.eval.seqlen, None, d)
+        test = make_windows(test_ids, cfg.eval.seqlen, None, d, bos_id=bos_id)
         if args.test_windows:  # evenly spaced over the split (the issue's protocol), not its first documents
             test = test[torch.linspace(0, len(test) - 1, min(args.test_windows, len(test))).round().long()]
         windows[d] = {"profile": calib[:sample], "calib": held[pick], "test": test}
@@ -133,7 +134,7 @@ def main() -> None:
     with ReferenceLogprobs() as reference, tempfile.TemporaryDirectory() as tmp:
         fp16 = {(d, split): evaluate(model, windows[d][split], reference, f"{d}/{split}", record=True)
                 for d in users for split in ("calib", "test")}
-        tokens = RunTokens(tokenizer, sources_of(cfg.dataset), bos_id_for(cfg.model, tokenizer))
+        tokens = RunTokens(tokenizer, sources_of(cfg.dataset), bos_id)
         significance, _, _ = run_analysis(loaded, tokens, cfg, Path(tmp))
         master = AdaptivePolicy.prepare(model, cfg.quant, cfg.analysis, significance, Path(tmp))
         cache = PaperPolicy.prepare(model, cfg.quant, cfg.analysis, significance, Path(tmp))

@@ -37,7 +37,7 @@ from dynamo.records import atomic_path  # noqa: E402
 
 RUNS = REPO / "results" / "runs"
 OUT = REPO / "results" / "tables"
-MODELS = ("tiny-olmoe", "tiny-qwen-moe")
+MODELS = ("testbed-qwen-moe", "tiny-olmoe", "tiny-qwen-moe")  # the default (quantization-sensitive) first
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,13 @@ def pick(records: list[dict], experiments: tuple[str, ...], presets: set[str] | 
         if key not in chosen or (r["created_at"], r["_path"]) > (chosen[key]["created_at"], chosen[key]["_path"]):
             chosen[key] = r
     return chosen
+
+
+def _bos_note(protocol: dict) -> str:
+    """Windows of a model trained with BOS-led windows (model.bos_windows) hold one token fewer of text."""
+    if protocol.get("bos_id") is None:
+        return ""
+    return f" (a BOS token and {protocol['seqlen'] - 1} text tokens, as the model was trained)"
 
 
 def _experiment(record: dict) -> str | None:
@@ -223,7 +230,8 @@ def render(spec: TableSpec, records: list[dict]) -> str:
         protocol = next(iter(rows[0][1]["protocol"]["ppl"].values()))
         runs = sorted({r["_path"] for _, r in rows})
         lines += ["", f"\\* known domain (calibration and analysis data). Token PPL on the test splits, "
-                      f"seqlen {protocol['seqlen']}, every full window, tokenizer of the model. "
+                      f"seqlen {protocol['seqlen']}{_bos_note(protocol)}, "
+                      "every full window, tokenizer of the model. "
                       "bits = average code bits plus group scales/zeros.",
                   "Runs: " + ", ".join(f"`{p}`" for p in runs), ""]
         if compared:
@@ -431,12 +439,13 @@ def render_overheads(records: list[dict]) -> str:
     chosen = pick(records, ("dynamo_embedded",))
     lines = ["# Overheads of DynaMo on the embedded models (paper: analysis 14.9-17.3% of offline time, "
              "switching 7.7-10.7% of online time, cache ~1% of weights)", "",
-             "From the records of `python run.py -m experiment=dynamo_embedded` (CPU, one thread). Analysis share = "
+             "From the records of `python run.py -m experiment=dynamo_embedded` (CPU; threads: the record's "
+             "`device.threads`, as compared seconds need the same count). Analysis share = "
              "capture seconds / (capture + quantization). Switching share = all switches / the BQ + DQS "
              "evaluation pass that contains them. Rewrite = the cache lookup and write of one switch (paper policy) "
              "or the slot writes (adaptive). Device bytes = the channel cache, or the adaptive slots at most.", "",
-             "| model | quant | analysis s | quantize s | analysis share | switch ms (median) | rewrite ms (median) "
-             "| switching share | device bytes | device / expert bytes |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | quant | threads | analysis s | quantize s | analysis share | switch ms (median) | rewrite ms (median) "
+             "| switching share | device bytes | device / expert bytes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in MODELS:
         for quant in ("dynamo_3bit", "dynamo_paper"):
             r = chosen.get((model, quant))
@@ -452,7 +461,7 @@ def render_overheads(records: list[dict]) -> str:
             else:  # adaptive: the most slot bytes any switch put on the device
                 device_bytes = max(x["extra_nbytes"] for x in sw["switches"].values())
                 fraction = device_bytes / sw["expert_fp16_nbytes"]
-            lines.append(f"| {model} | {quant} | {an['capture_s']:.1f} | {r['timings']['quantize_s']:.1f} | "
+            lines.append(f"| {model} | {quant} | {r['device'].get('threads', '')} | {an['capture_s']:.1f} | {r['timings']['quantize_s']:.1f} | "
                          f"{100 * an['share_of_offline']:.1f}% | {1e3 * totals[len(totals) // 2]:.0f} | "
                          f"{1e3 * rewrites[len(rewrites) // 2]:.1f} | {100 * share:.1f}% | {device_bytes} | "
                          f"{100 * fraction:.3f}% |")

@@ -21,10 +21,11 @@ def _compose(overrides, hydra_node=False):
 
 def test_default_config_is_the_embedded_default():
     cfg = _compose([])
-    assert (cfg.model.name, cfg.dataset.name, cfg.quant.name, cfg.eval.name) == ("tiny-olmoe", "embedded", "dynamo_3bit",
-                                                                                   "default")
+    assert (cfg.model.name, cfg.dataset.name, cfg.quant.name, cfg.eval.name) == ("testbed-qwen-moe", "embedded",
+                                                                                   "dynamo_3bit", "default")
     assert cfg.model.trust_remote_code is False
-    assert cfg.model.path.endswith("assets/models/tiny-olmoe")
+    assert cfg.model.path.endswith("assets/models/testbed-qwen-moe")
+    assert cfg.model.bos_windows is True, "the testbed was trained with BOS-led windows (its training.json)"
     assert set(cfg.dataset.known) <= set(cfg.dataset.sources)
 
 
@@ -60,7 +61,7 @@ def test_unknown_enum_value_lists_the_valid_ones():
 def test_run_dir_names_model_quant_and_tag():
     cfg = _compose(["tag=abl", "model=tiny-qwen-moe"], hydra_node=True)
     assert cfg.hydra.run.dir.endswith("_tiny-qwen-moe_dynamo_3bit_abl")
-    assert _compose([], hydra_node=True).hydra.run.dir.endswith("_tiny-olmoe_dynamo_3bit")
+    assert _compose([], hydra_node=True).hydra.run.dir.endswith("_testbed-qwen-moe_dynamo_3bit")
 
 
 def test_unknown_group_option_is_caught_before_hydra_starts():

@@ -40,8 +40,8 @@ def test_smoke_run_on_the_embedded_model_writes_a_complete_record(tmp_path):
     assert 0.0 <= lm_eval["dynamo_math_mc"]["acc"] <= 1.0
     per_question = json.loads((path.parent / "mc_correct.json").read_text())["dynamo_math_mc"]
     assert sum(per_question["acc"]) / len(per_question["acc"]) == pytest.approx(lm_eval["dynamo_math_mc"]["acc"])
-    assert record["model"]["class"] == "OlmoeForCausalLM"
-    assert record["config"]["model"]["name"] == "tiny-olmoe" and len(record["config_hash"]) == 16
+    assert record["model"]["class"] == "Qwen2MoeForCausalLM"
+    assert record["config"]["model"]["name"] == "testbed-qwen-moe" and len(record["config_hash"]) == 16
     assert record["versions"]["transformers"] and record["device"]["type"] == "cpu"
     assert (path.parent / ".hydra" / "config.yaml").is_file()
     # the default is DynaMo BQ: analysis, a 3.0-bit budget plan, the FP16 reference alongside
@@ -76,7 +76,7 @@ def test_smoke_run_on_the_embedded_model_writes_a_complete_record(tmp_path):
     (["model=local"], "missing required value(s): model.path"),
     (["dataset=local"], "dataset 'local' has no sources; give a file with dataset.path="),
     (["dataset=local", "dataset.path=EMPTY"], "no text"),
-    (["eval.seqlen=4096", "eval.datasets=[chat]"], "longer than tiny-olmoe allows"),
+    (["eval.seqlen=4096", "eval.datasets=[chat]"], "longer than testbed-qwen-moe allows"),
     (["dataset=wikitext2"], "could not load hub dataset"),
     (["eval.datasets=[klingon]"], "not in dataset 'embedded'"),
     (["quant=fp16", "quant.export=packed"], "quant.export=packed needs integer codes"),

@@ -59,3 +59,9 @@ def test_export_benchmark(tmp_path):
     ratio = report["packed_over_dequantized"]
     assert 0 < ratio["checkpoint_nbytes"] < 1 and 0 < ratio["param_nbytes"] < 1 and ratio["median_seconds"] > 0
     assert report["ppl_packed_over_dequantized"] == pytest.approx(1, abs=1e-3)  # same values, fp16 scales
+
+
+def test_default_run_benchmark_refuses_a_baseline_without_its_source():
+    proc = subprocess.run([sys.executable, "scripts/bench_default_run.py", "--no-run", "--suite-before", "1070"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--suite-before and --suite-before-source go together" in proc.stderr

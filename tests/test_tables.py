@@ -208,7 +208,7 @@ def test_overheads_table_reads_both_switching_policies():
         return {"overrides": ["experiment=dynamo_embedded"], "quant": {"name": quant},
                 "model": {"name": "tiny-olmoe"}, "created_at": "2026-12-02T00:00:00", "_path": quant,
                 "analysis": {"capture_s": 2.0, "share_of_offline": 0.25}, "switching": switching,
-                "timings": {"quantize_s": 6.0, "eval_ppl_s": 10.0}}
+                "timings": {"quantize_s": 6.0, "eval_ppl_s": 10.0}, "device": {"type": "cpu", "threads": 2}}
 
     paper = record("dynamo_paper", {"cache": {"nbytes": 1000, "fraction_of_expert_bytes_fp16": 0.01},
                                     "switches": {"chat": {"total_s": 0.5, "requant_s": 0.1}}})
@@ -216,5 +216,6 @@ def test_overheads_table_reads_both_switching_policies():
                                       "switches": {"chat": {"total_s": 1.0, "write_s": 0.2, "extra_nbytes": 900},
                                                    "math": {"total_s": 3.0, "write_s": 0.4, "extra_nbytes": 1000}}})
     rows = [line for line in tables.render_overheads([paper, adaptive]).splitlines() if line.startswith("| tiny")]
-    assert rows[0].split(" | ")[5:] == ["3000", "400.0", "40.0%", "1000", "1.000% |"]   # adaptive: max slot bytes
-    assert rows[1].split(" | ")[5:] == ["500", "100.0", "5.0%", "1000", "1.000% |"]    # paper: its cache
+    assert rows[0].split(" | ")[2] == "2", "the thread count the seconds were measured at"
+    assert rows[0].split(" | ")[6:] == ["3000", "400.0", "40.0%", "1000", "1.000% |"]   # adaptive: max slot bytes
+    assert rows[1].split(" | ")[6:] == ["500", "100.0", "5.0%", "1000", "1.000% |"]    # paper: its cache

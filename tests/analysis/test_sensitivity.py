@@ -123,3 +123,19 @@ def test_probe_sensitivity_end_to_end(tiny_model_dir, tmp_path):
     assert result["routing_divergence"]["known_vs_novel"]["mean"] >= 0
     assert set(result["targets"]) >= {"gptq3_geomean_ppl_increase", "layers_with_max_over_median_rms_ge_10",
                                       "salient_recovery", "rtn3_worse_than_gptq3_on_every_known_domain"}
+
+
+def test_model_card_judges_the_cost_targets_from_the_benchmark(tmp_path, monkeypatch):
+    """The default model's run and suite rows come from scripts/bench_default_run.py's JSON, and only for
+    the model that JSON measured."""
+    card = _script("make_model_card")
+    bench = tmp_path / "default_run.json"
+    monkeypatch.setattr(card, "DEFAULT_RUN", bench)
+    assert card.default_run_rows("testbed-qwen-moe") == []
+    run = {"model": "testbed-qwen-moe", "wall_s": 330.0, "threads": 2}
+    bench.write_text(json.dumps({"run": run, "suite": {"wall_s": 1150.0},
+                                 "suite_before_testbed": {"wall_s": 1000.0, "source": "CI at abc"}}))
+    run_row, suite_row = card.default_run_rows("testbed-qwen-moe")
+    assert "5.5 min" in run_row and run_row.endswith("| no |")  # over the 5-minute target
+    assert "CI at abc: 16.7 min" in suite_row and "(+15%)" in suite_row and suite_row.endswith("| yes |")
+    assert card.default_run_rows("tiny-olmoe") == [], "another model's run says nothing about this one"
