@@ -85,6 +85,12 @@ def trained_with_bos(model_cfg: ModelConfig) -> bool | None:
     return bool(train.get("bos_windows", False)) if isinstance(train, dict) else None
 
 
+def bos_id_as_trained(model_cfg: ModelConfig, tokenizer) -> int | None:
+    """The BOS id if the checkpoint's training.json says every training window opened with it, else
+    None: for scripts that load an embedded model by path, without the preset's model.bos_windows."""
+    return tokenizer.bos_token_id if trained_with_bos(model_cfg) else None
+
+
 def bos_id_for(model_cfg: ModelConfig, tokenizer) -> int | None:
     """The BOS id every window starts with when the model was trained so (`model.bos_windows`).
     A checkpoint whose training.json says otherwise is refused: its numbers would be off-protocol."""

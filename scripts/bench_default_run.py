@@ -3,14 +3,15 @@ its test command), each in a fresh process, as they are run.
 
     python scripts/bench_default_run.py                 # ~5 min: python run.py logger=none
     python scripts/bench_default_run.py --suite         # + python -m pytest -q (~20 min)
-    python scripts/bench_default_run.py --no-run --suite-before 1070 --suite-before-source "CI of 18b699b"
+    python scripts/bench_default_run.py --no-run --suite-before 1070 --suite-before-source "CI at 18b699b"
 
 Writes results/benchmarks/default_run.json (entries it did not measure this time are kept).
 --suite-before records the suite's time before a change (e.g. a new default model), measured
 elsewhere, with where it comes from: the model card compares --suite with it.
 The run writes to a fresh results_dir and analysis cache in a temporary folder, so no earlier
-record or capture is reused: it pays what a fresh clone pays. Both commands inherit the thread count (--threads sets OMP_NUM_THREADS);
-on a machine shared with another job the numbers are not comparable, so run it on a quiet one.
+record or capture is reused: it pays what a fresh clone pays, less the W&B logger's offline
+files (logger=none). Both commands get --threads as OMP_NUM_THREADS; on a machine shared with
+another job the numbers are not comparable, so run it on a quiet one.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def run_default(env: dict) -> dict:
             raise SystemExit(f"error: python run.py failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
         (record_path,) = results_dir.rglob("result.json")
         record = json.loads(record_path.read_text())
-    return {"command": "python run.py", "wall_s": seconds, "model": record["config"]["model"]["name"],
+    return {"command": "python run.py logger=none", "wall_s": seconds, "model": record["config"]["model"]["name"],
             "quant": record["quant"]["name"], "record_timings": record["timings"]}
 
 

@@ -37,7 +37,7 @@ from dynamo.adapters import moe_layers  # noqa: E402
 from dynamo.analysis import Significance  # noqa: E402
 from dynamo.calibration import capture  # noqa: E402
 from dynamo.calibration.stage import calibration_windows  # noqa: E402
-from dynamo.tokens import RunTokens, bos_id_for, trained_with_bos  # noqa: E402
+from dynamo.tokens import RunTokens, bos_id_as_trained  # noqa: E402
 from dynamo.config import AllocationConfig, AnalysisConfig, ModelConfig, SourceConfig  # noqa: E402
 from dynamo.data import load_documents  # noqa: E402
 from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
@@ -94,9 +94,7 @@ def main() -> None:
 
     fp16_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model_cfg = ModelConfig(name=args.model, path=str(model_dir))
-    model_cfg.bos_windows = bool(trained_with_bos(model_cfg))
-    bos_id = bos_id_for(model_cfg, tokenizer)  # evaluated and calibrated as it was trained
+    bos_id = bos_id_as_trained(ModelConfig(name=args.model, path=str(model_dir)), tokenizer)
     sources = {name: SourceConfig(path=name) for name in KNOWN + NOVEL}
     analysis = OmegaConf.merge(OmegaConf.structured(AnalysisConfig), {"windows": args.windows, "seqlen": args.seqlen})
     switch_cfg = OmegaConf.merge(analysis, {"windows": args.switch_windows})
@@ -141,7 +139,8 @@ def main() -> None:
     expert_bytes = cache.expert_weight_count * 2
     result = {
         "benchmark": "switching", "command": "python scripts/bench_switching.py " + " ".join(sys.argv[1:]),
-        "model": str(model_dir.relative_to(REPO)), "bos_windows": bos_id is not None, "dtype": "float32", "known": KNOWN, "novel": NOVEL,
+        "model": str(model_dir.relative_to(REPO)), "bos_windows": bos_id is not None, "dtype": "float32",
+        "known": KNOWN, "novel": NOVEL,
         "analysis": {"windows": args.windows, "seqlen": args.seqlen, "split": "calib", "metric": "act_l2",
                      "unit": "row", "capture_s": round(analysis_s, 3)},
         "switch_sample": {"windows": args.switch_windows, "seqlen": args.seqlen, "split": "calib"},

@@ -42,6 +42,7 @@ from dynamo.adapters import moe_layers  # noqa: E402
 from dynamo.dryrun import build_model, load_real_config, param_bytes  # noqa: E402
 from dynamo.dryrun.build import REMOTE_CODE, dense_prefix, shrink_overrides  # noqa: E402
 from dynamo.dryrun.extrapolate import GIB, dqs_device_nbytes, matmul_gflops, memory_model  # noqa: E402
+from dynamo.dryrun.rss import RssSampler, loaded_at, stage_peaks  # noqa: E402
 from dynamo.quant import QSpec, quantize_gptq  # noqa: E402
 from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
 
@@ -59,17 +60,28 @@ GPU_FP32_TFLOPS = {"A100": 19.5, "H100": 67.0}
 GPU_EFFICIENCY = 0.30
 
 
-def timed(cmd: list[str], log: Path) -> dict:
-    """Run cmd in a fresh process; its wall seconds and peak RSS (GNU time)."""
+def timed(cmd: list[str], log: Path, record: Path) -> dict:
+    """Run cmd (run.py, writing `record`) in a fresh process: its wall seconds, its peak RSS (GNU time)
+    and the peak RSS of each pipeline stage (sampled, dynamo/dryrun/rss.py)."""
     stats = log.with_suffix(".time")
     t = time.perf_counter()
     with log.open("w") as out:
-        rc = subprocess.call(["/usr/bin/time", "-f", "%M", "-o", str(stats), *cmd], stdout=out,
-                             stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(stats), *cmd], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+        sampler = RssSampler(proc.pid)
+        sampler.start()
+        rc = proc.wait()
+        samples = sampler.stop()
     wall = time.perf_counter() - t
     if rc != 0:
         sys.exit(f"error: {' '.join(cmd[:3])} ... failed (exit {rc}); see {log}")
-    return {"wall_s": round(wall, 2), "peak_rss_gib": round(int(stats.read_text().split()[-1]) * 1024 / GIB, 3)}
+    out = {"wall_s": round(wall, 2), "peak_rss_gib": round(int(stats.read_text().split()[-1]) * 1024 / GIB, 3)}
+    anchor = loaded_at(log.read_text(errors="replace"))
+    if anchor is not None and samples:
+        peaks = stage_peaks(samples, anchor, json.loads(record.read_text())["timings"])
+        out["peak_rss_gib_by_stage"] = {stage: round(b / GIB, 3) for stage, b in peaks.items()}
+        out["rss_sample_interval_s"] = sampler.interval
+    return out
 
 
 def refusal(cmd: list[str], log: Path) -> str:
@@ -149,7 +161,7 @@ def main() -> None:
     if remote:  # the export refuses before any work (dynamo/export/packed.py check): record it, run without
         refused = refusal([*py, f"hydra.run.dir={work / 'refused'}"], work / "refused.log")
         py.append("quant.export=none")
-    runs = {"pipeline": timed([*py, f"hydra.run.dir={work / 'run'}"], work / "run.log")}
+    runs = {"pipeline": timed([*py, f"hydra.run.dir={work / 'run'}"], work / "run.log", work / "run" / "result.json")}
     record = json.loads((work / "run" / "result.json").read_text())
     reload = None
     if not remote:
@@ -157,7 +169,8 @@ def main() -> None:
         runs["reload_packed"] = timed([sys.executable, "run.py", "model=local", f"model.path={packed}",
                                        f"model.name={args.model}-packed", f"model.dtype={args.dtype}",
                                        f"model.device={args.device}", "quant=fp16", *EVAL,
-                                       f"hydra.run.dir={work / 'reload'}"], work / "reload.log")
+                                       f"hydra.run.dir={work / 'reload'}"], work / "reload.log",
+                                      work / "reload" / "result.json")
         reload = json.loads((work / "reload" / "result.json").read_text())
 
     full = build_model(args.model, None, device="meta")
@@ -236,7 +249,12 @@ def main() -> None:
                           "packed_routed_gib": round(routed_per_layer / GIB, 3)},
         "accounting_check": {"predicted_sequential_gib": round(mem_dry.sequential() / GIB, 2),
                              "measured_peak_rss_gib": runs["pipeline"]["peak_rss_gib"],
-                             "note": "CPU RSS also holds the interpreter, torch, the tokenizer and fp32 temporaries",
+                             "note": "the prediction is what a GPU run holds on the GPU; CPU RSS also holds what such a "
+                                     "run keeps in host memory (the adaptive DQS's FP16 master copy of the experts), "
+                                     "loading's transient peak of about twice the weights (part of it the checkpoint's "
+                                     "memory-mapped pages), the interpreter and torch (~0.45 GiB) and evaluation "
+                                     "temporaries; "
+                                     "runs.pipeline.peak_rss_gib_by_stage shows where it grows",
                              **({"offload_resident_layer_bytes": {
                                  "measured": record["model"]["offload"]["peak_resident_layer_bytes"],
                                  "predicted": mem_dry.one_layer_weights}} if args.offload else {})},

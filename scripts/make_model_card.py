@@ -30,7 +30,7 @@ from dynamo.data import load_documents  # noqa: E402
 from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
 from dynamo.models import load_model  # noqa: E402
 from dynamo.records import write_json_atomic  # noqa: E402
-from dynamo.tokens import trained_with_bos  # noqa: E402
+from dynamo.tokens import bos_id_as_trained  # noqa: E402
 
 DOMAINS = ["code", "docs", "speeches", "literature", "email", "legal", "math", "chat"]
 KNOWN = ["code", "docs", "speeches", "literature"]
@@ -49,7 +49,7 @@ def evaluate(name: str) -> dict:
     model_cfg = ModelConfig(name=name, path=str(REPO / "assets" / "models" / name))
     loaded = load_model(model_cfg)
     model, tok = loaded.model, loaded.tokenizer
-    bos = tok.bos_token_id if trained_with_bos(model_cfg) else None  # evaluated as trained: BOS + 511 tokens
+    bos = bos_id_as_trained(model_cfg, tok)  # evaluated as trained: BOS + 511 tokens
     source = {d: SourceConfig(kind=SourceKind.embedded, path=d) for d in DOMAINS}
     unigram_train = torch.cat([tokenize_corpus(tok, load_documents(source[d], "calib"), SEPARATOR) for d in KNOWN])
     rows, freqs = {}, {}

@@ -156,3 +156,20 @@ def test_dry_run_completes(name, tmp_path):
     else:
         assert all(result["reload"]["ppl_matches_bq"].values())
     assert result["extrapolation"]["gpu_memory"]["sequential_nbytes"] < result["extrapolation"]["gpu_memory"]["one_pass_nbytes"]
+
+
+def test_stage_peaks_attribute_each_rss_sample_to_the_stage_running_then():
+    from datetime import datetime
+
+    from dynamo.dryrun.rss import loaded_at, stage_peaks
+
+    log = ("Loading weights: 100%\n[2026-12-03 08:15:25,100][dynamo.models][INFO] - loaded /m (OlmoeForCausalLM)\n"
+           "[2026-12-03 08:15:29,467][dynamo.pipeline][INFO] - ppl code 1.0\n")
+    anchor = loaded_at(log)
+    assert anchor == datetime(2026, 12, 3, 8, 15, 25, 100000).timestamp()
+    assert loaded_at("no model was loaded") is None
+    timings = {"load_model_s": 3.0, "eval_ppl_fp16_s": 2.0, "analysis_s": 1.0, "quantize_s": 4.0, "export_s": 1.0}
+    samples = [(anchor - 5, 100), (anchor - 0.5, 300), (anchor + 1, 200), (anchor + 2.5, 250), (anchor + 4, 900),
+               (anchor + 6.9, 400), (anchor + 7.5, 700), (anchor + 9, 50)]
+    assert stage_peaks(samples, anchor, timings) == {"load": 300, "eval_ppl_fp16": 200, "analysis": 250,
+                                                     "quantize": 900, "export": 700, "other": 50}

@@ -155,16 +155,23 @@ def test_exported_packed_model_reloads_and_evaluates_like_the_bq_model(tmp_path)
     assert not list(path.parent.glob(".packed_model*")), "the temporary export folder was left behind"
     assert "load_packed" in (packed / "README.md").read_text()
 
+    # the export carries its source's training record: reloaded, it is evaluated on BOS-led windows as
+    # the testbed was trained, and plain windows are refused rather than scored off-protocol
+    assert (packed / "training.json").read_bytes() == (REPO / "assets" / "models" / "testbed-qwen-moe" /
+                                                       "training.json").read_bytes()
+    proc = run_py("experiment=smoke", "eval=ppl", "model=local", f"model.path={packed}", "quant=fp16",
+                  results_dir=tmp_path / "plain")
+    assert proc.returncode == 2 and "set model.bos_windows=true" in proc.stderr, proc.stderr[-3000:]
     proc = run_py("experiment=smoke", "eval=ppl", "eval.datasets=[code,chat]", "model=local",
-                  f"model.path={packed}", "quant=fp16", results_dir=tmp_path / "packed")
+                  f"model.path={packed}", "model.bos_windows=true", "quant=fp16", results_dir=tmp_path / "packed")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (packed_path,) = records(tmp_path / "packed")
     ppl = json.loads(packed_path.read_text())["metrics"]["ppl"]
     for name, bq in record["metrics"]["ppl_bq"].items():  # only the fp16 rounding of the group scales differs
         assert abs(ppl[name] / bq - 1) <= 1e-3, (name, ppl[name], bq)
 
-    proc = run_py("experiment=smoke", "eval=ppl", "model=local", f"model.path={packed}", "quant=rtn_4bit",
-                  results_dir=tmp_path / "again")
+    proc = run_py("experiment=smoke", "eval=ppl", "model=local", f"model.path={packed}", "model.bos_windows=true",
+                  "quant=rtn_4bit", results_dir=tmp_path / "again")
     assert proc.returncode == 2 and "already quantized" in proc.stderr
 
 
@@ -225,6 +232,8 @@ def test_dequantized_export_of_a_dqs_run_is_the_switched_model_any_tool_loads(tm
     protocol = record["protocol"]["ppl"]["chat"]
     source = SourceConfig(path="chat")
     ids = tokenize_corpus(tokenizer, load_documents(source, "test"), source.separator)
-    ppl = token_perplexity(model, make_windows(ids, protocol["seqlen"], protocol["windows"]), batch_size=4).ppl
+    windows = make_windows(ids, protocol["seqlen"], protocol["windows"], bos_id=protocol["bos_id"])  # as evaluated
+    assert (export / "training.json").is_file(), "the export carries its source's training record"
+    ppl = token_perplexity(model, windows, batch_size=4).ppl
     assert ppl == pytest.approx(record["metrics"]["ppl"]["chat"], rel=1e-5)
     assert ppl != pytest.approx(record["metrics"]["ppl_bq"]["chat"], rel=1e-5)  # the switch is in the weights

@@ -11,13 +11,14 @@ before calling `write`).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from ..config import AnalysisConfig, ModelConfig, QuantConfig
 from ..errors import UserError
 from ..records import git_state
 from ..registry import QUANTIZERS
-from .files import atomic_dir, nbytes
+from .files import atomic_dir, nbytes, training_record
 
 EXPORT_DIR = "dequantized_model"
 NOTE_KEY = "dynamo_export"
@@ -45,16 +46,19 @@ def write(loaded, stage, quant: QuantConfig, model_cfg: ModelConfig, run_dir: Pa
     if getattr(model.config, "quantization_config", None) is not None:
         raise UserError("quant.export=dequantized: the model carries a quantization_config; nothing to dequantize")
     target = run_dir / EXPORT_DIR
-    save_dequantized(model, loaded.tokenizer, target, info)
+    save_dequantized(model, loaded.tokenizer, target, info, training_record(model_cfg))
     return {"format": "dequantized", "path": EXPORT_DIR, "switched_to": info["switched_to"], "dtype": dtype,
             "checkpoint_nbytes": nbytes(target)}
 
 
-def save_dequantized(model, tokenizer, target: Path, info: dict) -> None:
-    """save_pretrained of a fake-quantized model with its note in config.json and a model card, all or nothing."""
+def save_dequantized(model, tokenizer, target: Path, info: dict, training: Path | None = None) -> None:
+    """save_pretrained of a fake-quantized model with its note in config.json and a model card, all or
+    nothing; `training`: the source's training record, carried along (export.files.training_record)."""
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if training is not None:
+            shutil.copyfile(training, tmp / training.name)
         config = json.loads((tmp / "config.json").read_text())
         config[NOTE_KEY] = info
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

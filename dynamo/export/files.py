@@ -7,6 +7,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..config import ModelConfig
+from ..tokens import TRAINING_FILE
+
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
@@ -26,3 +29,11 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 def nbytes(folder: Path, pattern: str = "*.safetensors") -> int:
     return sum(f.stat().st_size for f in Path(folder).glob(pattern))
+
+
+def training_record(model_cfg: ModelConfig) -> Path | None:
+    """The source checkpoint's training.json (scripts/train_embedded.py), if it has one. An export
+    carries it so that a reloaded export is evaluated with the windows its weights were trained on
+    (dynamo.tokens.bos_id_for reads it and refuses a model.bos_windows that disagrees)."""
+    path = Path(str(model_cfg.path)).expanduser() / TRAINING_FILE
+    return path if path.is_file() else None

@@ -11,13 +11,14 @@ quant=fp16` evaluates the packed model with the same protocol.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ..adapters import moe_layers
 from ..config import AnalysisConfig, ChannelUnit, ModelConfig, QuantConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
-from .files import atomic_dir, nbytes
+from .files import atomic_dir, nbytes, training_record
 from .guard import guard_checkpoint
 
 EXPORT_DIR = "packed_model"
@@ -70,19 +71,22 @@ def write(loaded, stage, quant: QuantConfig, model_cfg: ModelConfig, run_dir: Pa
     attach_packed(model, pack_experts(model, codes, cache))
     del codes
     target = run_dir / EXPORT_DIR
-    save_packed(model, loaded.tokenizer, target)
+    save_packed(model, loaded.tokenizer, target, training_record(model_cfg))
     dqs = ("paper channel rows" if cache is not None else
            "none: adaptive slots are not packed yet" if stage.switcher is not None else "none")
     return _memory(model, stage.quantization["bits"]) | {"dqs": dqs, "path": EXPORT_DIR,
                                                          "checkpoint_nbytes": nbytes(target)}
 
 
-def save_packed(model, tokenizer, target: Path) -> None:
-    """save_pretrained of a model with attached packed experts, behind the loading guard, all or nothing."""
+def save_packed(model, tokenizer, target: Path, training: Path | None = None) -> None:
+    """save_pretrained of a model with attached packed experts, behind the loading guard, all or nothing;
+    `training`: the source's training record, carried along (export.files.training_record)."""
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if training is not None:
+            shutil.copyfile(training, tmp / training.name)
         guard_checkpoint(tmp)
         (tmp / "README.md").write_text(LOADING_NOTE)
 
