@@ -125,7 +125,8 @@ def test_a_relaunched_sweep_recomputes_only_the_missing_record(tmp_path):
     first = run_py(*sweep, results_dir=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     fp16, rtn = records(tmp_path)
-    assert fp16.parent.name.startswith("0_tiny-olmoe_fp16") and rtn.parent.name.startswith("1_tiny-olmoe_rtn_4bit")
+    assert fp16.parent.name.startswith("0_testbed-qwen-moe_fp16")
+    assert rtn.parent.name.startswith("1_testbed-qwen-moe_rtn_4bit")
     kept = (fp16.read_bytes(), fp16.stat().st_mtime_ns)
     lost = json.loads(rtn.read_text())
     rtn.unlink()  # what a job killed before its record was written leaves: a folder without result.json

@@ -70,8 +70,8 @@ def loaded_at(log_text: str) -> float | None:
 
 def stage_peaks(samples: list[tuple[float, int]], anchor: float, timings: dict[str, float]) -> dict[str, int]:
     """Peak RSS bytes per stage: "load" (start-up, imports, data, model) up to `anchor`, then each
-    timed stage of `timings` in pipeline order, and "other" for whatever follows them (switch
-    preparation, figures, writing the record)."""
+    timed stage of `timings` in pipeline order, and "other" for what follows the last of them
+    (writing the record, and the tail that untimed steps pushed past the boundaries)."""
     bounds, t = [("load", anchor)], anchor
     for stage in STAGES:
         if stage in timings:
