@@ -11,14 +11,13 @@ before calling `write`).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from ..config import AnalysisConfig, ModelConfig, QuantConfig
 from ..errors import UserError
 from ..records import git_state
 from ..registry import QUANTIZERS
-from .files import atomic_dir, nbytes, training_record
+from .files import atomic_dir, carry_training_record, nbytes, training_record
 
 EXPORT_DIR = "dequantized_model"
 NOTE_KEY = "dynamo_export"
@@ -57,8 +56,7 @@ def save_dequantized(model, tokenizer, target: Path, info: dict, training: Path 
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if training is not None:
-            shutil.copyfile(training, tmp / training.name)
+        carry_training_record(training, tmp)
         config = json.loads((tmp / "config.json").read_text())
         config[NOTE_KEY] = info
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -37,3 +37,9 @@ def training_record(model_cfg: ModelConfig) -> Path | None:
     (dynamo.tokens.bos_id_for reads it and refuses a model.bos_windows that disagrees)."""
     path = Path(str(model_cfg.path)).expanduser() / TRAINING_FILE
     return path if path.is_file() else None
+
+
+def carry_training_record(training: Path | None, folder: Path) -> None:
+    """Copy the source's training record (training_record) into an export folder being written."""
+    if training is not None:
+        shutil.copyfile(training, Path(folder) / training.name)

@@ -11,14 +11,13 @@ quant=fp16` evaluates the packed model with the same protocol.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from ..adapters import moe_layers
 from ..config import AnalysisConfig, ChannelUnit, ModelConfig, QuantConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
-from .files import atomic_dir, nbytes, training_record
+from .files import atomic_dir, carry_training_record, nbytes, training_record
 from .guard import guard_checkpoint
 
 EXPORT_DIR = "packed_model"
@@ -85,8 +84,7 @@ def save_packed(model, tokenizer, target: Path, training: Path | None = None) ->
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if training is not None:
-            shutil.copyfile(training, tmp / training.name)
+        carry_training_record(training, tmp)
         guard_checkpoint(tmp)
         (tmp / "README.md").write_text(LOADING_NOTE)
 
