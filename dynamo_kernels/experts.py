@@ -23,6 +23,7 @@ import torch
 
 from .channels import ChannelRows
 from .packing import PackedWeight
+from .slots import SlotTable
 from .projections import STAGES
 
 ExpertWeight = PackedWeight | torch.Tensor  # a dense tensor [N, K] for a 16-bit expert
@@ -94,6 +95,7 @@ class PackedExperts:
     stages: dict[str, list[WeightStack]]
     _where: dict[tuple[int, str], tuple[str, int, int]] = field(default_factory=dict, repr=False)
     channels: ChannelRows | None = None  # full-precision rows patched over the packed outputs (channels.py)
+    slot_table: SlotTable | None = None  # the adaptive switch's corrections added to the packed outputs (slots.py)
 
     @classmethod
     def build(cls, gate: list[ExpertWeight], up: list[ExpertWeight], down: list[ExpertWeight],
@@ -131,16 +133,19 @@ class PackedExperts:
 
     @property
     def nbytes(self) -> int:
-        """Packed stacks plus the full-precision channel rows."""
+        """Packed stacks plus the full-precision channel rows and the active slots."""
         stacks = sum(stack.nbytes for stacks in self.stages.values() for stack in stacks)
-        return stacks + (self.channels.nbytes if self.channels is not None else 0)
+        extra = sum(part.nbytes for part in (self.channels, self.slot_table) if part is not None)
+        return stacks + extra
 
     def to(self, device: torch.device | str) -> PackedExperts:
         def moved(projection: str) -> list[ExpertWeight]:
             return [self.weight(e, projection).to(device) for e in range(self.n_experts)]
 
         channels = self.channels.to(device) if self.channels is not None else None
-        return PackedExperts.build(moved("gate"), moved("up"), moved("down"), self.act, channels)
+        packed = PackedExperts.build(moved("gate"), moved("up"), moved("down"), self.act, channels)
+        packed.slot_table = self.slot_table.to(device) if self.slot_table is not None else None
+        return packed
 
 
 @dataclass

@@ -36,13 +36,18 @@ def _run_stage(stacks: list[WeightStack], x: torch.Tensor, routing: Routing, in_
 
 def _patch_channels(experts: PackedExperts, stage: str, x: torch.Tensor, top_k_index: torch.Tensor, in_div: int,
                     out: torch.Tensor) -> None:
-    """Overwrite the cached full-precision rows' outputs of every routed row (torch; c ~ 1% of N)."""
-    if experts.channels is None:
+    """Overwrite the cached full-precision rows' outputs of every routed row, then add the adaptive
+    switch's slot corrections (torch; both ~1% of the weights)."""
+    if experts.channels is None and experts.slot_table is None:
         return
     row_experts = top_k_index.reshape(-1)  # row t * k + j is token t's j-th expert
     for projection in STAGES[stage]:
         offset = experts.intermediate_size if projection == "up" else 0
-        experts.channels.patch_rows(projection, row_experts, x, in_div, out, offset)
+        if experts.channels is not None:
+            experts.channels.patch_rows(projection, row_experts, x, in_div, out, offset)
+        if experts.slot_table is not None:
+            width = experts.hidden_size if projection == "down" else experts.intermediate_size
+            experts.slot_table.add(projection, row_experts, x, in_div, out, offset, width)
 
 
 def moe_experts(experts: PackedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor,

@@ -50,6 +50,7 @@ class PackedExpertsModule(nn.Module):
                     if getattr(stack, name) is not None:
                         child.register_parameter(name, _parameter(getattr(stack, name)))
                 self.stacks[f"{stage}_{i}"] = child
+        self.slot_table = packed.slot_table  # the adaptive switch's slots: replaced whole by each switch
         self.channels = None
         if packed.channels is not None:
             self.channels = nn.Module()
@@ -71,7 +72,7 @@ class PackedExpertsModule(nn.Module):
             channels = ChannelRows({p: getattr(self.channels, f"index_{p}") for p in PROJECTIONS},
                                    {p: getattr(self.channels, f"values_{p}") for p in PROJECTIONS})
         return PackedExperts(self.n_experts, self.hidden_size, self.intermediate_size, self.act, stages,
-                             self._where, channels)
+                             self._where, channels, self.slot_table)
 
     @property
     def layout(self) -> dict:

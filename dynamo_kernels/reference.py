@@ -29,9 +29,12 @@ def linear_ref(x: torch.Tensor, w: ExpertWeight) -> torch.Tensor:
 
 def with_channels(experts: PackedExperts, expert: int, projection: str, x: torch.Tensor,
                   y: torch.Tensor) -> torch.Tensor:
-    """y = x @ W^T from the codes, with the layer's cached full-precision rows (if any) written over."""
+    """y = x @ W^T from the codes, with the layer's cached full-precision rows (if any) written over and
+    its slot corrections (if any) added."""
     if experts.channels is not None:
         experts.channels.patch(projection, expert, x, y)
+    if experts.slot_table is not None:
+        experts.slot_table.add_expert(projection, expert, x, y)
     return y
 
 

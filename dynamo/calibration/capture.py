@@ -201,13 +201,15 @@ def _layer_output(result) -> torch.Tensor:
 def capture_sequential(model: nn.Module, windows: torch.Tensor,
                        on_layer: Callable[[int, LayerStats | None], bool] | None = None, *, batch_size: int = 8,
                        hessians: bool = True, hessian_weighting: str = "none", min_tokens: int = 0,
-                       policy: str = "warn", keep_hessians: bool = True) -> CalibrationStats:
+                       policy: str = "warn", keep_hessians: bool = True,
+                       expert_outputs: ExpertOutputs | None = None) -> CalibrationStats:
     """Decoder layer by decoder layer. `on_layer(index, stats)` runs after each layer's capture
     (stats is None for dense layers) and returns True if it changed that layer's weights, in
     which case the layer is re-run so the next layer sees its new outputs.
     keep_hessians=False drops each layer's Hessians once `on_layer` has used them, so only one
     layer's are alive at a time (at real shapes they are GBs per layer: 48 x 2.4 GB for
-    Qwen3-30B-A3B); tokens and channel statistics are kept for the coverage report."""
+    Qwen3-30B-A3B); tokens and channel statistics are kept for the coverage report.
+    `expert_outputs`: as in `capture` (a packed model passes its own)."""
     _check_windows(windows)
     adapter = adapter_for(model)
     decoder = get_path(model, adapter.layers)
@@ -232,7 +234,8 @@ def capture_sequential(model: nn.Module, windows: torch.Tensor,
     finally:
         handle.remove()
 
-    state = _State(hessians=hessians, router_weighted=hessian_weighting == "router")
+    state = _State(hessians=hessians, router_weighted=hessian_weighting == "router",
+                   expert_outputs=expert_outputs or _expert_outputs)
     all_route_all, all_fallback = [], []
     for index, block in enumerate(tqdm(decoder, desc="layers", leave=False)):
         layer = moe.get(index)

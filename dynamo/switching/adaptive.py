@@ -4,28 +4,32 @@ Why: the paper's switch rewrites channels fixed offline as "the rows that vary m
 known datasets"; on a novel dataset those are no better than random rows (measured: 0.0% of
 BQ's KL damage removed). Here the channels are chosen per dataset, from its own calib split.
 
-Kept: the FP16 master copy of every routed expert (`ExpertMaster`, host memory, taken before
-quantization). On the device: BQ, plus slots worth at most `budget_frac` of the routed experts'
-FP16 bytes: rows and columns at `slot_bits` (16: FP16 values; 8: RTN-8 codes with an fp16 scale
-and zero per group, about half the bytes, so twice the slots) + an int32 index each; an expert
-raised to 8 bits costs the extra bytes of its 8-bit codes over its BQ codes.
+Kept: the master copy of every routed expert (`master.py`: host memory in the model's dtype, or
+read by slice from the checkpoint on disk). On the device: BQ, plus slots worth at most
+`budget_frac` of the routed experts' FP16 bytes. A slot is an additive *correction* of BQ
+(dynamo_kernels/slots.py): a row r gets W_bq[r] + delta, an input column j gets W[:, j] + delta
+(measured after the rows were applied), deltas held as RTN-8 codes with an fp16 scale and zero per
+group (`slot_bits=8`, about one byte a value) or fp16 values (16) + an int32 index each; an expert
+raised to 8 bits (`candidates=experts8|all`, fake-quantized models only) costs the extra bytes of
+its 8-bit codes over its BQ codes.
 
-`switch_to(windows)`:
-1. profile the windows (a routed capture of the model as it is, i.e. quantized): per expert, the
-   router-weighted sum over its routed tokens of x_j^2 for every input column j of gate/up (the
-   hidden state) and of down (the SwiGLU neuron h);
-2. score every candidate by the expected output-error reduction of restoring it, with
-   D = W_fp16 - W_bq and a_j those sums: row r: sum_j D_rj^2 a_j; input column j: a_j sum_r D_rj^2;
-   a whole expert at 8 bits: its error at BQ minus its error at RTN-8 (same weighting). With
-   `scoring=output` (default) errors of gate/up rows are carried to the expert's output: scaled by
-   ||W_down[:, r]||^2 * E[h_r^2] / E[y_r^2] (first order: the neuron's relative error times its
-   weight into the output); `local` scores every projection in its own output space;
-3. choose the best set under ONE global byte budget over all layers, experts and projections
-   (greedy by reduction per byte; rows and columns may overlap: their reductions are counted
-   independently, a small over-estimate at a 1% budget);
-4. write: the previous slots get their BQ values back, the new ones their FP16 (or RTN-8) values
-   from the master. Every value is computed before any write, and a failed write puts every
-   touched slice back, so a failed switch leaves the model bit-identical.
+`switch_to(windows)`, one MoE layer at a time (memory flat in depth):
+1. profile the layer on the windows (`capture_sequential`: the model as it is, quantized), with
+   per-expert router-weighted Hessians H = sum r x x^T of the routed inputs of gate/up and of down;
+2. score every candidate of the layer by the output-error reduction of restoring it, with
+   D = W_master - W_bq: row r: d_r H d_r^T; column j: sum_r (2 d_rj (d_r H)_j - d_rj^2 H_jj);
+   a whole expert at 8 bits: its error at BQ minus its error at RTN-8. `scoring=output`/`local`
+   keep H's diagonal only (far cheaper); with `output` (and `hessian`) errors of gate/up rows are
+   carried to the expert's output (first order: ||W_down[:, r]||^2 E[h_r^2] / E[y_r^2]);
+3. merge the layer's candidates into the running best set under ONE global byte budget (sorted by
+   reduction per byte, cut where the cumulative bytes pass the budget: the prefix of the global
+   order, exactly), then free the layer's statistics: nothing of size [I, I] outlives its layer;
+4. compute the chosen slots' deltas from the master (one matrix at a time) into a `SlotSet`, and
+   write it: on a fake-quantized model into the dense weights (BQ slices backed up per matrix,
+   batched), on a packed model into each layer's slot table (the codes are never touched). Every
+   value is computed before any write; a failed write puts every touched slice back.
+
+`switch_to_set(slot_set)` writes a saved set (slotset.py) the same way, without profiling.
 """
 
 from __future__ import annotations
@@ -35,75 +39,81 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from dynamo_kernels.slots import SlotTable, dequantize_deltas, quantize_deltas
+
 from ..adapters import PROJECTIONS, moe_layers
-from ..calibration import capture
+from ..calibration import capture_sequential
 from ..errors import UserError
-from ..quant.plan import QuantPlan
 from ..quant.rtn import quantize_rtn
 from ..quant.spec import QSpec
+from .master import ExpertMaster
+from .slotset import SlotSet
 from .store import Key
 from .switch import check_token_windows
+from .targets import PackedTarget, target_for
+
+__all__ = ["AdaptiveReport", "AdaptiveSwitcher", "Candidates", "ExpertMaster", "CANDIDATES", "SCORINGS"]
 
 CANDIDATES = ("rows", "rows_cols", "experts8", "all")
 SCORINGS = ("hessian", "output", "local")
 INDEX_BYTES = 4     # int32 slot indices
-VALUE_BYTES = 2     # FP16 slot values
+VALUE_BYTES = 2     # FP16 slot values / scales / zeros
 ROW, COLUMN, EXPERT = 0, 1, 2
-
-
-class ExpertMaster:
-    """FP16 copies of every routed expert's weights, in host memory, taken before quantization."""
-
-    def __init__(self, model, dtype: torch.dtype = torch.float16):
-        self.weights: dict[Key, torch.Tensor] = {}
-        for layer in moe_layers(model):
-            for e in range(layer.n_experts):
-                for p in PROJECTIONS:
-                    self.weights[(layer.index, e, p)] = layer.weight(e, p).detach().to("cpu", dtype).clone()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.weights.values())
-
-    @property
-    def fp16_nbytes(self) -> int:
-        """The routed experts' weights at 2 bytes each: what the slot budget is a share of."""
-        return sum(t.numel() for t in self.weights.values()) * VALUE_BYTES
-
-    def validate(self, model) -> None:
-        for layer in moe_layers(model):
-            for e in range(layer.n_experts):
-                for p in PROJECTIONS:
-                    master = self.weights.get((layer.index, e, p))
-                    if master is None or master.shape != layer.weight(e, p).shape:
-                        raise UserError(f"the FP16 master copy does not match the model at layer {layer.index} "
-                                        f"expert {e} {p}")
+KIND_NAMES = ("row", "column", "expert8")
 
 
 @dataclass
-class Slot:
-    """One restored piece of one expert matrix: a row, an input column, or the whole matrix."""
+class Candidates:
+    """Restorable pieces as parallel tensors: reduction, bytes, and where each one is."""
 
-    key: Key
-    kind: int                       # ROW, COLUMN or EXPERT
-    index: int                      # row/column index (-1 for a whole matrix)
-    bq: torch.Tensor | None = None  # the BQ values it covers (host), the way back
+    gain: torch.Tensor      # float32 expected output-error reduction
+    cost: torch.Tensor      # int64 device bytes
+    layer: torch.Tensor     # int32
+    expert: torch.Tensor    # int32
+    proj: torch.Tensor      # int8 index into PROJECTIONS (-1: every projection of an 8-bit expert)
+    kind: torch.Tensor      # int8 ROW / COLUMN / EXPERT
+    index: torch.Tensor     # int32 row or column (-1 for a whole expert)
 
-    def read(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.kind == ROW:
-            return weight[self.index].clone()
-        if self.kind == COLUMN:
-            return weight[:, self.index].clone()
-        return weight.clone()
+    FIELDS = ("gain", "cost", "layer", "expert", "proj", "kind", "index")
 
-    def write(self, weight: torch.Tensor, values: torch.Tensor) -> None:
-        values = values.to(weight.device, weight.dtype)
-        if self.kind == ROW:
-            weight[self.index] = values
-        elif self.kind == COLUMN:
-            weight[:, self.index] = values
-        else:
-            weight.copy_(values)
+    @classmethod
+    def empty(cls, device) -> Candidates:
+        dtypes = (torch.float32, torch.int64, torch.int32, torch.int32, torch.int8, torch.int8, torch.int32)
+        return cls(*(torch.empty(0, dtype=d, device=device) for d in dtypes))
+
+    @classmethod
+    def of(cls, gain: torch.Tensor, cost: int, layer: int, expert: int, proj: int, kind: int,
+           index: torch.Tensor) -> Candidates:
+        n, device = gain.numel(), gain.device
+
+        def full(value, dtype):
+            return torch.full((n,), value, dtype=dtype, device=device)
+
+        return cls(gain.float(), full(cost, torch.int64), full(layer, torch.int32), full(expert, torch.int32),
+                   full(proj, torch.int8), full(kind, torch.int8), index.to(torch.int32))
+
+    @classmethod
+    def cat(cls, parts: list[Candidates]) -> Candidates:
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in cls.FIELDS))
+
+    def take(self, which: torch.Tensor) -> Candidates:
+        return Candidates(*(getattr(self, f)[which] for f in self.FIELDS))
+
+    def to(self, device) -> Candidates:
+        return Candidates(*(getattr(self, f).to(device) for f in self.FIELDS))
+
+    def __len__(self) -> int:
+        return int(self.gain.numel())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self.FIELDS)
+
+    def best_within(self, budget: int) -> Candidates:
+        """The prefix, by reduction per byte, whose bytes fit the budget (a sort and a cumulative sum)."""
+        order = torch.argsort(self.gain / self.cost.float(), descending=True, stable=True)
+        fits = torch.cumsum(self.cost[order], 0) <= budget
+        return self.take(order[fits])
 
 
 @dataclass
@@ -116,8 +126,11 @@ class AdaptiveReport:
     select_s: float
     write_s: float
     experts_changed: int              # experts holding at least one slot
-    exact_bits: float                 # what the model holds: BQ codes, slots at 16 (or 8) bits
+    exact_bits: float                 # per routed weight: BQ codes (8 for raised experts) plus slot codes
     weights_rewritten: int = 0
+    held_nbytes_peak: int = 0         # the most switch-held bytes at once (one layer's statistics + candidates)
+    held_nbytes_by_layer: list = field(default_factory=list)
+    source: str = "windows"           # windows (profiled and selected) or a saved set's name
     top: list = field(default_factory=list)  # the highest-scored slots, for the log
 
     @property
@@ -128,16 +141,26 @@ class AdaptiveReport:
         return {**asdict(self), "total_s": self.total_s}
 
 
-def _write(weight: torch.Tensor, slot: Slot, values: torch.Tensor) -> None:
-    """One slot into the model. A module-level seam so tests can make writing fail half-way."""
-    slot.write(weight, values)
+def _reductions(d: torch.Tensor, hessian: torch.Tensor | None, diag: torch.Tensor, gain: torch.Tensor | None):
+    """(per-row, per-column reductions, total error) of restoring rows/columns of error matrix d [out, in].
+
+    Output error of d over the profiled tokens: sum_r d_r^T H d_r. Restoring row r removes
+    d_r^T H d_r; restoring column j removes sum_r (2 d_rj (d_r H)_j - d_rj^2 H_jj). Without H
+    (diagonal scorings) both are sums of d^2 a with a = H's diagonal."""
+    g = d @ hessian if hessian is not None else d * diag[None, :]
+    dg = d * g
+    w = gain[:, None] if gain is not None else 1.0
+    rows = (dg * w).sum(1)
+    cols = ((2 * dg - d.square() * diag[None, :]) * w).sum(0)
+    return rows, cols, float(rows.sum())
 
 
 class AdaptiveSwitcher:
-    """Holds a BQ-quantized model; a switch restores the slots its new data needs most."""
+    """Holds a BQ-quantized model (fake-quantized, or packed with slot tables); a switch restores the
+    slots its new data needs most."""
 
-    def __init__(self, model, plan: QuantPlan, master: ExpertMaster, *, budget_frac: float = 0.01,
-                 candidates: str = "rows_cols", scoring: str = "hessian", slot_bits: int = 8, batch_size: int = 8):
+    def __init__(self, model, plan, master, *, budget_frac: float = 0.01, candidates: str = "rows_cols",
+                 scoring: str = "hessian", slot_bits: int = 8, batch_size: int = 8):
         if candidates not in CANDIDATES:
             raise UserError(f"unknown quant.switching.candidates '{candidates}'; choose one of {', '.join(CANDIDATES)}")
         if scoring not in SCORINGS:
@@ -147,177 +170,206 @@ class AdaptiveSwitcher:
         if slot_bits not in (16, 8):
             raise UserError(f"quant.switching.slot_bits must be 16 or 8, got {slot_bits}")
         master.validate(model)
-        self.model, self.plan, self.master = model, plan, master
+        self.model, self.master = model, master
+        self.target = target_for(model, plan)
+        if candidates in ("experts8", "all") and isinstance(self.target, PackedTarget):
+            raise UserError(f"quant.switching.candidates={candidates}: a packed model serves row and column slots "
+                            "only (whole 8-bit experts would need a second packed copy); use rows or rows_cols")
         self.candidates, self.scoring, self.batch_size = candidates, scoring, batch_size
         self.budget_frac, self.slot_bits = float(budget_frac), int(slot_bits)
-        self.group_size = plan.default.group_size
+        self.group_size = self.target.group_size
         self.budget_nbytes = int(budget_frac * master.fp16_nbytes)
         self.layers = {layer.index: layer for layer in moe_layers(model)}
         self.vocab = model.get_input_embeddings().num_embeddings
-        self.bq_bits: dict[Key, int] = {(i, e, p): plan.spec_for(i, e, p).bits
-                                        for i, layer in self.layers.items() for e in range(layer.n_experts)
-                                        for p in PROJECTIONS}
-        self.slots: list[Slot] = []   # active, in write order
+        self.routed_weights = sum(a * b for a, b in (master.shape(k) for k in master.keys()))
+        self.active: SlotSet | None = None
 
     # --- state ------------------------------------------------------------------------------
 
+    @property
+    def slots(self) -> SlotSet | None:
+        return self.active
+
     def weight(self, key: Key) -> torch.Tensor:
-        i, e, p = key
-        return self.layers[i].weight(e, p)
+        """The matrix the model computes with now (fake-quantized: its dense weight; packed: BQ + slots)."""
+        return self.target.effective(key, self.active)
 
     def bq_weight(self, key: Key) -> torch.Tensor:
-        """The BQ values of one matrix: the model's, with the active slots' BQ values put back."""
-        w = self.weight(key).detach().clone()
-        for slot in reversed(self.slots):
-            if slot.key == key:
-                slot.write(w, slot.bq)
-        return w
+        """The BQ values of one matrix (float32, on the weights' device)."""
+        return self.target.bq(key)
 
     def restore_bq(self) -> AdaptiveReport:
-        """Back to BQ: every active slot gets its BQ values back."""
+        """Back to BQ: every active slot is removed."""
         t = time.perf_counter()
-        self._commit([(s, s.bq) for s in reversed(self.slots)])
-        self.slots = []
-        return self._report({}, 0.0, 0.0, 0.0, time.perf_counter() - t, 0)
+        self.target.apply(None)
+        self.active = None
+        return self._report(0.0, 0.0, 0.0, time.perf_counter() - t, 0)
 
     # --- the switch -------------------------------------------------------------------------
 
     def switch_to(self, windows: torch.Tensor) -> AdaptiveReport:
         t0 = time.perf_counter()
         windows = check_token_windows(windows, self.vocab)
-        self.master.validate(self.model)
-        stats = capture(self.model, windows, batch_size=self.batch_size, hessians=self.scoring == "hessian",
-                        hessian_weighting="router")
+        chosen, expected, held, select_s = self._select_streaming(windows)
         t1 = time.perf_counter()
-        chosen, expected, top = self.select(stats)
+        slot_set = self.build_set(chosen)
+        written = self.target.apply(slot_set)
+        self.active = slot_set
         t2 = time.perf_counter()
-        writes, new_slots = self._plan_writes(chosen)
-        self._commit(writes)
-        self.slots = new_slots
-        t3 = time.perf_counter()
-        report = self._report({}, expected, t1 - t0, t2 - t1, t3 - t2, sum(v.numel() for _, v in writes))
-        report.top = top
+        report = self._report(expected, (t1 - t0) - select_s, select_s, t2 - t1, written)
+        report.held_nbytes_by_layer = held
+        report.held_nbytes_peak = max(held, default=0)
+        report.top = self._top(chosen)
         return report
 
-    def _reductions(self, d: torch.Tensor, second: tuple, gain: torch.Tensor | None):
-        """(per-row, per-column reductions, total error) of restoring rows/columns of error matrix d [out, in].
+    def switch_to_set(self, slot_set: SlotSet, name: str = "saved") -> AdaptiveReport:
+        """Write a saved (or earlier computed) slot set: no profiling, no master needed."""
+        t0 = time.perf_counter()
+        if slot_set.slot_bits != self.slot_bits or slot_set.group_size != self.group_size:
+            raise UserError(f"slot set '{name}' holds {slot_set.slot_bits}-bit slots in groups of "
+                            f"{slot_set.group_size}; this switcher uses {self.slot_bits} and {self.group_size}")
+        written = self.target.apply(slot_set)
+        self.active = slot_set
+        report = self._report(0.0, 0.0, 0.0, time.perf_counter() - t0, written)
+        report.source = name
+        return report
 
-        Output error of d over the profiled tokens: sum_r d_r^T H d_r, H = sum of router-weighted x x^T.
-        Restoring row r removes d_r^T H d_r; restoring column j removes sum_r (2 d_rj (d_r H)_j - d_rj^2 H_jj).
-        `diag`/`local`/`output` scoring keep only H's diagonal a (then both are sums of d^2 a)."""
-        hessian, diag = second
-        g = d @ hessian if hessian is not None else d * diag[None, :]
-        dg = d * g
-        w = gain[:, None] if gain is not None else 1.0
-        rows = (dg * w).sum(1)
-        cols = ((2 * dg - d.square() * diag[None, :]) * w).sum(0)
-        return rows, cols, float(rows.sum())
+    def _select_streaming(self, windows: torch.Tensor) -> tuple[Candidates, float, list[int], float]:
+        """Profile and score one MoE layer at a time, keeping only the running best set."""
+        state = {"best": None, "total": 0.0, "select_s": 0.0}
+        held: list[int] = []
 
-    def _scores(self, stats) -> tuple[list, float]:
-        """Every candidate: (reduction, cost bytes, slot kind, key, index); and the total scored BQ error."""
-        cands, total = [], 0.0
-        use_hessian = self.scoring == "hessian"
-        spec8 = QSpec(8, self.plan.default.group_size, self.plan.default.sym)
-        for i, layer in self.layers.items():
-            routed = stats.layers[i].routed
-            ch = {u: routed.channels[u]["wsq"].double().cpu() for u in ("input", "neuron", "gate", "up")}
-            for e in range(layer.n_experts):
-                if int(routed.tokens[e]) == 0:
-                    continue
-                second = {"in": (routed.hessian_in[e].double().cpu() if use_hessian else None, ch["input"][e]),
-                          "mid": (routed.hessian_mid[e].double().cpu() if use_hessian else None, ch["neuron"][e])}
-                if use_hessian:
-                    second = {k: (h, torch.diagonal(h).clone()) for k, (h, _) in second.items()}
-                down_master = self.master.weights[(i, e, "down")].double()
-                expert_err, expert_err8, expert_extra = 0.0, 0.0, 0
-                for p in PROJECTIONS:
-                    key = (i, e, p)
-                    master = self.master.weights[key].double()
-                    d = master - self.bq_weight(key).double().cpu()   # [out, in]
-                    gain = None
-                    if p != "down" and self.scoring != "local":
-                        # first order: neuron r's output error = its relative error times ||W_down[:, r]||
-                        gain = down_master.square().sum(0) * ch["neuron"][e] / ch[p][e].clamp_min(1e-12)
-                    sec = second["mid" if p == "down" else "in"]
-                    row_red, col_red, err = self._reductions(d, sec, gain)
-                    total += err
-                    expert_err += err
-                    out, inp = master.shape
-                    if self.candidates in ("rows", "rows_cols", "all"):
-                        cands += [(r, self.slot_nbytes(inp), ROW, key, j)
-                                  for j, r in enumerate(row_red.tolist()) if r > 0]
-                    if self.candidates in ("rows_cols", "all"):
-                        cands += [(c, self.slot_nbytes(out), COLUMN, key, j)
-                                  for j, c in enumerate(col_red.tolist()) if c > 0]
-                    if self.candidates in ("experts8", "all") and self.bq_bits[key] < 8:
-                        d8 = master - quantize_rtn(master.float(), spec8).dequantize().double()
-                        expert_err8 += self._reductions(d8, sec, gain)[2]
-                        # the 8-bit codes replace the BQ codes in place: the extra bytes are the difference
-                        expert_extra += (8 - self.bq_bits[key]) * out * inp // 8
-                if self.candidates in ("experts8", "all") and expert_extra > 0:
-                    cands.append((expert_err - expert_err8, expert_extra, EXPERT, (i, e, "*"), -1))
-        return cands, total
+        def on_layer(index: int, stats) -> bool:
+            if stats is None:
+                return False
+            t = time.perf_counter()
+            layer_candidates, err = self._layer_candidates(self.layers[index], stats.routed)
+            merged = layer_candidates if state["best"] is None else Candidates.cat(
+                [state["best"].to(layer_candidates.gain.device), layer_candidates])
+            state["best"] = merged.best_within(self.budget_nbytes)
+            state["total"] += err
+            hessians = sum(h.numel() * h.element_size() for h in (stats.routed.hessian_in, stats.routed.hessian_mid)
+                           if h is not None)
+            held.append(hessians + layer_candidates.nbytes + state["best"].nbytes)
+            state["select_s"] += time.perf_counter() - t
+            return False
 
-    def select(self, stats) -> tuple[list, float, list]:
-        """The best candidates under the byte budget (greedy by reduction per byte)."""
-        candidates, total = self._scores(stats)
-        candidates.sort(key=lambda c: c[0] / c[1], reverse=True)
-        chosen, spent, gained, experts8 = [], 0, 0.0, set()
-        for c in candidates:
-            reduction, cost, kind, key, j = c
-            if spent + cost > self.budget_nbytes:
+        capture_sequential(self.model, windows, on_layer, batch_size=self.batch_size,
+                           hessians=self.scoring == "hessian", hessian_weighting="router", keep_hessians=False,
+                           expert_outputs=self.target.expert_outputs)
+        t = time.perf_counter()
+        best = state["best"] if state["best"] is not None else Candidates.empty("cpu")
+        best = self._refund_raised_experts(best)
+        expected = float(best.gain.sum()) / state["total"] if state["total"] > 0 else 0.0
+        return best, expected, held, state["select_s"] + time.perf_counter() - t
+
+    def _refund_raised_experts(self, best: Candidates) -> Candidates:
+        """Rows/columns of an expert that is also raised to 8 bits whole are dropped (their bytes refunded)."""
+        raised = best.kind == EXPERT
+        if not bool(raised.any()):
+            return best
+        ids = best.layer.long() * (1 << 20) + best.expert.long()
+        covered = torch.isin(ids, ids[raised]) & ~raised
+        return best.take(~covered)
+
+    def _layer_candidates(self, layer, routed) -> tuple[Candidates, float]:
+        """Every candidate of one MoE layer, scored on the statistics' device in float32."""
+        device = routed.tokens.device
+        wsq = {u: routed.channels[u]["wsq"].float() for u in ("input", "neuron", "gate", "up")}
+        spec8 = QSpec(8, self.group_size)
+        parts, total = [], 0.0
+        for e, n in enumerate(routed.tokens.tolist()):
+            if n == 0:
                 continue
-            if kind != EXPERT and key[:2] in experts8:
-                continue  # already restored with its whole expert
-            chosen.append(c)
-            spent += cost
-            gained += reduction
-            if kind == EXPERT:
-                experts8.add(key[:2])
-            if self.budget_nbytes - spent < self.slot_nbytes(1):
-                break
-        if experts8:  # rows/columns of an expert chosen before its whole expert was: refunded, not written
-            chosen = [c for c in chosen if c[2] == EXPERT or c[3][:2] not in experts8]
-        top = [{"kind": ("row", "column", "expert8")[c[2]], "layer": c[3][0], "expert": c[3][1],
-                "projection": c[3][2], "index": c[4], "reduction_per_byte": c[0] / c[1]} for c in chosen[:5]]
-        return chosen, (gained / total if total > 0 else 0.0), top
+            second = {}
+            for name, h, diag in (("in", routed.hessian_in, wsq["input"]), ("mid", routed.hessian_mid, wsq["neuron"])):
+                hess = h[e].float() if self.scoring == "hessian" else None
+                second[name] = (hess, torch.diagonal(hess) if hess is not None else diag[e])
+            down_master = self.master.get((layer.index, e, "down")).to(device, torch.float32)
+            expert_err, expert_err8, expert_extra = 0.0, 0.0, 0
+            for pi, p in enumerate(PROJECTIONS):
+                key = (layer.index, e, p)
+                master = down_master if p == "down" else self.master.get(key).to(device, torch.float32)
+                d = master - self.target.bq(key).to(device)
+                gain = None
+                if p != "down" and self.scoring != "local":
+                    gain = down_master.square().sum(0) * wsq["neuron"][e] / wsq[p][e].clamp_min(1e-12)
+                hess, diag = second["mid" if p == "down" else "in"]
+                row_red, col_red, err = _reductions(d, hess, diag, gain)
+                total += err
+                expert_err += err
+                out, inp = d.shape
+                if self.candidates in ("rows", "rows_cols", "all"):
+                    keep = torch.nonzero(row_red > 0).squeeze(1)
+                    parts.append(Candidates.of(row_red[keep], self.slot_nbytes(inp), layer.index, e, pi, ROW, keep))
+                if self.candidates in ("rows_cols", "all"):
+                    keep = torch.nonzero(col_red > 0).squeeze(1)
+                    parts.append(Candidates.of(col_red[keep], self.slot_nbytes(out), layer.index, e, pi, COLUMN, keep))
+                bits = self.target.bq_bits(key)
+                if self.candidates in ("experts8", "all") and bits < 8:
+                    d8 = master - quantize_rtn(master, spec8).dequantize()
+                    expert_err8 += _reductions(d8, hess, diag, gain)[2]
+                    expert_extra += (8 - bits) * out * inp // 8   # 8-bit codes replace the BQ codes in place
+            if expert_extra > 0 and expert_err > expert_err8:
+                parts.append(Candidates.of(torch.tensor([expert_err - expert_err8], device=device), expert_extra,
+                                           layer.index, e, -1, EXPERT, torch.tensor([-1], device=device)))
+        return (Candidates.cat(parts) if parts else Candidates.empty(device)), total
 
-    def _plan_writes(self, chosen: list) -> tuple[list, list[Slot]]:
-        """(slot, values) writes that turn the active slots into `chosen`: BQ values back first."""
-        writes = [(s, s.bq) for s in reversed(self.slots)]
-        new_slots, bq_cache = [], {}
-        spec8 = QSpec(8, self.plan.default.group_size, self.plan.default.sym)
-        for _, _, kind, key, j in chosen:
-            keys = [(key[0], key[1], p) for p in PROJECTIONS] if kind == EXPERT else [key]
-            for k in keys:
-                if k not in bq_cache:
-                    bq_cache[k] = self.bq_weight(k).cpu()
-                slot = Slot(k, kind, j)
-                slot.bq = slot.read(bq_cache[k])
-                master = self.master.weights[k]
-                if kind == EXPERT:
-                    values = quantize_rtn(master.float(), spec8).dequantize()
-                elif self.slot_bits == 8:  # the slice on its own 8-bit grid (groups along it)
-                    values = quantize_rtn(slot.read(master).float()[None], spec8).dequantize()[0]
-                else:
-                    values = slot.read(master)
-                writes.append((slot, values))
-                new_slots.append(slot)
-        return writes, new_slots
+    # --- the slot set -----------------------------------------------------------------------
 
-    def _commit(self, writes: list) -> None:
-        """Every write, or none: on failure the touched slices are put back in reverse order."""
-        done = []
-        try:
-            for slot, values in writes:
-                weight = self.weight(slot.key)
-                previous = slot.read(weight)
-                _write(weight, slot, values)
-                done.append((slot, previous))
-        except BaseException:
-            for slot, previous in reversed(done):
-                slot.write(self.weight(slot.key), previous)
-            raise
+    def build_set(self, chosen: Candidates) -> SlotSet:
+        """The chosen pieces' values: per (layer, projection) the row deltas, then the column deltas measured
+        after the rows were applied; whole 8-bit matrices for raised experts."""
+        chosen = chosen.to("cpu")
+        slot_set = SlotSet(group_size=self.group_size, slot_bits=self.slot_bits)
+        spec8 = QSpec(8, self.group_size)
+        for i in sorted(set(chosen.layer.tolist())):
+            layer = self.layers[i]
+            here = chosen.take(chosen.layer == i)
+            groups = {}
+            for e in here.expert[here.kind == EXPERT].tolist():
+                for p in PROJECTIONS:
+                    slot_set.experts8[(i, e, p)] = quantize_rtn(self.master.get((i, e, p)).float(), spec8)
+            for pi, p in enumerate(PROJECTIONS):
+                mine = here.take(here.proj == pi)
+                if not len(mine):
+                    continue
+                row_parts, col_parts = [], []
+                for e in sorted(set(mine.expert.tolist())):
+                    key = (i, e, p)
+                    bq = self.target.bq(key)
+                    master = self.master.get(key).to(bq.device, torch.float32)
+                    rows = mine.index[(mine.expert == e) & (mine.kind == ROW)].long().sort().values.to(bq.device)
+                    cols = mine.index[(mine.expert == e) & (mine.kind == COLUMN)].long().sort().values.to(bq.device)
+                    row_deltas = master[rows] - bq[rows]
+                    # the columns see the rows as the slot table will hold them (quantized per slot, so the
+                    # group built below holds exactly these values)
+                    bq[rows] += dequantize_deltas(*quantize_deltas(row_deltas, self.slot_bits, self.group_size),
+                                                  self.group_size)
+                    row_parts.append((e, rows, row_deltas))
+                    col_parts.append((e, cols, (master[:, cols] - bq[:, cols]).T))
+                rows_group = self._group(layer.n_experts, row_parts)
+                cols_group = self._group(layer.n_experts, col_parts)
+                if rows_group is not None:
+                    groups[(p, "rows")] = rows_group
+                if cols_group is not None:
+                    groups[(p, "cols")] = cols_group
+            if groups:
+                slot_set.tables[i] = SlotTable(layer.n_experts, groups)
+        return slot_set
+
+    def _group(self, n_experts: int, parts: list):
+        """One SlotGroup from per-expert (expert, indices, deltas [n, L]) parts; None when they hold no slot."""
+        from dynamo_kernels.slots import SlotGroup
+
+        if not any(idx.numel() for _, idx, _ in parts):
+            return None
+        expert = torch.cat([torch.full((idx.numel(),), e, dtype=torch.int64) for e, idx, _ in parts])
+        index = torch.cat([idx.cpu() for _, idx, _ in parts])
+        deltas = torch.cat([d.float().cpu() for _, _, d in parts])
+        device = parts[0][1].device
+        return SlotGroup.build(n_experts, expert.to(device), index.to(device), deltas.to(device), self.slot_bits,
+                               self.group_size)
 
     # --- accounting -------------------------------------------------------------------------
 
@@ -330,41 +382,39 @@ class AdaptiveSwitcher:
         return length + -(-length // group) * 2 * VALUE_BYTES + INDEX_BYTES
 
     def extra_nbytes(self) -> int:
-        total = 0
-        for s in self.slots:
-            out, inp = self.master.weights[s.key].shape
-            if s.kind == ROW:
-                total += self.slot_nbytes(inp)
-            elif s.kind == COLUMN:
-                total += self.slot_nbytes(out)
-            else:
-                total += (8 - self.bq_bits[s.key]) * out * inp // 8
-        return total
+        """Device bytes of the active slots (raised experts: their codes' bytes over BQ's)."""
+        if self.active is None:
+            return 0
+        raised = sum((8 - self.target.bq_bits(k)) * q.codes.numel() // 8 for k, q in self.active.experts8.items())
+        return sum(t.nbytes for t in self.active.tables.values()) + raised
 
     def exact_bits(self) -> float:
-        """Per routed-expert weight, the code width the model holds (slots at 16, or 8 for experts)."""
-        bits = {k: torch.full(self.master.weights[k].shape, float(b)) for k, b in self.bq_bits.items()
-                if any(s.key == k for s in self.slots)}
-        for s in self.slots:
-            width = 8.0 if s.kind == EXPERT else float(self.slot_bits)
-            s.write(bits[s.key], torch.tensor(width).expand_as(s.read(bits[s.key])))
-        total = sum(self.master.weights[k].numel() for k in self.bq_bits)
-        exact = sum(b * self.master.weights[k].numel() for k, b in self.bq_bits.items() if k not in bits)
-        exact += sum(float(t.sum()) for t in bits.values())
-        return exact / total
+        """Per routed-expert weight: the BQ code width (8 for raised experts) plus the slots' code bits."""
+        bits = sum(self.target.bq_bits(k) * a * b for k in self.master.keys() for a, b in [self.master.shape(k)])
+        if self.active is not None:
+            bits += sum((8 - self.target.bq_bits(k)) * q.codes.numel() for k, q in self.active.experts8.items())
+            bits += self.slot_bits * self.active.slot_values()
+        return bits / self.routed_weights
 
-    def _report(self, _unused, expected: float, profile_s: float, select_s: float, write_s: float,
+    def _top(self, chosen: Candidates) -> list[dict]:
+        ratio = chosen.gain / chosen.cost.float()
+        order = torch.argsort(ratio, descending=True)[:5].tolist()
+        return [{"kind": KIND_NAMES[int(chosen.kind[j])], "layer": int(chosen.layer[j]),
+                 "expert": int(chosen.expert[j]),
+                 "projection": PROJECTIONS[int(chosen.proj[j])] if int(chosen.proj[j]) >= 0 else "*",
+                 "index": int(chosen.index[j]), "reduction_per_byte": float(ratio[j])} for j in order]
+
+    def _report(self, expected: float, profile_s: float, select_s: float, write_s: float,
                 written: int) -> AdaptiveReport:
-        kinds = {"rows": ROW, "columns": COLUMN, "experts8": EXPERT}
-        counts = {name: sum(1 for s in self.slots if s.kind == k) for name, k in kinds.items()}
-        counts["experts8"] //= len(PROJECTIONS)
-        return AdaptiveReport(slots=counts, extra_nbytes=self.extra_nbytes(), budget_nbytes=self.budget_nbytes,
-                              expected_reduction=expected, profile_s=profile_s, select_s=select_s, write_s=write_s,
-                              experts_changed=len({s.key[:2] for s in self.slots}), exact_bits=self.exact_bits(),
-                              weights_rewritten=written)
+        active = self.active or SlotSet()
+        return AdaptiveReport(slots=active.counts(), extra_nbytes=self.extra_nbytes(),
+                              budget_nbytes=self.budget_nbytes, expected_reduction=expected, profile_s=profile_s,
+                              select_s=select_s, write_s=write_s, experts_changed=active.experts_changed(),
+                              exact_bits=self.exact_bits(), weights_rewritten=written)
 
     def summary(self) -> dict:
         return {"policy": "adaptive", "candidates": self.candidates, "scoring": self.scoring, "slot_bits": self.slot_bits,
                 "budget_frac": self.budget_frac, "budget_nbytes": self.budget_nbytes,
                 "expert_fp16_nbytes": self.master.fp16_nbytes, "master_nbytes": self.master.nbytes,
-                "master_location": "host"}
+                "master_location": self.master.location, "model_form": self.target.form}
+

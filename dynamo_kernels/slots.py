@@ -1,0 +1,195 @@
+"""The adaptive switch's slots on a packed layer: additive corrections beside the packed codes.
+
+DQS (dynamo.switching.adaptive) restores a few rows and input columns of each expert matrix
+per dataset. A packed matrix cannot hold them at another width than its codes, so a packed
+layer keeps them apart, in a `SlotTable`, as *corrections* of the BQ weight:
+
+    row slot (r, delta [K]):  y[:, r] += x @ delta          (output row r of W gets W_bq[r] + delta)
+    column slot (j, delta [N]): y += x[:, j] * delta        (input column j gets W_bq[:, j] + delta)
+
+so the packed layer computes x @ (W_bq + P_R D_R + D_C P_C)^T, exactly what the fake-quantized
+model holds after the switch wrote the same deltas into its dense weight (rows first, then
+columns; a column's delta was measured after the rows were applied). The codes are never
+touched: a switch replaces the table's small tensors, a switch back to BQ empties it.
+
+Deltas are stored as 8-bit codes with an fp16 scale and zero per group along the slot
+(`bits=8`, about one byte a value) or as fp16 values (`bits=16`); the padding an expert
+without slots needs costs nothing, because slots are stored flat, sorted by expert, and
+gathered per routed row (`starts`/`counts`) with no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .projections import PROJECTIONS
+
+KINDS = ("rows", "cols")
+GATHER_ELEMENTS = 1 << 24  # delta values gathered per chunk of routed rows (64 MiB in fp32)
+SLOT_BITS = (8, 16)
+
+
+def _groups(length: int, group_size: int) -> int:
+    return 1 if group_size == -1 else -(-length // group_size)
+
+
+def quantize_deltas(deltas: torch.Tensor, bits: int, group_size: int) -> tuple:
+    """deltas [S, L] -> (codes, scales, zeros): 8-bit RTN codes (uint8) with fp16 scale and zero per
+    group of `group_size` values along L (asymmetric); 16 bits: fp16 values, no scales."""
+    if bits == 16:
+        return deltas.to(torch.float16), None, None
+    if bits != 8:
+        raise ValueError(f"slot deltas are held at 8 or 16 bits, got {bits}")
+    s, length = deltas.shape
+    group = length if group_size == -1 else group_size
+    pad = -length % group
+    w = torch.nn.functional.pad(deltas.float(), (0, pad)).view(s, (length + pad) // group, group)
+    xmin, xmax = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    scale = ((xmax - xmin) / 255).to(torch.float16)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group (or fp16 underflow)
+    zero = torch.round(-xmin / scale.float()).clamp(0, 255)
+    codes = torch.clamp(torch.round(w / scale.float()[..., None]) + zero[..., None], 0, 255)
+    codes = codes.reshape(s, length + pad)[:, :length].to(torch.uint8)
+    return codes, scale, zero.to(torch.float16)
+
+
+def dequantize_deltas(codes: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
+                      group_size: int) -> torch.Tensor:
+    """The float32 deltas of (codes [..., L], scales / zeros [..., G]) as `quantize_deltas` wrote them."""
+    if scales is None:
+        return codes.float()
+    length = codes.shape[-1]
+    group = length if group_size == -1 else group_size
+    g = torch.arange(length, device=codes.device) // group
+    return scales.float()[..., g] * (codes.float() - zeros.float()[..., g])
+
+
+@dataclass
+class SlotGroup:
+    """The slots of one kind (rows or columns) of one projection of a layer, sorted by expert."""
+
+    expert: torch.Tensor          # [S] int64, ascending
+    index: torch.Tensor           # [S] int64 the row (rows) or input column (cols) of each slot
+    codes: torch.Tensor           # [S, L] uint8 (8 bits) or float16 (16 bits); L = K for rows, N for cols
+    scales: torch.Tensor | None   # [S, G] float16 (8 bits)
+    zeros: torch.Tensor | None    # [S, G] float16, integer-valued (8 bits)
+    group_size: int
+    starts: torch.Tensor          # [E] int64 first slot of each expert
+    counts: torch.Tensor          # [E] int64 slots of each expert
+    widest: int                   # max(counts): slots gathered per routed row
+
+    @classmethod
+    def build(cls, n_experts: int, expert: torch.Tensor, index: torch.Tensor, deltas: torch.Tensor, bits: int,
+              group_size: int) -> SlotGroup:
+        """From unsorted slots: expert [S], index [S] and their float deltas [S, L]."""
+        order = torch.argsort(expert * (index.max() + 1 if index.numel() else 1) + index)
+        expert, index, deltas = expert[order].long(), index[order].long(), deltas[order]
+        codes, scales, zeros = quantize_deltas(deltas, bits, group_size)
+        counts = torch.bincount(expert, minlength=n_experts)
+        return cls(expert, index, codes, scales, zeros, group_size, torch.cumsum(counts, 0) - counts, counts,
+                   int(counts.max()) if counts.numel() else 0)
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.scales is not None else 16
+
+    @property
+    def length(self) -> int:
+        return int(self.codes.shape[1])
+
+    def deltas(self) -> torch.Tensor:
+        """[S, L] float32: what each slot adds to its row or column."""
+        return dequantize_deltas(self.codes, self.scales, self.zeros, self.group_size)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"expert": self.expert, "index": self.index, "codes": self.codes}
+        if self.scales is not None:
+            out |= {"scales": self.scales, "zeros": self.zeros}
+        return out
+
+    @classmethod
+    def from_tensors(cls, n_experts: int, tensors: dict[str, torch.Tensor], group_size: int) -> SlotGroup:
+        expert = tensors["expert"].long()
+        if expert.numel() > 1 and bool((expert[1:] < expert[:-1]).any()):
+            raise ValueError("slot experts must be sorted")
+        counts = torch.bincount(expert, minlength=n_experts)
+        return cls(expert, tensors["index"].long(), tensors["codes"], tensors.get("scales"), tensors.get("zeros"),
+                   group_size, torch.cumsum(counts, 0) - counts, counts, int(counts.max()) if counts.numel() else 0)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes: the codes (or values), scales and zeros, and one int32 index a slot."""
+        payload = sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros) if t is not None)
+        return payload + 4 * int(self.index.numel())
+
+    def to(self, device) -> SlotGroup:
+        move = (lambda t: None if t is None else t.to(device))
+        return SlotGroup(move(self.expert), move(self.index), move(self.codes), move(self.scales), move(self.zeros),
+                         self.group_size, move(self.starts), move(self.counts), self.widest)
+
+    def _gather(self, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For routed rows of `experts` [R]: slot positions [R, widest], validity, and the deltas [R, widest, L]
+        (zero where invalid)."""
+        slot = torch.arange(self.widest, device=experts.device)
+        valid = slot[None, :] < self.counts[experts][:, None]
+        pos = torch.where(valid, self.starts[experts][:, None] + slot[None, :], 0)
+        codes = self.codes[pos]
+        scales = None if self.scales is None else self.scales[pos]
+        zeros = None if self.zeros is None else self.zeros[pos]
+        deltas = dequantize_deltas(codes, scales, zeros, self.group_size) * valid[..., None]
+        return pos, valid, deltas
+
+    def add_to(self, kind: str, experts: torch.Tensor, x: torch.Tensor, in_div: int, out: torch.Tensor,
+               col_offset: int, width: int) -> None:
+        """Every routed row at once: out[r, col_offset:col_offset + width] += its expert's slot corrections of
+        x[r // in_div]. Rows go in chunks that bound the gathered [rows, widest, L] deltas."""
+        if not self.widest or not experts.numel():
+            return
+        step = max(1, GATHER_ELEMENTS // (self.widest * self.length))
+        for start in range(0, experts.numel(), step):
+            stop = min(start + step, experts.numel())  # Python ints: slicing must not read the device
+            rows = torch.arange(start, stop, device=experts.device)
+            xs = x[rows // in_div].float()
+            pos, valid, deltas = self._gather(experts[start:stop])
+            target = out[start:stop, col_offset:col_offset + width]
+            if kind == "rows":  # [R, widest] outputs of the slot rows, added at their row indices
+                added = torch.bmm(deltas, xs.unsqueeze(-1)).squeeze(-1)
+                target.scatter_add_(1, self.index[pos], added.to(out.dtype))
+            else:  # x's slot columns [R, widest] times their deltas [R, widest, N]
+                picked = torch.gather(xs, 1, self.index[pos]) * valid
+                target += torch.bmm(picked.unsqueeze(1), deltas).squeeze(1).to(out.dtype)
+
+
+@dataclass
+class SlotTable:
+    """A packed layer's active slots: per projection, row slots and column slots (either may be None)."""
+
+    n_experts: int
+    groups: dict[tuple[str, str], SlotGroup]   # (projection, kind) -> slots
+
+    def __post_init__(self):
+        for (p, kind) in self.groups:
+            if p not in PROJECTIONS or kind not in KINDS:
+                raise ValueError(f"unknown slot group ({p}, {kind})")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.nbytes for g in self.groups.values())
+
+    def to(self, device) -> SlotTable:
+        return SlotTable(self.n_experts, {k: g.to(device) for k, g in self.groups.items()})
+
+    def add(self, projection: str, experts: torch.Tensor, x: torch.Tensor, in_div: int, out: torch.Tensor,
+            col_offset: int, width: int) -> None:
+        """The projection's slot corrections for every routed row (row r's expert: experts[r])."""
+        for kind in KINDS:
+            group = self.groups.get((projection, kind))
+            if group is not None:
+                group.add_to(kind, experts, x, in_div, out, col_offset, width)
+
+    def add_expert(self, projection: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One expert's corrections on its own rows x [m, K] -> y [m, N] (the expert-by-expert reference)."""
+        experts = torch.full((x.shape[0],), expert, dtype=torch.int64, device=x.device)
+        self.add(projection, experts, x, 1, y, 0, y.shape[1])
