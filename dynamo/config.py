@@ -157,6 +157,11 @@ class SwitchScoring(Enum):
     local = "local"            # the diagonal, each projection's error in its own output space
 
 
+class MasterLocation(Enum):
+    host = "host"              # a copy of the experts in host RAM, in the model's dtype, taken before quantizing
+    disk = "disk"              # read by slice from the checkpoint's safetensors when a switch needs them
+
+
 @dataclass
 class SwitchingConfig:
     """DynaMo's online stage (spec Step 3, DQS). `policy` picks what a switch restores:
@@ -169,6 +174,7 @@ class SwitchingConfig:
     candidates: SwitchCandidates = SwitchCandidates.rows_cols
     scoring: SwitchScoring = SwitchScoring.hessian
     slot_bits: int = 8                      # adaptive: rows/columns restored as RTN-8 (8, half the bytes) or FP16 (16)
+    master: MasterLocation = MasterLocation.host  # adaptive: where the FP16 experts a switch restores from live
     channel_mode: ChannelMode = ChannelMode.fp16
     mix: float = 1.0                        # paper: weight of the new dataset's significance against the known
                                             #   ones (1.0: the paper re-clusters on the new dataset alone)

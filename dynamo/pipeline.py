@@ -265,6 +265,7 @@ def switch_step(switcher, tokens: RunTokens, analysis: AnalysisConfig, switching
     sample = OmegaConf.merge(analysis, {"windows": switching.sample_windows})
     windows = calibration_windows(tokens, [name], sample, node="analysis")[name]
     report = switcher.switch_to(windows)
+    switcher.remember(name)
     summary = report.to_dict()
     summary.pop("shares", None)
     summary.pop("top", None)

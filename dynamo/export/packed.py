@@ -18,6 +18,7 @@ from ..config import AnalysisConfig, ChannelUnit, ModelConfig, QuantConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .files import atomic_dir, carry_training_record, nbytes, training_record
+from ..switching.slotset import SLOT_SETS_DIR, packed_fingerprint, save_slot_set
 from .guard import guard_checkpoint
 
 EXPORT_DIR = "packed_model"
@@ -36,6 +37,12 @@ With the harness on the Python path (no remote code needed):
     model = load_packed("<this folder>")
 
 or evaluate it with `python run.py model=local model.path=<this folder> quant=fp16`.
+A `slot_sets/` folder, when present, holds the adaptive DQS slot set of each dataset the run switched
+to; a reloaded model switches to one by name (a copy into its slot tables):
+
+    from dynamo.switching.adaptive import AdaptiveSwitcher
+    switcher = AdaptiveSwitcher.for_saved_sets(model, "<this folder>/slot_sets")
+    switcher.switch_to_saved("<dataset>")
 For a checkpoint that lm-eval, vLLM or a notebook loads without the harness, export the run with
 `quant.export=dequantized` (same values, no memory saving).
 """
@@ -61,26 +68,45 @@ def write(loaded, stage, quant: QuantConfig, model_cfg: ModelConfig, run_dir: Pa
     if codes is None:
         raise UserError("quant.export=packed: the quantizer kept no codes")
     model = loaded.model
-    cache = None
+    cache, slot_sets = None, {}
     if stage.switcher is not None:
         stage.switcher.restore_bq()
-        # the paper policy's channel cache travels as packed channel rows; the adaptive policy's slots
-        # (chosen per dataset at run time, rows and columns) have no packed layout yet: BQ alone is exported
+        # the paper policy's channel cache travels as packed channel rows; the adaptive policy's per-dataset
+        # slot sets (each evaluated dataset's, kept by the switcher) go to slot_sets/ beside the checkpoint
         cache = getattr(stage.switcher, "cache", None)
+        slot_sets = getattr(stage.switcher, "history", {})
     attach_packed(model, pack_experts(model, codes, cache))
     del codes
     target = run_dir / EXPORT_DIR
-    save_packed(model, loaded.tokenizer, target, training_record(model_cfg))
+    meta = {**stage.switcher.summary(), "master": _master_hint(model_cfg)} if slot_sets else {}
+    save_packed(model, loaded.tokenizer, target, training_record(model_cfg), slot_sets, meta)
     dqs = ("paper channel rows" if cache is not None else
-           "none: adaptive slots are not packed yet" if stage.switcher is not None else "none")
-    return _memory(model, stage.quantization["bits"]) | {"dqs": dqs, "path": EXPORT_DIR,
-                                                         "checkpoint_nbytes": nbytes(target)}
+           f"adaptive slot sets: {', '.join(sorted(slot_sets))}" if slot_sets else
+           "none: no dataset was switched to" if stage.switcher is not None else "none")
+    out = _memory(model, stage.quantization["bits"]) | {"dqs": dqs, "path": EXPORT_DIR,
+                                                        "checkpoint_nbytes": nbytes(target)}
+    if slot_sets:
+        out["slot_sets"] = {"path": f"{EXPORT_DIR}/{SLOT_SETS_DIR}", "names": sorted(slot_sets),
+                            "nbytes": nbytes(target / SLOT_SETS_DIR)}
+    return out
 
 
-def save_packed(model, tokenizer, target: Path, training: Path | None = None) -> None:
+def _master_hint(model_cfg: ModelConfig) -> str | None:
+    """Where a reloaded model can read the FP16 experts to switch to new windows (a local checkpoint)."""
+    path = Path(str(model_cfg.path))
+    return str(path.resolve()) if path.is_dir() else None
+
+
+def save_packed(model, tokenizer, target: Path, training: Path | None = None, slot_sets: dict | None = None,
+                meta: dict | None = None) -> None:
     """save_pretrained of a model with attached packed experts, behind the loading guard, all or nothing;
-    `training`: the source's training record, carried along (export.files.training_record)."""
+    `training`: the source's training record, carried along (export.files.training_record); `slot_sets`:
+    the adaptive switch's per-dataset sets (name -> SlotSet), written to slot_sets/ with `meta`."""
     with atomic_dir(target) as tmp:
+        if slot_sets:
+            fp = packed_fingerprint(model)
+            for name, slots in sorted(slot_sets.items()):
+                save_slot_set(tmp / SLOT_SETS_DIR, name, slots, fp, {**(meta or {}), "dataset": name})
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -169,7 +169,8 @@ class AdaptiveSwitcher:
             raise UserError(f"quant.switching.budget_frac must be in (0, 1), got {budget_frac}")
         if slot_bits not in (16, 8):
             raise UserError(f"quant.switching.slot_bits must be 16 or 8, got {slot_bits}")
-        master.validate(model)
+        if master is not None:
+            master.validate(model)
         self.model, self.master = model, master
         self.target = target_for(model, plan)
         if candidates in ("experts8", "all") and isinstance(self.target, PackedTarget):
@@ -178,11 +179,17 @@ class AdaptiveSwitcher:
         self.candidates, self.scoring, self.batch_size = candidates, scoring, batch_size
         self.budget_frac, self.slot_bits = float(budget_frac), int(slot_bits)
         self.group_size = self.target.group_size
-        self.budget_nbytes = int(budget_frac * master.fp16_nbytes)
         self.layers = {layer.index: layer for layer in moe_layers(model)}
+        self.shapes: dict[Key, tuple[int, int]] = {
+            (i, e, p): ((layer.hidden_size, layer.intermediate_size) if p == "down"
+                        else (layer.intermediate_size, layer.hidden_size))
+            for i, layer in self.layers.items() for e in range(layer.n_experts) for p in PROJECTIONS}
+        self.routed_weights = sum(a * b for a, b in self.shapes.values())
+        self.fp16_nbytes = self.routed_weights * VALUE_BYTES
+        self.budget_nbytes = int(budget_frac * self.fp16_nbytes)
         self.vocab = model.get_input_embeddings().num_embeddings
-        self.routed_weights = sum(a * b for a, b in (master.shape(k) for k in master.keys()))
         self.active: SlotSet | None = None
+        self.history: dict[str, SlotSet] = {}   # the sets `remember` kept, by dataset name (host memory)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -207,8 +214,47 @@ class AdaptiveSwitcher:
 
     # --- the switch -------------------------------------------------------------------------
 
+    @classmethod
+    def for_saved_sets(cls, model, folder, master=None, batch_size: int = 8) -> AdaptiveSwitcher:
+        """A switcher for a reloaded packed model with the settings its saved sets were made with
+        (`folder`: the export's slot_sets/). `master` is needed only to switch to new windows."""
+        from pathlib import Path
+
+        from .slotset import saved_entry
+
+        entry = saved_entry(Path(folder))
+        switcher = cls(model, None, master, budget_frac=entry["budget_frac"], candidates=entry["candidates"],
+                       scoring=entry["scoring"], slot_bits=int(entry["slot_bits"]), batch_size=batch_size)
+        switcher.folder = Path(folder)
+        return switcher
+
+    def switch_to_saved(self, name: str, folder=None) -> AdaptiveReport:
+        """Switch a packed model to a saved set by name: a checked load and a copy into the slot tables."""
+        from pathlib import Path
+
+        from .slotset import load_slot_set, packed_fingerprint
+
+        folder = Path(folder) if folder is not None else getattr(self, "folder", None)
+        if folder is None:
+            raise UserError("switch_to_saved needs the slot_sets folder (for_saved_sets(model, folder) keeps it)")
+        t0 = time.perf_counter()
+        n_experts = {i: layer.n_experts for i, layer in self.layers.items()}
+        slot_set = load_slot_set(folder, name, packed_fingerprint(self.model), n_experts)
+        report = self.switch_to_set(slot_set.to(self.target.device(next(iter(self.shapes)))), name)
+        report.write_s = time.perf_counter() - t0  # the load from disk included
+        return report
+
+    def remember(self, name: str) -> None:
+        """Keep the active set under `name` (host memory), for the export's slot_sets/."""
+        if self.active is not None:
+            self.history[name] = self.active.to("cpu")
+
     def switch_to(self, windows: torch.Tensor) -> AdaptiveReport:
         t0 = time.perf_counter()
+        if self.master is None:
+            raise UserError("a switch to new windows restores from the experts' FP16 weights: give the switcher a "
+                            "master (dynamo.switching.master.DiskMaster(<the FP16 checkpoint>, model)), or switch "
+                            "to a saved set by name")
         windows = check_token_windows(windows, self.vocab)
         chosen, expected, held, select_s = self._select_streaming(windows)
         t1 = time.perf_counter()
@@ -390,7 +436,7 @@ class AdaptiveSwitcher:
 
     def exact_bits(self) -> float:
         """Per routed-expert weight: the BQ code width (8 for raised experts) plus the slots' code bits."""
-        bits = sum(self.target.bq_bits(k) * a * b for k in self.master.keys() for a, b in [self.master.shape(k)])
+        bits = sum(self.target.bq_bits(k) * a * b for k, (a, b) in self.shapes.items())
         if self.active is not None:
             bits += sum((8 - self.target.bq_bits(k)) * q.codes.numel() for k, q in self.active.experts8.items())
             bits += self.slot_bits * self.active.slot_values()
@@ -415,6 +461,6 @@ class AdaptiveSwitcher:
     def summary(self) -> dict:
         return {"policy": "adaptive", "candidates": self.candidates, "scoring": self.scoring, "slot_bits": self.slot_bits,
                 "budget_frac": self.budget_frac, "budget_nbytes": self.budget_nbytes,
-                "expert_fp16_nbytes": self.master.fp16_nbytes, "master_nbytes": self.master.nbytes,
-                "master_location": self.master.location, "model_form": self.target.form}
+                "expert_fp16_nbytes": self.fp16_nbytes, "master_nbytes": self.master.nbytes if self.master else 0,
+                "master_location": self.master.location if self.master else "none", "model_form": self.target.form}
 

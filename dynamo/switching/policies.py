@@ -22,8 +22,10 @@ class AdaptivePolicy:
 
     @staticmethod
     def prepare(model, quant, analysis, significance, run_dir: Path):
-        from .adaptive import ExpertMaster
+        from .master import DiskMaster, ExpertMaster
 
+        if quant.switching.master.value == "disk":  # the checkpoint the model was loaded from
+            return DiskMaster(getattr(model, "name_or_path", "") or model.config._name_or_path, model)
         return ExpertMaster(model)
 
     @staticmethod

@@ -105,6 +105,23 @@ def fingerprint(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
+def packed_fingerprint(model) -> str:
+    """What a slot set depends on in a packed model: its type and sizes, every layer's packed layout (the
+    plan's widths and groups) and a digest of each layer's first packed scales (the BQ values themselves:
+    the same plan on another checkpoint gets another fingerprint). Cheap: no codes are read."""
+    from ..packed.model import packed_modules
+
+    config = getattr(model.config, "text_config", None) or model.config
+    layers = {}
+    for i, module in packed_modules(model).items():
+        stacks = [s for s in module.experts().stages["gate_up"] if not s.is_dense]
+        digest = (hashlib.sha256(stacks[0].scales[0].detach().cpu().numpy().tobytes()).hexdigest()
+                  if stacks else None)
+        layers[str(i)] = {"layout": module.layout, "scales_sha256": digest}
+    return fingerprint({"model_type": config.model_type, "hidden_size": config.hidden_size,
+                        "vocab_size": config.vocab_size, "layers": layers})
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -141,6 +158,16 @@ def _read_index(folder: Path) -> dict:
 
 def saved_names(folder: Path) -> list[str]:
     return sorted(_read_index(folder)["sets"]) if (folder / INDEX).is_file() else []
+
+
+def saved_entry(folder: Path, name: str | None = None) -> dict:
+    """The index entry of `name` (default: any one; they share the switch's settings)."""
+    if not (folder / INDEX).is_file():
+        raise UserError(f"no saved slot sets in {folder} (no {INDEX}); a run with quant.export=packed writes them")
+    sets = _read_index(folder)["sets"]
+    if not sets:
+        raise UserError(f"{folder / INDEX} lists no slot sets")
+    return sets[name] if name in sets else next(iter(sets.values()))
 
 
 def load_slot_set(folder: Path, name: str, model_fingerprint: str, n_experts: dict[int, int]) -> SlotSet:

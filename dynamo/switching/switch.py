@@ -228,6 +228,10 @@ class DynamicSwitcher:
                 QSpec(int(w))  # a supported width, or a clear ValueError
         return self._switch(widths, {}, profile_s=0.0, allocate_s=0.0)
 
+    def remember(self, name: str) -> None:
+        """The switch protocol's hook for keeping a dataset's state (the adaptive policy's slot sets): the
+        paper's switch keeps nothing per dataset (its cache is fixed)."""
+
     def restore_bq(self) -> SwitchReport:
         """Back to the baseline: every expert at its BQ width, its cached channels as at construction."""
         return self._apply(dict(self.bq), {}, profile_s=0.0, allocate_s=0.0)
