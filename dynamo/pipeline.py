@@ -264,7 +264,7 @@ def switch_step(switcher, tokens: RunTokens, analysis: AnalysisConfig, switching
 
     sample = OmegaConf.merge(analysis, {"windows": switching.sample_windows})
     windows = calibration_windows(tokens, [name], sample, node="analysis")[name]
-    report = switcher.switch_to(windows)
+    report = switcher.switch_for(name, windows)
     switcher.remember(name)
     summary = report.to_dict()
     summary.pop("shares", None)
@@ -342,6 +342,9 @@ def check_switching(cfg: DictConfig) -> None:
         return
     from .quant.stage import needs_analysis
 
+    if cfg.quant.method == "none":  # a packed checkpoint that carries its slot sets switches with them
+        saved_slot_sets(cfg.model)
+        return
     if not needs_analysis(cfg.quant):
         raise UserError("quant.switching.enabled=true needs a DynaMo allocation (a quant.allocation.method that "
                         "needs significance: fcm, budget) and no quant.plan file")
@@ -360,6 +363,8 @@ def quantize_or_calibrate(loaded, tokens: RunTokens, cfg: DictConfig, run_dir: P
     """The quantization stage (after DynaMo's analysis when its allocation needs it, with the FP16
     channel cache when DQS is on, and with the calibration its method needs), or calibration alone."""
     known = known_datasets(cfg.dataset)
+    if cfg.quant.method == "none" and cfg.quant.switching.enabled:
+        return packed_switching_stage(loaded, cfg)
     if cfg.quant.method == "none":
         if not cfg.calib.enabled:
             return QuantStage()
@@ -402,6 +407,37 @@ def quantize_or_calibrate(loaded, tokens: RunTokens, cfg: DictConfig, run_dir: P
         calibration = report_coverage(result.stats, list(cfg.calib.datasets or known), run_dir)
     return QuantStage(calibration=calibration, quantization=result.summary, analysis=analysis, switcher=switcher,
                       cache_s=cache_s, timings=timings, codes=result.codes)
+
+
+def saved_slot_sets(model_cfg) -> Path:
+    """The slot_sets/ folder of a packed checkpoint (quant=packed_dqs), or one error line saying what is missing."""
+    folder = Path(str(model_cfg.path)) / "slot_sets"
+    if not (folder / "index.json").is_file():
+        raise UserError(f"quant.switching.enabled=true without quantizing (quant.method=none) serves a packed checkpoint's "
+                        f"saved slot sets; {model_cfg.path} has no slot_sets/index.json (export a DynaMo run with "
+                        f"quant.export=packed, or use quant=dynamo_3bit)")
+    return folder
+
+
+def packed_switching_stage(loaded, cfg: DictConfig) -> QuantStage:
+    """quant=packed_dqs: the adaptive switcher of a reloaded packed model, from its saved slot sets; a switch to a
+    dataset without a saved set (and the stream's detector-driven switches) profile new windows, reading the FP16
+    experts by slice from the checkpoint the export names (`master` in slot_sets/index.json)."""
+    from .switching.adaptive import AdaptiveSwitcher
+    from .switching.master import DiskMaster
+    from .switching.slotset import saved_entry
+
+    folder = saved_slot_sets(cfg.model)
+    if not is_packed(loaded.model.config):
+        raise UserError(f"quant=packed_dqs serves a packed checkpoint; {cfg.model.path} is not one")
+    hint = saved_entry(folder).get("master")
+    master = DiskMaster(hint, loaded.model) if hint and Path(hint).is_dir() else None
+    if master is None and cfg.eval.stream:
+        raise UserError(f"eval.stream switches to new windows, which needs the FP16 checkpoint the slot sets were made "
+                        f"from ({hint or 'not recorded'} is not a local folder)")
+    t = time.perf_counter()
+    switcher = AdaptiveSwitcher.for_saved_sets(loaded.model, folder, master, batch_size=cfg.analysis.batch_size)
+    return QuantStage(switcher=switcher, cache_s=time.perf_counter() - t)
 
 
 def run_analysis(loaded, tokens: RunTokens, cfg: DictConfig, run_dir: Path):

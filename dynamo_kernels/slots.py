@@ -47,7 +47,9 @@ def quantize_deltas(deltas: torch.Tensor, bits: int, group_size: int) -> tuple:
     pad = -length % group
     w = torch.nn.functional.pad(deltas.float(), (0, pad)).view(s, (length + pad) // group, group)
     xmin, xmax = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
-    scale = ((xmax - xmin) / 255).to(torch.float16)
+    exact = (xmax - xmin) / 255
+    scale = exact.to(torch.float16)  # rounded up where fp16 rounded down, so the group's range always fits
+    scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group (or fp16 underflow)
     zero = torch.round(-xmin / scale.float()).clamp(0, 255)
     codes = torch.clamp(torch.round(w / scale.float()[..., None]) + zero[..., None], 0, 255)
@@ -141,11 +143,37 @@ class SlotGroup:
         deltas = dequantize_deltas(codes, scales, zeros, self.group_size) * valid[..., None]
         return pos, valid, deltas
 
+    def add_expert(self, kind: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One expert's corrections on its own rows x [m, K] -> y [m, N]: one small matmul (reads the counts)."""
+        start, count = int(self.starts[expert]), int(self.counts[expert])
+        if not count or not x.shape[0]:
+            return
+        part = slice(start, start + count)
+        scales = None if self.scales is None else self.scales[part]
+        zeros = None if self.zeros is None else self.zeros[part]
+        deltas = dequantize_deltas(self.codes[part], scales, zeros, self.group_size)  # [count, L]
+        index = self.index[part]
+        if kind == "rows":
+            y.index_add_(1, index, (x.float() @ deltas.T).to(y.dtype))
+        else:
+            y += (x.float()[:, index] @ deltas).to(y.dtype)
+
     def add_to(self, kind: str, experts: torch.Tensor, x: torch.Tensor, in_div: int, out: torch.Tensor,
                col_offset: int, width: int) -> None:
         """Every routed row at once: out[r, col_offset:col_offset + width] += its expert's slot corrections of
-        x[r // in_div]. Rows go in chunks that bound the gathered [rows, widest, L] deltas."""
+        x[r // in_div]. Rows go in chunks that bound the gathered [rows, widest, L] deltas. Gathering repeats an
+        expert's deltas for each of its rows: right for decode (few rows, no host synchronisation); past one
+        chunk, the rows are grouped by expert instead (a matmul per expert, reading the counts on the host)."""
         if not self.widest or not experts.numel():
+            return
+        if experts.numel() * self.widest * self.length > GATHER_ELEMENTS:
+            xs = x[torch.arange(experts.numel(), device=x.device) // in_div]
+            target = out[:, col_offset:col_offset + width]
+            for e in torch.unique(experts).tolist():
+                rows = torch.nonzero(experts == e).squeeze(1)
+                part = target[rows]
+                self.add_expert(kind, e, xs[rows], part)
+                target[rows] = part
             return
         step = max(1, GATHER_ELEMENTS // (self.widest * self.length))
         for start in range(0, experts.numel(), step):
@@ -191,5 +219,7 @@ class SlotTable:
 
     def add_expert(self, projection: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """One expert's corrections on its own rows x [m, K] -> y [m, N] (the expert-by-expert reference)."""
-        experts = torch.full((x.shape[0],), expert, dtype=torch.int64, device=x.device)
-        self.add(projection, experts, x, 1, y, 0, y.shape[1])
+        for kind in KINDS:
+            group = self.groups.get((projection, kind))
+            if group is not None:
+                group.add_expert(kind, expert, x, y)

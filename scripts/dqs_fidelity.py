@@ -104,7 +104,14 @@ def main() -> None:
                         help="test windows per domain, evenly spaced over the split (0: all)")
     parser.add_argument("--domains", nargs="+", default=NOVEL)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="adaptive variants to run, as candidates/scoring/slot_bits (default: all of ADAPTIVE)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="an earlier JSON of this script: per shared variant and domain, the ratio of the damage "
+                             "each removes (new / baseline) is added to the output")
     args = parser.parse_args()
+    chosen_variants = ADAPTIVE if args.variants is None else [
+        (c, s, int(b)) for c, s, b in (v.split("/") for v in args.variants)]
     out = args.out or REPO / "results" / "diagnostics" / f"dqs_fidelity_{args.model}.json"
     started = time.perf_counter()
 
@@ -145,7 +152,7 @@ def main() -> None:
         adaptive = AdaptivePolicy.build(model, result.plan, significance, master, cfg.quant, cfg.analysis)
 
         variants = {"paper": (paper, None)}
-        variants.update({f"adaptive/{c}/{s}/{b}": (adaptive, (c, s, b)) for c, s, b in ADAPTIVE})
+        variants.update({f"adaptive/{c}/{s}/{b}": (adaptive, (c, s, b)) for c, s, b in chosen_variants})
         report = {d: {} for d in users}
         for d in users:
             bq = {split: evaluate(model, windows[d][split], reference, f"{d}/{split}") for split in ("calib", "test")}
@@ -198,9 +205,26 @@ def main() -> None:
         "domains_report": report, "wall_s": round(time.perf_counter() - started, 1),
         "threads": torch.get_num_threads(), "device": device_info(torch.device("cpu")), "versions": package_versions(),
     }
+    if args.baseline is not None:
+        summary["vs_baseline"] = against_baseline(report, args.baseline)
     write_json_atomic(out, summary)
     out.with_suffix(".md").write_text(markdown(summary, list(variants)))
     print(f"design choice (calib): {chosen}; wall {summary['wall_s']} s -> {out}")
+
+
+def against_baseline(report: dict, path: Path) -> dict:
+    """Per variant both runs hold and per domain: damage removed now / in the baseline, calib and test."""
+    import json
+
+    base = json.loads(path.read_text())["domains_report"]
+    out = {"baseline": str(path)}
+    for d, rows in report.items():
+        for name, row in rows.items():
+            if name.startswith("adaptive") and name in base.get(d, {}):
+                out.setdefault(name, {})[d] = {
+                    split: row[split]["damage_removed"]["estimate"] / base[d][name][split]["damage_removed"]["estimate"]
+                    for split in ("calib", "test")}
+    return out
 
 
 def markdown(summary: dict, variants: list[str]) -> str:

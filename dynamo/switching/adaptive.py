@@ -244,6 +244,16 @@ class AdaptiveSwitcher:
         report.write_s = time.perf_counter() - t0  # the load from disk included
         return report
 
+    def switch_for(self, name: str, windows: torch.Tensor) -> AdaptiveReport:
+        """Switch to dataset `name`: its saved set when this switcher was opened on saved sets holding one (a copy),
+        else a switch to its `windows`."""
+        from .slotset import saved_names
+
+        folder = getattr(self, "folder", None)
+        if folder is not None and name in saved_names(folder):
+            return self.switch_to_saved(name)
+        return self.switch_to(windows)
+
     def remember(self, name: str) -> None:
         """Keep the active set under `name` (host memory), for the export's slot_sets/."""
         if self.active is not None:
@@ -462,5 +472,6 @@ class AdaptiveSwitcher:
         return {"policy": "adaptive", "candidates": self.candidates, "scoring": self.scoring, "slot_bits": self.slot_bits,
                 "budget_frac": self.budget_frac, "budget_nbytes": self.budget_nbytes,
                 "expert_fp16_nbytes": self.fp16_nbytes, "master_nbytes": self.master.nbytes if self.master else 0,
-                "master_location": self.master.location if self.master else "none", "model_form": self.target.form}
+                "master_location": self.master.location if self.master else "none", "model_form": self.target.form,
+                "slot_sets": str(self.folder) if getattr(self, "folder", None) else None}
 

@@ -228,6 +228,10 @@ class DynamicSwitcher:
                 QSpec(int(w))  # a supported width, or a clear ValueError
         return self._switch(widths, {}, profile_s=0.0, allocate_s=0.0)
 
+    def switch_for(self, name: str, windows: torch.Tensor) -> SwitchReport:
+        """The switch protocol's per-dataset entry: this switch always profiles `windows`."""
+        return self.switch_to(windows)
+
     def remember(self, name: str) -> None:
         """The switch protocol's hook for keeping a dataset's state (the adaptive policy's slot sets): the
         paper's switch keeps nothing per dataset (its cache is fixed)."""
