@@ -322,6 +322,8 @@ def evaluate_stream(loaded, tokens: RunTokens, eval_cfg: EvalConfig, d: Detector
                 kl = f"  KL {seg['kl']:.5f}"
         log.info("stream %-12s batches %3d-%3d  ppl %9.3f  switches at %s%s", segment.dataset, segment.first_batch,
                  segment.first_batch + segment.batches - 1, segment.ppl, segment.switches or "-", kl)
+    log.info("stream: %d switch(es), %.1f%% of the online time (serving %.2f s, switching %.2f s; the paper: "
+             "7.7-10.7%%)", len(report.events), 100 * report.switch_share, report.serve_s, report.switch_s)
     for event in out["events"]:  # keep the record readable: the switch's widths live in the run log
         if event["switch"] is not None:
             event["switch"] = {k: event["switch"][k] for k in ("experts_changed", "total_s", "exact_bits")}

@@ -237,3 +237,30 @@ def test_dequantized_export_of_a_dqs_run_is_the_switched_model_any_tool_loads(tm
     ppl = token_perplexity(model, windows, batch_size=4).ppl
     assert ppl == pytest.approx(record["metrics"]["ppl"]["chat"], rel=1e-5)
     assert ppl != pytest.approx(record["metrics"]["ppl_bq"]["chat"], rel=1e-5)  # the switch is in the weights
+
+
+@pytest.mark.slow
+def test_an_adaptive_packed_export_carries_its_slot_sets_and_reloads_switching_by_name(tmp_path):
+    """quant.export=packed of the default (adaptive) DQS writes each evaluated dataset's slot set; quant=packed_dqs
+    serves the reloaded packed model with them and gives the run's BQ + DQS perplexities again."""
+    proc = run_py("experiment=smoke", "eval=ppl", "eval.datasets=[code,chat]", "quant.export=packed",
+                  results_dir=tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = records(tmp_path / "run")
+    record = json.loads(path.read_text())
+    packed = path.parent / "packed_model"
+    assert record["export"]["slot_sets"]["names"] == ["chat", "code"]
+    index = json.loads((packed / "slot_sets" / "index.json").read_text())
+    assert sorted(index["sets"]) == ["chat", "code"] and index["sets"]["chat"]["dataset"] == "chat"
+    assert index["sets"]["chat"]["device_nbytes"] <= index["sets"]["chat"]["budget_nbytes"]
+
+    proc = run_py("experiment=smoke", "eval=ppl", "eval.datasets=[code,chat]", "model=local", f"model.path={packed}",
+                  "model.bos_windows=true", "quant=packed_dqs", results_dir=tmp_path / "reload")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (reloaded,) = records(tmp_path / "reload")
+    again = json.loads(reloaded.read_text())
+    switches = again["switching"]["switches"]
+    assert all(s["source"] == name and s["profile_s"] == 0.0 for name, s in switches.items())
+    for name, ppl in record["metrics"]["ppl"].items():
+        # the slots are the run's; only the fp16 rounding of BQ's group scales differs (as for BQ alone)
+        assert abs(again["metrics"]["ppl"][name] / ppl - 1) <= 1e-3, (name, again["metrics"]["ppl"][name], ppl)

@@ -177,6 +177,7 @@ class AdaptiveSwitcher:
             raise UserError(f"quant.switching.candidates={candidates}: a packed model serves row and column slots "
                             "only (whole 8-bit experts would need a second packed copy); use rows or rows_cols")
         self.candidates, self.scoring, self.batch_size = candidates, scoring, batch_size
+        self.score_dtype = torch.float32  # float64 picks the same set (tests/switching/test_adaptive.py)
         self.budget_frac, self.slot_bits = float(budget_frac), int(slot_bits)
         self.group_size = self.target.group_size
         self.layers = {layer.index: layer for layer in moe_layers(model)}
@@ -331,7 +332,8 @@ class AdaptiveSwitcher:
     def _layer_candidates(self, layer, routed) -> tuple[Candidates, float]:
         """Every candidate of one MoE layer, scored on the statistics' device in float32."""
         device = routed.tokens.device
-        wsq = {u: routed.channels[u]["wsq"].float() for u in ("input", "neuron", "gate", "up")}
+        dtype = self.score_dtype
+        wsq = {u: routed.channels[u]["wsq"].to(dtype) for u in ("input", "neuron", "gate", "up")}
         spec8 = QSpec(8, self.group_size)
         parts, total = [], 0.0
         for e, n in enumerate(routed.tokens.tolist()):
@@ -339,14 +341,14 @@ class AdaptiveSwitcher:
                 continue
             second = {}
             for name, h, diag in (("in", routed.hessian_in, wsq["input"]), ("mid", routed.hessian_mid, wsq["neuron"])):
-                hess = h[e].float() if self.scoring == "hessian" else None
+                hess = h[e].to(dtype) if self.scoring == "hessian" else None
                 second[name] = (hess, torch.diagonal(hess) if hess is not None else diag[e])
-            down_master = self.master.get((layer.index, e, "down")).to(device, torch.float32)
+            down_master = self.master.get((layer.index, e, "down")).to(device, dtype)
             expert_err, expert_err8, expert_extra = 0.0, 0.0, 0
             for pi, p in enumerate(PROJECTIONS):
                 key = (layer.index, e, p)
-                master = down_master if p == "down" else self.master.get(key).to(device, torch.float32)
-                d = master - self.target.bq(key).to(device)
+                master = down_master if p == "down" else self.master.get(key).to(device, dtype)
+                d = master - self.target.bq(key).to(device, dtype)
                 gain = None
                 if p != "down" and self.scoring != "local":
                     gain = down_master.square().sum(0) * wsq["neuron"][e] / wsq[p][e].clamp_min(1e-12)
@@ -363,7 +365,7 @@ class AdaptiveSwitcher:
                     parts.append(Candidates.of(col_red[keep], self.slot_nbytes(out), layer.index, e, pi, COLUMN, keep))
                 bits = self.target.bq_bits(key)
                 if self.candidates in ("experts8", "all") and bits < 8:
-                    d8 = master - quantize_rtn(master, spec8).dequantize()
+                    d8 = master - quantize_rtn(master, spec8).dequantize().to(dtype)
                     expert_err8 += _reductions(d8, hess, diag, gain)[2]
                     expert_extra += (8 - bits) * out * inp // 8   # 8-bit codes replace the BQ codes in place
             if expert_extra > 0 and expert_err > expert_err8:

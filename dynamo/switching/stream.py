@@ -16,6 +16,7 @@ up to float rounding).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
@@ -30,13 +31,21 @@ from .detector import Counts, RoutingShiftDetector
 
 @torch.no_grad()
 def forward_with_routing(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, Counts]:
-    """Logits of one batch and, per MoE layer, how many token slots each expert was routed."""
+    """Logits of one batch and, per MoE layer, how many token slots each expert was routed. The experts
+    compute as the model holds them: dense weights, or its attached packed layers (with their slot tables)."""
+    from dynamo_kernels.dispatch import moe_experts
+
+    from ..packed.model import attached_packed
+
     counts: Counts = {}
 
     def count_then_compute(layer, hidden, top_k_index, top_k_weights):
         ids = top_k_index[(top_k_index >= 0) & (top_k_index < layer.n_experts)]  # padding slots dropped
         c = torch.bincount(ids.flatten().long(), minlength=layer.n_experts).cpu()
         counts[layer.index] = counts[layer.index] + c if layer.index in counts else c
+        packed = attached_packed(layer)
+        if packed is not None:
+            return moe_experts(packed.experts(), hidden, top_k_index, top_k_weights)
         return routed_forward(layer, hidden, top_k_index, top_k_weights)
 
     device = model.get_input_embeddings().weight.device
@@ -71,10 +80,19 @@ class StreamReport:
     segments: list[SegmentResult]
     events: list[SwitchEvent]
     jsd: list[float | None]                             # the detector's value after every batch
+    serve_s: float = 0.0                                # seconds serving batches (forward, routing counts, loss)
+    switch_s: float = 0.0                               # seconds in switches
+
+    @property
+    def switch_share(self) -> float:
+        """Switches' share of the stream's online time (the paper: 7.7-10.7%)."""
+        total = self.serve_s + self.switch_s
+        return self.switch_s / total if total > 0 else 0.0
 
     def to_dict(self) -> dict:
         return {"segments": [asdict(s) for s in self.segments], "events": [asdict(e) for e in self.events],
-                "jsd": self.jsd}
+                "jsd": self.jsd, "serve_s": round(self.serve_s, 4), "switch_s": round(self.switch_s, 4),
+                "switch_share": round(self.switch_share, 5)}
 
 
 def _batch_loss(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
@@ -98,11 +116,13 @@ def run_stream(model, segments: list[tuple[str, torch.Tensor]], detector: Routin
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     recent: deque[torch.Tensor] = deque(maxlen=detector.window)
     results, events, trace, b = [], [], [], 0
+    serve_s = switch_s = 0.0
     for s, (name, windows) in enumerate(segments):
         nll, tokens, first = 0.0, 0, b
         result = SegmentResult(dataset=name, first_batch=first, batches=0, predicted_tokens=0, nll=0.0, ppl=0.0)
         for start in range(0, len(windows), batch_size):
             ids = windows[start:start + batch_size]
+            t = time.perf_counter()
             logits, counts = forward_with_routing(model, ids)
             if on_logits is not None:
                 on_logits(s, start, logits)
@@ -111,8 +131,11 @@ def run_stream(model, segments: list[tuple[str, torch.Tensor]], detector: Routin
             recent.append(ids)
             step = detector.update(counts)
             trace.append(step.jsd)
+            serve_s += time.perf_counter() - t
             if step.fired:
+                t = time.perf_counter()
                 report = switcher.switch_to(torch.cat(list(recent))) if switcher is not None else None
+                switch_s += time.perf_counter() - t
                 events.append(SwitchEvent(b, s, name, step.jsd, report.to_dict() if report is not None else None))
                 result.switches.append(b)
                 if result.latency is None:
@@ -122,4 +145,4 @@ def run_stream(model, segments: list[tuple[str, torch.Tensor]], detector: Routin
         result.batches, result.predicted_tokens = b - first, tokens
         result.nll, result.ppl = mean, float(torch.tensor(mean).exp())
         results.append(result)
-    return StreamReport(results, events, trace)
+    return StreamReport(results, events, trace, serve_s, switch_s)

@@ -180,3 +180,35 @@ def test_8_bit_slots_fit_more_rows_and_restore_exactly():
             assert group.bits == 8 and group.codes.dtype == torch.uint8
     sw8.restore_bq()
     assert all(torch.equal(v, bq[k]) for k, v in s.model.state_dict().items())
+
+
+def test_the_streaming_choice_is_the_global_prefix():
+    """Merging layer by layer and cutting at the budget each time keeps exactly the global best prefix."""
+    from dynamo.switching.adaptive import Candidates
+
+    gen = torch.Generator().manual_seed(0)
+    layers = []
+    for i in range(5):
+        n = 200
+        layers.append(Candidates.of(torch.rand(n, generator=gen), 1, i, 0, 0, 0, torch.arange(n)))
+        layers[-1].cost = torch.randint(10, 40, (n,), generator=gen)
+    budget = 900
+    running = None
+    for part in layers:
+        running = (part if running is None else Candidates.cat([running, part])).best_within(budget)
+    whole = Candidates.cat(layers).best_within(budget)
+    key = lambda c: sorted(zip(c.layer.tolist(), c.index.tolist()))  # noqa: E731
+    assert key(running) == key(whole) and int(whole.cost.sum()) <= budget
+    assert int(whole.cost.sum()) + 40 > budget  # filled up to the last piece that fits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_scoring_picks_the_float64_set(family):
+    s, _, sw = setup(family, budget_frac=0.05)
+    ids = tokens(HIGH, 2, 12, 5)
+    sw.switch_to(ids)
+    chosen32 = slot_positions(sw)
+    sw.restore_bq()
+    sw.score_dtype = torch.float64
+    sw.switch_to(ids)
+    assert slot_positions(sw) == chosen32

@@ -144,3 +144,16 @@ def test_a_set_for_other_shapes_is_refused_before_any_table_changes():
     with pytest.raises(UserError, match="do not fit this model"):
         packed.switch_to_set(bad, "bad")
     assert torch.equal(logits(packed.model, ids), before)
+
+
+def test_a_stream_on_the_packed_model_switches_when_the_routing_shifts():
+    from dynamo.switching import RoutingShiftDetector, run_stream
+
+    _, packed = dense_and_packed("olmoe")
+    segments = [("low", tokens(LOW, 6, 16, seed=1)), ("high", tokens(HIGH, 6, 16, seed=2))]
+    detector = RoutingShiftDetector(window=2, threshold=0.01, patience=1, cooldown=2)
+    report = run_stream(packed.model, segments, detector, packed, batch_size=2)
+    assert report.events and all(e.switch is not None and e.switch["slots"]["rows"] >= 0 for e in report.events)
+    assert packed.slots is not None and any(m.slot_table is not None for m in packed_modules(packed.model).values())
+    assert report.serve_s > 0 and report.switch_s > 0 and 0 < report.switch_share < 1
+    assert report.to_dict()["switch_share"] == round(report.switch_share, 5)
