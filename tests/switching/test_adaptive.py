@@ -212,3 +212,24 @@ def test_float32_scoring_picks_the_float64_set(family):
     sw.score_dtype = torch.float64
     sw.switch_to(ids)
     assert slot_positions(sw) == chosen32
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_master_read_by_slice_from_disk_restores_what_the_host_copy_does(tmp_path, family):
+    from dynamo.switching.master import DiskMaster
+
+    s, fp16, host = setup(family, budget_frac=0.05)
+    fp16.save_pretrained(tmp_path)  # transformers' own layout on disk (per-expert or fused names)
+    disk = DiskMaster(tmp_path, s.model)
+    assert disk.nbytes == 0 and disk.fp16_nbytes == host.master.fp16_nbytes
+    for key in host.master.keys():
+        assert torch.equal(disk.get(key).float(), host.master.get(key).float()), key
+    ids = tokens(HIGH, 2, 12, 5)
+    host.switch_to(ids)
+    chosen = slot_positions(host)
+    host.restore_bq()
+    from_disk = AdaptiveSwitcher(s.model, s.plan, disk, budget_frac=0.05)
+    from_disk.switch_to(ids)
+    assert slot_positions(from_disk) == chosen and from_disk.summary()["master_location"] == f"disk:{tmp_path}"
+    with pytest.raises(UserError, match="needs a local checkpoint folder with safetensors"):
+        DiskMaster(tmp_path / "nowhere", s.model)
