@@ -37,12 +37,17 @@ def skewed_routing(tokens: int, n_experts: int, k: int, gen: torch.Generator) ->
     return index, weights
 
 
-def dense_moe(experts: PackedExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Token by token in float64 from the dequantized weights: the plain definition, no shared code path."""
-    def dense(expert: int, projection: str) -> torch.Tensor:
-        w = experts.weight(expert, projection)
-        return (w.dequantize() if isinstance(w, PackedWeight) else w).double()
+def dequantized(experts: PackedExperts, expert: int, projection: str) -> torch.Tensor:
+    """One expert matrix as float64 (a fresh tensor)."""
+    w = experts.weight(expert, projection)
+    return (w.dequantize() if isinstance(w, PackedWeight) else w).double().clone()
 
+
+def dense_moe(experts: PackedExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+              dense=None) -> torch.Tensor:
+    """Token by token in float64 from the dequantized weights (or `dense(expert, projection)`, the matrices a
+    test expects the layer to compute with): the plain definition, no shared code path."""
+    dense = dense or (lambda e, p: dequantized(experts, e, p))
     out = torch.zeros(hidden.shape, dtype=torch.float64)
     for t in range(hidden.shape[0]):
         x = hidden[t].double()

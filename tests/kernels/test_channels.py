@@ -6,15 +6,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dynamo_kernels.channels as channels_module
 from dynamo_kernels.channels import PROJECTIONS, ChannelRows
 from dynamo_kernels.experts import PackedExperts
 from dynamo_kernels.moe import moe_experts as moe_grouped
-from dynamo_kernels.packing import PackedWeight
 from dynamo_kernels.reference import grouped_dequant_matmul_ref, moe_experts_ref
-from random_experts import random_experts, skewed_routing
+from random_experts import dense_moe, dequantized, random_experts, skewed_routing
 
 GEN = torch.Generator().manual_seed(3)
 H, I, ROWS = 24, 20, 3
@@ -35,18 +33,11 @@ def with_channels(experts: PackedExperts) -> PackedExperts:
 def dense_with_rows_replaced(experts: PackedExperts, hidden, index, weights) -> torch.Tensor:
     """Token by token in float64, from dequantized weights whose cached rows hold the channel values."""
     def dense(e: int, p: str) -> torch.Tensor:
-        w = experts.weight(e, p)
-        w = (w.dequantize() if isinstance(w, PackedWeight) else w).double().clone()
+        w = dequantized(experts, e, p)
         w[experts.channels.index[p][e]] = experts.channels.values[p][e].double()
         return w
 
-    out = torch.zeros(hidden.shape, dtype=torch.float64)
-    for t in range(hidden.shape[0]):
-        x = hidden[t].double()
-        for j in range(index.shape[1]):
-            e = int(index[t, j])
-            out[t] += float(weights[t, j]) * (dense(e, "down") @ (F.silu(dense(e, "gate") @ x) * (dense(e, "up") @ x)))
-    return out
+    return dense_moe(experts, hidden, index, weights, dense)
 
 
 @pytest.mark.parametrize("gather_elements", [1 << 24, 1])  # one chunk of routed rows, or one row per chunk

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dynamo_kernels.slots as slots_module
 from dynamo_kernels.experts import PackedExperts
 from dynamo_kernels.moe import moe_experts as moe_grouped
-from dynamo_kernels.packing import PackedWeight
 from dynamo_kernels.reference import grouped_dequant_matmul_ref, moe_experts_ref
 from dynamo_kernels.slots import SlotGroup, SlotTable, dequantize_deltas, quantize_deltas
-from random_experts import random_experts, skewed_routing
+from random_experts import dense_moe, dequantized, random_experts, skewed_routing
 
 GEN = torch.Generator().manual_seed(5)
 H, I, E = 24, 20, 5
@@ -37,8 +35,7 @@ def random_table(bits: int) -> SlotTable:
 def dense_corrected(experts: PackedExperts, table: SlotTable, hidden, index, weights) -> torch.Tensor:
     """Token by token in float64 from dequantized weights with the deltas added: rows, then columns."""
     def dense(e: int, p: str) -> torch.Tensor:
-        w = experts.weight(e, p)
-        w = (w.dequantize() if isinstance(w, PackedWeight) else w).double().clone()
+        w = dequantized(experts, e, p)
         for kind in ("rows", "cols"):
             g = table.groups[(p, kind)]
             mine = g.expert == e
@@ -49,14 +46,7 @@ def dense_corrected(experts: PackedExperts, table: SlotTable, hidden, index, wei
                 w[:, g.index[mine]] += deltas.T
         return w
 
-    out = torch.zeros(hidden.shape, dtype=torch.float64)
-    for t in range(hidden.shape[0]):
-        x = hidden[t].double()
-        for j in range(index.shape[1]):
-            e = int(index[t, j])
-            h = F.silu(dense(e, "gate") @ x) * (dense(e, "up") @ x)
-            out[t] += float(weights[t, j]) * (dense(e, "down") @ h)
-    return out
+    return dense_moe(experts, hidden, index, weights, dense)
 
 
 @pytest.mark.parametrize("bits", [8, 16])
