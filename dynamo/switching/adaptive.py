@@ -21,9 +21,11 @@ its 8-bit codes over its BQ codes.
    a whole expert at 8 bits: its error at BQ minus its error at RTN-8. `scoring=output`/`local`
    keep H's diagonal only (far cheaper); with `output` (and `hessian`) errors of gate/up rows are
    carried to the expert's output (first order: ||W_down[:, r]||^2 E[h_r^2] / E[y_r^2]);
-3. merge the layer's candidates into the running best set under ONE global byte budget (sorted by
-   reduction per byte, cut where the cumulative bytes pass the budget: the prefix of the global
-   order, exactly), then free the layer's statistics: nothing of size [I, I] outlives its layer;
+3. merge the layer's candidates into the running best set (sorted by reduction per byte, cut where the
+   cumulative bytes pass KEEP x the budget: exactly the global order's prefix), then free the layer's
+   statistics: nothing of size [I, I] outlives its layer. After the last layer, ONE global byte budget
+   is filled greedily from that set (a piece that no longer fits is skipped, smaller ones go on);
+   rows and columns of an expert raised to 8 bits whole are dropped and the budget refilled;
 4. compute the chosen slots' deltas from the master (one matrix at a time) into a `SlotSet`, and
    write it: on a fake-quantized model into the dense weights (BQ slices backed up per matrix,
    batched), on a packed model into each layer's slot table (the codes are never touched). Every
@@ -59,6 +61,7 @@ SCORINGS = ("hessian", "output", "local")
 INDEX_BYTES = 4     # int32 slot indices
 VALUE_BYTES = 2     # FP16 slot values / scales / zeros
 ROW, COLUMN, EXPERT = 0, 1, 2
+KEEP = 2  # the running set holds the global best prefix of KEEP x the budget: room for the greedy's skips
 KIND_NAMES = ("row", "column", "expert8")
 
 
@@ -109,11 +112,33 @@ class Candidates:
     def nbytes(self) -> int:
         return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self.FIELDS)
 
+    def ranked(self) -> Candidates:
+        return self.take(torch.argsort(self.gain / self.cost.float(), descending=True, stable=True))
+
     def best_within(self, budget: int) -> Candidates:
-        """The prefix, by reduction per byte, whose bytes fit the budget (a sort and a cumulative sum)."""
-        order = torch.argsort(self.gain / self.cost.float(), descending=True, stable=True)
-        fits = torch.cumsum(self.cost[order], 0) <= budget
-        return self.take(order[fits])
+        """The prefix, by reduction per byte, whose bytes fit `budget` (a sort and a cumulative sum)."""
+        ranked = self.ranked()
+        return ranked.take(torch.cumsum(ranked.cost, 0) <= budget)
+
+    def greedy_within(self, budget: int, max_rounds: int = 64) -> Candidates:
+        """Greedy by reduction per byte, skipping a piece that no longer fits and going on with smaller ones
+        (pieces differ in cost: a row, a column, a whole 8-bit expert). As tensor work: each round takes the
+        longest prefix of the still-eligible pieces that fits; the piece that broke it can never fit again."""
+        ranked = self.ranked()
+        taken = torch.zeros(len(ranked), dtype=torch.bool, device=ranked.cost.device)
+        alive = torch.ones_like(taken)
+        left = int(budget)
+        for _ in range(max_rounds):
+            eligible = torch.nonzero(alive & (ranked.cost <= left)).squeeze(1)
+            if not eligible.numel():
+                break
+            fits = torch.cumsum(ranked.cost[eligible], 0) <= left
+            chosen = eligible[fits]
+            taken[chosen] = True
+            left -= int(ranked.cost[chosen].sum())
+            stop = int(eligible[~fits][0]) + 1 if bool((~fits).any()) else len(ranked)
+            alive[:stop] = False
+        return ranked.take(taken)
 
 
 @dataclass
@@ -303,7 +328,7 @@ class AdaptiveSwitcher:
             layer_candidates, err = self._layer_candidates(self.layers[index], stats.routed)
             merged = layer_candidates if state["best"] is None else Candidates.cat(
                 [state["best"].to(layer_candidates.gain.device), layer_candidates])
-            state["best"] = merged.best_within(self.budget_nbytes)
+            state["best"] = merged.best_within(KEEP * self.budget_nbytes)
             state["total"] += err
             hessians = sum(h.numel() * h.element_size() for h in (stats.routed.hessian_in, stats.routed.hessian_mid)
                            if h is not None)
@@ -315,19 +340,21 @@ class AdaptiveSwitcher:
                            hessians=self.scoring == "hessian", hessian_weighting="router", keep_hessians=False,
                            expert_outputs=self.target.expert_outputs)
         t = time.perf_counter()
-        best = state["best"] if state["best"] is not None else Candidates.empty("cpu")
-        best = self._refund_raised_experts(best)
+        kept = state["best"] if state["best"] is not None else Candidates.empty("cpu")
+        best = self._without_raised_experts_pieces(kept, kept.greedy_within(self.budget_nbytes))
         expected = float(best.gain.sum()) / state["total"] if state["total"] > 0 else 0.0
         return best, expected, held, state["select_s"] + time.perf_counter() - t
 
-    def _refund_raised_experts(self, best: Candidates) -> Candidates:
-        """Rows/columns of an expert that is also raised to 8 bits whole are dropped (their bytes refunded)."""
-        raised = best.kind == EXPERT
+    def _without_raised_experts_pieces(self, kept: Candidates, chosen: Candidates) -> Candidates:
+        """The greedy choice again without the rows/columns of experts it raised to 8 bits whole (they would
+        be overwritten): their bytes go to the next pieces in line."""
+        raised = chosen.kind == EXPERT
         if not bool(raised.any()):
-            return best
-        ids = best.layer.long() * (1 << 20) + best.expert.long()
-        covered = torch.isin(ids, ids[raised]) & ~raised
-        return best.take(~covered)
+            return chosen
+        ids = kept.layer.long() * (1 << 20) + kept.expert.long()
+        raised_ids = chosen.layer[raised].long() * (1 << 20) + chosen.expert[raised].long()
+        covered = torch.isin(ids, raised_ids) & (kept.kind != EXPERT)
+        return kept.take(~covered).greedy_within(self.budget_nbytes)
 
     def _layer_candidates(self, layer, routed) -> tuple[Candidates, float]:
         """Every candidate of one MoE layer, scored on the statistics' device in float32."""

@@ -182,8 +182,9 @@ def test_8_bit_slots_fit_more_rows_and_restore_exactly():
     assert all(torch.equal(v, bq[k]) for k, v in s.model.state_dict().items())
 
 
-def test_the_streaming_choice_is_the_global_prefix():
-    """Merging layer by layer and cutting at the budget each time keeps exactly the global best prefix."""
+def test_the_streaming_choice_is_the_global_prefix_and_the_greedy_skips_what_no_longer_fits():
+    """Merging layer by layer and cutting at the budget each time keeps exactly the global best prefix; the
+    greedy fill equals a plain sequential greedy (take if it fits, else skip)."""
     from dynamo.switching.adaptive import Candidates
 
     gen = torch.Generator().manual_seed(0)
@@ -199,7 +200,16 @@ def test_the_streaming_choice_is_the_global_prefix():
     whole = Candidates.cat(layers).best_within(budget)
     key = lambda c: sorted(zip(c.layer.tolist(), c.index.tolist()))  # noqa: E731
     assert key(running) == key(whole) and int(whole.cost.sum()) <= budget
-    assert int(whole.cost.sum()) + 40 > budget  # filled up to the last piece that fits
+    everything = Candidates.cat(layers)
+    everything.cost[::7] = 300  # a few big pieces (whole experts), so the greedy must skip and go on
+    ranked = everything.ranked()
+    left, expected = budget, []
+    for j in range(len(ranked)):
+        if int(ranked.cost[j]) <= left:
+            left -= int(ranked.cost[j])
+            expected.append((int(ranked.layer[j]), int(ranked.index[j])))
+    greedy = everything.greedy_within(budget)
+    assert key(greedy) == sorted(expected) and len(expected) > len(everything.best_within(budget))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
