@@ -32,6 +32,7 @@ from .offload import offload_of
 from .records import provenance, write_json_atomic, write_run
 from .registry import EVAL_TASKS, SWITCH_POLICIES
 from .result import Evaluation, LmEval, PerplexityPass, RunResult, Switching
+from .scratch import process_dir
 from .tokens import RunTokens, bos_id_for
 from .validate import check_required, validate_run
 
@@ -101,7 +102,7 @@ def evaluate_lm_eval(loaded, documents: dict, eval_cfg: EvalConfig) -> LmEval:
     wanted = list(eval_cfg.lm_eval.tasks)
     ours = [t for t in wanted if t in EVAL_TASKS.names]  # tasks we write (suite, dynamo_math_mc); the rest: lm-eval's
     max_length = min(loaded.max_length, eval_cfg.seqlen)
-    with tempfile.TemporaryDirectory(prefix="dynamo-lm-eval-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="dynamo-lm-eval-", dir=process_dir()) as workdir:
         local = [name for t in ours for name in EVAL_TASKS.get(t)(documents, Path(workdir))]
         hub = [t for t in wanted if t not in ours]
         limit = eval_cfg.lm_eval.limit
@@ -153,7 +154,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
         reference = None
         if cfg.eval.reference and cfg.quant.method != "none":
             # the FP16 pass also stores its log-probs (on disk) for the KL of every later pass
-            reference = cleanup.enter_context(ReferenceLogprobs(cfg.eval.kl_topk))
+            # under this process's scratch folder: a later run removes it if this one is killed (dynamo/scratch.py)
+            reference = cleanup.enter_context(ReferenceLogprobs(cfg.eval.kl_topk, root=process_dir()))
             t = time.perf_counter()
             fp16 = evaluate_perplexity(loaded, tokens, names, cfg.eval, reference=reference, record_reference=True)
             if cfg.eval.stream and cfg.quant.switching.enabled:

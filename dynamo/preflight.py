@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .config import CONF_DIR, SCHEMAS
 from .errors import UserError
 from .registry import check_names
-from .rundir import check_writable, claim, model_label
+from .rundir import check_folder_names, check_no_record, check_writable, claim, model_label
 
 MAX_COMBINATIONS = 64  # sweep jobs composed one by one; beyond this, each swept value is composed once
 # Hydra flags that print or inspect instead of running: run.py passes them through untouched.
@@ -163,11 +163,14 @@ def prepare(argv: list[str]) -> Prepared:
     overrides = [a for a in argv if a not in RUN_FLAGS]
     configs = compose_checked(overrides, multirun)
     for cfg in configs:
+        check_folder_names(cfg)  # before Hydra makes any folder from them
         check_writable(cfg.results_dir)
     cfg = configs[0]
     multirun = multirun or str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     if any(o.lstrip("+").startswith(f"{dir_key}=") for o in overrides):  # the user's folder: not ours to delete
+        if not multirun:  # Hydra would write its .hydra/ files into a finished run's folder before the job starts
+            check_no_record(Path(cfg.hydra.run.dir))
         return Prepared(argv=argv, claimed=None, multirun=multirun,
                         sweep_dir=Path(cfg.hydra.sweep.dir) if multirun else None)
     if multirun:
