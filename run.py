@@ -100,7 +100,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     if reused is not None:
         # A re-launched sweep recomputes only what has no record yet; its reused jobs leave no folder.
-        print(f"reusing {reused} (same config_hash; force=true recomputes)")
+        print(f"reusing {reused} (same config_hash and input files; force=true recomputes)")
         logging.shutdown()
         discard_run_dir(run_dir, reused)
         return

@@ -26,6 +26,7 @@ from .eval.fidelity import ReferenceLogprobs
 from .eval.perplexity import token_perplexity
 from .export import check_export, write_export
 from .finite import check_weights_finite
+from .fingerprint import fingerprint_inputs
 from .loggers import publish
 from .models import is_packed, load_model
 from .offload import offload_of
@@ -129,6 +130,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
     t = time.perf_counter()
     sources = selected_sources(cfg)
     validate_run(cfg, sources)  # values, calibration files, checkpoint: before any model work
+    inputs = fingerprint_inputs(cfg)  # before reading them: the record names the bytes it was computed on
     documents = {name: load_documents(src, cfg.eval.split) for name, src in sources.items()}
     timings["load_data_s"] = time.perf_counter() - t
 
@@ -199,7 +201,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
                        **provenance(loaded.device), model=model_info, evaluation=evaluation,
                        timings={k: round(v, 3) for k, v in timings.items()}, fp16=fp16, lm_eval=lm_eval,
                        calibration=stage.calibration, analysis=stage.analysis, quantization=stage.quantization,
-                       export=export)
+                       export=export, inputs=inputs)
     hint = (f"the model's outputs overflowed or its weights are broken (model.dtype={cfg.model.dtype}; "
             "try model.dtype=float32); nothing was recorded")
     record = write_run(result, run_dir, hint)

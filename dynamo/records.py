@@ -161,6 +161,8 @@ def provenance(device: torch.device) -> dict:
 
 def record_of(result: RunResult) -> dict:
     """The one serialisation of a RunResult into result.json (schema: results/README.md)."""
+    from .fingerprint import inputs_hash
+
     config, evaluation = result.config, result.evaluation
     metrics = {"ppl": evaluation.run.ppl}
     if result.fp16 is not None:
@@ -182,6 +184,9 @@ def record_of(result: RunResult) -> dict:
         "run_id": result.run_id,
         "created_at": result.created_at,
         "config_hash": config_hash(config),
+        # resume reuses a record only for the same bytes in every input file (dynamo/fingerprint.py)
+        "inputs_hash": inputs_hash(result.inputs or {}),
+        "inputs": result.inputs or {},
         "model": result.model,
         "quant": config["quant"],
         "dataset": {"name": config["dataset"]["name"], "known": config["dataset"]["known"]},
