@@ -184,9 +184,6 @@ def record_of(result: RunResult) -> dict:
         "run_id": result.run_id,
         "created_at": result.created_at,
         "config_hash": config_hash(config),
-        # resume reuses a record only for the same bytes in every input file (dynamo/fingerprint.py)
-        "inputs_hash": inputs_hash(result.inputs or {}),
-        "inputs": result.inputs or {},
         "model": result.model,
         "quant": config["quant"],
         "dataset": {"name": config["dataset"]["name"], "known": config["dataset"]["known"]},
@@ -204,6 +201,10 @@ def record_of(result: RunResult) -> dict:
                 "switching": evaluation.switching.to_dict() if evaluation.switching is not None else None,
                 "quantization": result.quantization, "export": result.export}
     record.update({key: value for key, value in optional.items() if value is not None})
+    if result.inputs is not None:  # records written before fingerprints existed have neither key
+        # resume reuses a record only for the same bytes in every input file (dynamo/fingerprint.py)
+        record["inputs_hash"] = inputs_hash(result.inputs)
+        record["inputs"] = result.inputs
     return record
 
 
