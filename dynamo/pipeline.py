@@ -150,6 +150,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
     tokens = RunTokens(loaded.tokenizer, sources_of(cfg.dataset), bos_id_for(cfg.model, loaded.tokenizer),
                        documents={(name, cfg.eval.split): docs for name, docs in documents.items()})
 
+    check_calibration_windows(tokens, cfg)  # a calib file too short fails now, not after the FP16 pass
     names = list(sources)
     fp16 = None
     with ExitStack() as cleanup:
@@ -329,6 +330,25 @@ def evaluate_stream(loaded, tokens: RunTokens, eval_cfg: EvalConfig, d: Detector
         if event["switch"] is not None:
             event["switch"] = {k: event["switch"][k] for k in ("experts_changed", "total_s", "exact_bits")}
     return out
+
+
+def check_calibration_windows(tokens: RunTokens, cfg: DictConfig) -> None:
+    """Build the calibration and analysis windows the run's method will need (cheap: the splits are
+    tokenized once), so a calib file shorter than one window is refused before any model work."""
+    from .calibration.stage import all_calibration_windows, calibration_windows
+    from .quant.allocation import rule_of
+    from .quant.stage import needs_analysis
+    from .registry import QUANTIZERS
+
+    known = known_datasets(cfg.dataset)
+    quantizer = QUANTIZERS.get(cfg.quant.method)
+    routing = quantizer.plan and not cfg.quant.plan and rule_of(cfg.quant.allocation).needs == "routing"
+    if cfg.calib.enabled or quantizer.calibration or routing:
+        all_calibration_windows(tokens, known, cfg.calib)
+    if quantizer.name != "none" and needs_analysis(cfg.quant):
+        from .analysis import analysis_datasets
+
+        calibration_windows(tokens, analysis_datasets(cfg.analysis, known), cfg.analysis, node="analysis")
 
 
 def check_switching(cfg: DictConfig) -> None:
