@@ -70,8 +70,8 @@ def sweep_stale(root: Path | None = None) -> list[Path]:
 def process_dir() -> Path:
     """This process's scratch folder (made on first use, removed when the process exits normally)."""
     global _mine
-    if _mine is None or not _mine.is_dir():
-        root = scratch_root()
+    root = scratch_root()
+    if _mine is None or not _mine.is_dir() or _mine.parent != root:
         root.mkdir(parents=True, exist_ok=True)
         sweep_stale(root)
         _mine = root / f"{os.getpid()}-{_start_time(os.getpid())}"
