@@ -206,8 +206,26 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
     hint = (f"the model's outputs overflowed or its weights are broken (model.dtype={cfg.model.dtype}; "
             "try model.dtype=float32); nothing was recorded")
     record = write_run(result, run_dir, hint)
-    publish(record, cfg.logger, run_dir)
+    publish_finished(record, cfg, run_dir)
     return result
+
+
+def publish_finished(record: dict, cfg: DictConfig, run_dir: Path) -> None:
+    """Mirror the written record to the tracker. The record is the result: a tracker failure now (no
+    network, an unwritable home, WANDB_MODE= empty) is a warning in the log and the record, not a
+    failed run."""
+    try:
+        publish(record, cfg.logger, run_dir)
+    except Exception as err:  # noqa: BLE001  (any tracker error; the run's result is already safe)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        warning = f"logging to {cfg.logger.backend.value} failed after the record was written: " \
+                  f"{type(err).__name__}: {first}"
+        log.warning("%s; the record is complete (%s)", warning, Path(run_dir) / "result.json")
+        record["warnings"] = [*record.get("warnings", []), warning]
+        try:
+            write_json_atomic(Path(run_dir) / "result.json", record)  # this run's own record, same content + warning
+        except OSError as write_err:
+            log.warning("could not add the warning to the record: %s", write_err)
 
 
 @dataclass

@@ -92,6 +92,15 @@ def check_plan_file(quant) -> None:
                         f"set quant.method={plan.method} or use another plan")
 
 
+def check_logger(cfg: DictConfig) -> None:
+    """logger=wandb needs the package: say so now, not after the run (a tracker failure after the record
+    is written is only a warning, so this is the last chance to fail on it)."""
+    import importlib.util
+
+    if cfg.logger.backend.value == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UserError("logger=wandb needs the wandb package (pip install wandb), or use logger=none")
+
+
 def check_device(name: str) -> None:
     """model.device must name a device that holds real weights (meta has none: a traceback deep inside)."""
     import torch
@@ -202,6 +211,7 @@ def validate_run(cfg: DictConfig, evaluated: dict) -> None:
     """Everything that can be checked before the model is loaded (`evaluated`: the sources to evaluate)."""
     check_required(cfg)
     check_ranges(cfg)
+    check_logger(cfg)
     check_quant_options(cfg)
     check_device(cfg.model.device)
     check_not_test_file(cfg)
