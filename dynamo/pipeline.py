@@ -152,6 +152,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
 
     check_calibration_windows(tokens, cfg)  # a calib file too short fails now, not after the FP16 pass
     names = list(sources)
+    check_vocabulary(loaded, tokens, [(name, cfg.eval.split) for name in names])
     fp16 = None
     with ExitStack() as cleanup:
         reference = None
@@ -367,6 +368,27 @@ def check_calibration_windows(tokens: RunTokens, cfg: DictConfig) -> None:
         from .analysis import analysis_datasets
 
         calibration_windows(tokens, analysis_datasets(cfg.analysis, known), cfg.analysis, node="analysis")
+
+
+def check_vocabulary(loaded, tokens: RunTokens, splits: list[tuple[str, str]]) -> None:
+    """Token ids must index the model's embedding: a tokenizer from another model (a packed reload
+    saved with the wrong one) gives ids beyond it, an index error deep in the forward pass or, on
+    some devices, silently wrong rows."""
+    embeddings = loaded.model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    checked = [*splits, *[key for key in tokens.tokenized() if key not in splits]]  # + the calibration splits
+    for name, split in checked:
+        ids = tokens.split(name, split).ids
+        top = int(ids.max()) if ids.numel() else -1
+        if top >= rows:
+            raise UserError(f"{name} [{split}]: the tokenizer gives token id {top}, but the model's vocabulary has "
+                            f"{rows} rows; the tokenizer is not this model's (save the model with its own "
+                            "tokenizer, or point model.path at a folder holding both)")
+    if tokens.bos_id is not None and tokens.bos_id >= rows:
+        raise UserError(f"the BOS token id {tokens.bos_id} is beyond the model's vocabulary of {rows}; "
+                        "the tokenizer is not this model's")
 
 
 def check_switching(cfg: DictConfig) -> None:
