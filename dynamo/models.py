@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,10 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         # loading info + mismatches reported, not raised: check_loading_info refuses every kind in one line
         model, info = AutoModelForCausalLM.from_pretrained(path, config=config, output_loading_info=True,
                                                            ignore_mismatched_sizes=True, **kwargs)
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickle that would run code
+        raise UserError(f"model.path={cfg.path}: its .bin weights are a pickle that holds more than tensors (it "
+                        "would run code when loaded) and was refused; use a safetensors checkpoint you "
+                        "trust") from None
     except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a corrupt weights file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "trust_remote_code" in str(err):

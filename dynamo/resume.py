@@ -48,17 +48,23 @@ def find_record(results_dir: str | Path, digest: str, inputs: str | None = None)
 
 def reusable_record(cfg: DictConfig) -> Path | None:
     """The record this run would reproduce, or None when it must run (force=true, or none yet)."""
-    if cfg.force or OmegaConf.missing_keys(cfg):
-        return None  # incomplete configs have no record: the pipeline refuses them with its own message
+    from omegaconf.errors import InterpolationResolutionError
+
     from .errors import UserError
     from .fingerprint import fingerprint_inputs, inputs_hash
 
+    try:
+        if cfg.force or OmegaConf.missing_keys(cfg):
+            return None  # incomplete configs have no record: the pipeline refuses them with its own message
+        digest = config_hash(to_container(cfg))
+    except InterpolationResolutionError as err:  # run.py checks this first; Hydra driven another way lands here
+        raise UserError(f"{str(err).strip().splitlines()[0]}; fix the ${{...}} reference or give a value") from None
     try:
         inputs = inputs_hash(fingerprint_inputs(cfg))
     except (UserError, OSError):
         return None  # a missing or unreadable input: the pipeline refuses it with its own message
     # the same hashes the pipeline stores in the record it writes (records.record_of)
-    return find_record(cfg.results_dir, config_hash(to_container(cfg)), inputs)
+    return find_record(cfg.results_dir, digest, inputs)
 
 
 def discard_run_dir(run_dir: Path, reused: Path) -> bool:

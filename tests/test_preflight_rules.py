@@ -41,6 +41,7 @@ CASES = {
     "damp_zero": (["quant=gptq_4bit", "quant.damp=0"], "quant.damp=0.0 must be > 0"),
     "plan_without_bits": (["quant=rtn_4bit", "quant.plan={plan}"], "'defaults' must hold at least 'bits'"),
     "device_meta": (["quant=fp16", "model.device=meta"], "model.device=meta: a meta device holds no weights"),
+    "interpolation": (["quant=fp16", "eval.seqlen=${{nope}}"], "eval.seqlen: Interpolation key 'nope' not found"),
     "device_typo": (["quant=fp16", "model.device=gpu0"], "model.device=gpu0 is not a device"),
     "dense_model": (["quant=rtn_4bit", "model.path={dense}"], "no MoE adapter for model_type 'llama'"),
     "calib_is_test_file": (["quant=gptq_4bit", "dataset=local", "dataset.path={good}", "dataset.calib_path={good}",

@@ -115,3 +115,22 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_evaluation(cli, tmp_
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert status == 2 and len(errors) == 1 and "the model's vocabulary has 64 rows" in errors[0], err[-2000:]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_one_line(tmp_path, tiny_model_dir):
+    """torch.load(weights_only=True) already refuses it (nothing runs); the refusal is one line, not a traceback."""
+    import os
+    import pickle
+
+    from dynamo.errors import UserError
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    folder = _copy(tiny_model_dir, tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UserError, match="a pickle that holds more than tensors"):
+        _load(folder)
+    assert not (tmp_path / "ran").exists()
