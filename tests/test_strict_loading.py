@@ -134,3 +134,15 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_line(tmp_path, tiny_mode
     with pytest.raises(UserError, match="a pickle that holds more than tensors"):
         _load(folder)
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_guarded_config_naming_an_unknown_base_model_type_is_one_line(tmp_path, packed):
+    from dynamo.errors import UserError
+    from dynamo.export.guard import KEY
+
+    folder = _copy(packed[0], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config[KEY]["base_model_type"] = "no_such_family"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="names base model type 'no_such_family'"):
+        _load(folder)
