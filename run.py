@@ -32,6 +32,9 @@ from dynamo.rundir import (FAILED_FILE, OWNED_ENV, check_contained, check_folder
 
 log = logging.getLogger("dynamo")
 GROUPS = (*SCHEMAS, "experiment")
+# Sweep jobs refused before they had a folder of their own to hold failed.json (it escaped the sweep's
+# folder, or holds another run's record): cli() lists them with the others and exits 1.
+REFUSED_JOBS: list[dict] = []
 # Exit statuses of a run ended by a signal: the shell's 128 + signal number (README "Bad input, ...").
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -94,8 +97,10 @@ def main(cfg: DictConfig) -> None:
     except UserError as err:
         logging.shutdown()
         print(f"error: {err}", file=sys.stderr)
-        if multirun:
-            return  # the sweep goes on; nothing is written into a folder that is not this job's own
+        if multirun:  # the sweep goes on and counts it; nothing is written into a folder that is not the job's own
+            REFUSED_JOBS.append({"job": hydra_cfg.job.num, "overrides": list(hydra_cfg.overrides.task),
+                                 "error": f"error: {err}", "folder": str(run_dir)})
+            return
         release(run_dir)
         sys.exit(2)
     if reused is not None:
@@ -185,12 +190,16 @@ def cli(argv: list[str]) -> int:
     finally:
         signal.signal(signal.SIGTERM, saved_handler)
         sys.argv = saved
+    refused, REFUSED_JOBS[:] = list(REFUSED_JOBS), []
     if status in SIGNAL_EXIT.values() and prepared.claimed is not None:
         release(prepared.claimed)  # a sweep's folder goes too unless a job in it finished its record
     if status:
         return status
-    if prepared.sweep_dir is not None and prepared.sweep_dir.is_dir():
-        failures = sweep_failures(prepared.sweep_dir, started_ns - 1_000_000_000)  # coarse mtimes
+    if refused or (prepared.sweep_dir is not None and prepared.sweep_dir.is_dir()):
+        failures = refused
+        if prepared.sweep_dir is not None and prepared.sweep_dir.is_dir():
+            failures += sweep_failures(prepared.sweep_dir, started_ns - 1_000_000_000)  # coarse mtimes
+        failures.sort(key=lambda f: f["job"])
         if failures:
             print(f"sweep: {len(failures)} job(s) failed:", file=sys.stderr)
             for f in failures:

@@ -81,3 +81,16 @@ def test_a_job_folder_outside_its_sweep_is_refused(tmp_path):
     (tmp_path / "sweep" / "link").symlink_to(tmp_path)
     with pytest.raises(UserError, match="outside"):  # a symlink is followed too
         check_contained(tmp_path / "sweep" / "link" / "x", tmp_path / "sweep", "the job folder")
+
+
+def test_a_sweep_job_whose_folder_holds_a_record_is_refused_and_counted(cli, tmp_path, tiny_model_dir):
+    """hydra.sweep.dir reused by hand: job 0's folder holds the first sweep's record. The second sweep
+    (another config) must not overwrite it; the job is listed as failed and the sweep exits 1."""
+    argv = ("-m", *SMOKE, *_tiny(tiny_model_dir), f"results_dir={tmp_path / 'r'}", f"hydra.sweep.dir={tmp_path / 's'}")
+    status, _, err = cli(*argv)
+    assert status == 0, err[-2000:]
+    (record,) = (tmp_path / "s").rglob("result.json")
+    before = record.read_bytes()
+    status, _, err = cli(*argv, "eval.max_windows=2")
+    assert status == 1 and "already holds a finished run's result.json" in err and "sweep: 1 job(s) failed" in err
+    assert record.read_bytes() == before and not (record.parent / "failed.json").exists()
