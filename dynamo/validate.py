@@ -115,39 +115,17 @@ def check_device(name: str) -> None:
 
 
 def check_not_test_file(cfg: DictConfig) -> None:
-    """dataset.calib_path equal to dataset.path calibrates on the evaluation data (as calib.split=test would)."""
-    path, calib = cfg.dataset.path, getattr(cfg.dataset, "calib_path", None)
-    if path and calib and Path(path).expanduser().resolve() == Path(calib).expanduser().resolve():
-        raise UserError(f"dataset.calib_path is the test file itself ({path}); calibrating on the evaluation data "
-                        "inflates every quantized score. Give a separate calibration file, or leave calib_path "
-                        "unset to hold out the file's leading documents")
+    """A calibration file that is the test file calibrates on the evaluation data (as calib.split=test
+    would): dataset.calib_path equal to dataset.path, or a local source's calib_path equal to its path."""
+    from .config import SourceKind
 
-
-def check_model_config(cfg: DictConfig) -> None:
-    """A local checkpoint's config.json, read without its weights: a model the run cannot quantize or
-    calibrate (dense, or a family without an adapter; already packed) is refused before the FP16 pass."""
-    from .adapters import adapter_for_type
-    from .export.guard import KEY, is_guarded
-
-    path = cfg.model.path
-    folder = Path(path).expanduser() if path else None
-    if folder is None or not (folder / "config.json").is_file():
-        return  # a hub model: its config is read with the model (offline, no network here)
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"model.path={path}: config.json is not valid JSON ({err}); re-save the checkpoint") from None
-    if not isinstance(config, dict):
-        raise UserError(f"model.path={path}: config.json is not a JSON object; re-save the checkpoint")
-    quantizing = QUANTIZERS.get(cfg.quant.method).name != "none"
-    quant_cfg = config.get("quantization_config")
-    packed = is_guarded(config) or (isinstance(quant_cfg, dict) and quant_cfg.get("quant_method") == "dynamo")
-    if packed and quantizing:
-        raise UserError(f"{path} is already quantized (a packed DynaMo checkpoint); evaluate it with quant=fp16")
-    if not (quantizing or cfg.calib.enabled):
-        return
-    model_type = config.get(KEY, {}).get("base_model_type") if is_guarded(config) else config.get("model_type")
-    adapter_for_type(model_type)  # dense or unknown families: one line naming the supported ones
+    for name, source in sources_of(cfg.dataset).items():
+        if source.kind != SourceKind.local or not source.calib_path or not source.path:
+            continue
+        if Path(str(source.path)).expanduser().resolve() == Path(source.calib_path).expanduser().resolve():
+            raise UserError(f"dataset.calib_path is the test file itself ({source.path}, source '{name}'); "
+                            "calibrating on the evaluation data inflates every quantized score. Give a separate "
+                            "calibration file, or leave calib_path unset to hold out the file's leading documents")
 
 
 def calibration_sources(cfg: DictConfig, evaluated: list[str]) -> list[str]:
