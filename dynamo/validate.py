@@ -128,6 +128,33 @@ def check_not_test_file(cfg: DictConfig) -> None:
                             "calibration file, or leave calib_path unset to hold out the file's leading documents")
 
 
+def check_model_config(cfg: DictConfig) -> None:
+    """A local checkpoint's config.json, read without its weights: a model the run cannot quantize or
+    calibrate (dense, or a family without an adapter; already packed) is refused before the FP16 pass."""
+    from .adapters import adapter_for_type
+    from .export.guard import KEY, is_guarded
+
+    path = cfg.model.path
+    folder = Path(path).expanduser() if path else None
+    if folder is None or not (folder / "config.json").is_file():
+        return  # a hub model: its config is read with the model (offline, no network here)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.path={path}: config.json is not valid JSON ({err}); re-save the checkpoint") from None
+    if not isinstance(config, dict):
+        raise UserError(f"model.path={path}: config.json is not a JSON object; re-save the checkpoint")
+    quantizing = QUANTIZERS.get(cfg.quant.method).name != "none"
+    quant_cfg = config.get("quantization_config")
+    packed = is_guarded(config) or (isinstance(quant_cfg, dict) and quant_cfg.get("quant_method") == "dynamo")
+    if packed and quantizing:
+        raise UserError(f"{path} is already quantized (a packed DynaMo checkpoint); evaluate it with quant=fp16")
+    if not (quantizing or cfg.calib.enabled):
+        return
+    model_type = config.get(KEY, {}).get("base_model_type") if is_guarded(config) else config.get("model_type")
+    adapter_for_type(model_type)  # dense or unknown families: one line naming the supported ones
+
+
 def calibration_sources(cfg: DictConfig, evaluated: list[str]) -> list[str]:
     """The sources whose calib split the run reads: calibration, DynaMo's analysis, DQS's switch profiles."""
     from .analysis import analysis_datasets
