@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,10 +27,35 @@ from omegaconf import DictConfig
 
 from dynamo.config import CONF_DIR, SCHEMAS, group_choices, register_hydra
 from dynamo.errors import UserError
-from dynamo.rundir import FAILED_FILE, OWNED_ENV, release
+from dynamo.rundir import (FAILED_FILE, OWNED_ENV, check_contained, check_folder_names, check_no_record, owned,
+                           release)
 
 log = logging.getLogger("dynamo")
 GROUPS = (*SCHEMAS, "experiment")
+# Sweep jobs refused before they had a folder of their own to hold failed.json (it escaped the sweep's
+# folder, or holds another run's record): cli() lists them with the others and exits 1.
+REFUSED_JOBS: list[dict] = []
+# Exit statuses of a run ended by a signal: the shell's 128 + signal number (README "Bad input, ...").
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Terminated(BaseException):
+    """SIGTERM (SLURM's time-out, preemption, `kill`) as an exception, like Ctrl-C's KeyboardInterrupt,
+    so every `with` block on the way out runs (the KL reference's temporary folder is removed)."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def signal_line(err: BaseException) -> tuple[str, int]:
+    """The one line and exit status of a run ended by SIGINT or SIGTERM."""
+    signum = err.signum if isinstance(err, Terminated) else signal.SIGINT
+    name = signal.Signals(signum).name
+    return (f"error: stopped by {name}; the unfinished run's folder and temporary data were removed, finished "
+            "records kept (run the same command again to resume)", SIGNAL_EXIT[signum])
 
 register_hydra()
 
@@ -58,14 +84,31 @@ def main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    reused = reusable_record(cfg)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        check_folder_names(cfg)  # run.py refuses these before Hydra starts; Hydra driven another way lands here
+        if multirun:  # a job's folder stays inside its sweep's
+            check_contained(run_dir, Path(hydra_cfg.sweep.dir), "the job folder")
+        elif owned(run_dir):
+            check_contained(run_dir, Path(cfg.results_dir), "the run folder")
+        reused = reusable_record(cfg)
+        if reused is None:
+            check_no_record(run_dir)  # never write into a finished run's folder (hydra.run.dir set to one)
+    except UserError as err:
+        logging.shutdown()
+        print(f"error: {err}", file=sys.stderr)
+        if multirun:  # the sweep goes on and counts it; nothing is written into a folder that is not the job's own
+            REFUSED_JOBS.append({"job": hydra_cfg.job.num, "overrides": list(hydra_cfg.overrides.task),
+                                 "error": f"error: {err}", "folder": str(run_dir)})
+            return
+        release(run_dir)
+        sys.exit(2)
     if reused is not None:
         # A re-launched sweep recomputes only what has no record yet; its reused jobs leave no folder.
-        print(f"reusing {reused} (same config_hash; force=true recomputes)")
+        print(f"reusing {reused} (same config_hash and input files; force=true recomputes)")
         logging.shutdown()
         discard_run_dir(run_dir, reused)
         return
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         result = run(cfg, run_dir, list(hydra_cfg.overrides.task))
     except UserError as err:
@@ -77,6 +120,13 @@ def main(cfg: DictConfig) -> None:
         release(run_dir)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, Terminated) as err:
+        # the pipeline's `with` blocks have closed (temporary KL reference removed); the folder goes too
+        logging.shutdown()
+        release(run_dir)
+        line, status = signal_line(err)
+        print(line, file=sys.stderr)
+        sys.exit(status)
     except Exception as err:
         if not multirun:
             raise
@@ -121,21 +171,35 @@ def cli(argv: list[str]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        print(signal_line(err)[0], file=sys.stderr)
+        return SIGNAL_EXIT[signal.SIGINT]
     if prepared.claimed is not None:
         os.environ[OWNED_ENV] = str(prepared.claimed)  # launcher subprocesses inherit it
     started_ns = time.time_ns()
     saved, sys.argv = sys.argv, [sys.argv[0], *prepared.argv]
+    saved_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main()
         status = 0
-    except SystemExit as done:  # a rejected run (2) or Hydra's own failure (1)
+    except SystemExit as done:  # a rejected run (2), a signal (130, 143) or Hydra's own failure (1)
         status = done.code if isinstance(done.code, int) else 1
+    except (KeyboardInterrupt, Terminated) as err:  # outside a job (Hydra's start-up, between sweep jobs)
+        line, status = signal_line(err)
+        print(line, file=sys.stderr)
     finally:
+        signal.signal(signal.SIGTERM, saved_handler)
         sys.argv = saved
+    refused, REFUSED_JOBS[:] = list(REFUSED_JOBS), []
+    if status in SIGNAL_EXIT.values() and prepared.claimed is not None:
+        release(prepared.claimed)  # a sweep's folder goes too unless a job in it finished its record
     if status:
         return status
-    if prepared.sweep_dir is not None and prepared.sweep_dir.is_dir():
-        failures = sweep_failures(prepared.sweep_dir, started_ns - 1_000_000_000)  # coarse mtimes
+    if refused or (prepared.sweep_dir is not None and prepared.sweep_dir.is_dir()):
+        failures = refused
+        if prepared.sweep_dir is not None and prepared.sweep_dir.is_dir():
+            failures += sweep_failures(prepared.sweep_dir, started_ns - 1_000_000_000)  # coarse mtimes
+        failures.sort(key=lambda f: f["job"])
         if failures:
             print(f"sweep: {len(failures)} job(s) failed:", file=sys.stderr)
             for f in failures:

@@ -82,7 +82,11 @@ def _read_text(path: Path) -> str:
     if b"\x00" in raw[:65536]:
         raise UserError(f"{path}: a binary file, not text; give a UTF-8 .jsonl or .txt file")
     try:
-        return raw.decode("utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not text; with plain utf-8 it
+        # became part of the first JSON line, refused as "expected a JSON object"
+        text = raw.decode("utf-8-sig")
+        # CRLF or CR line ends (Windows, old Mac): documents are split on blank lines, "\n\n"
+        return text.replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as err:
         from charset_normalizer import from_bytes
 
@@ -95,6 +99,9 @@ def _read_text(path: Path) -> str:
 def _read_file(path: Path, text_field: str) -> list[str]:
     if path.is_dir():
         raise UserError(f"{path} is a directory; give a data file (.jsonl with a '{text_field}' field, or .txt)")
+    if path.exists() and not path.is_file():  # a FIFO or device: reading it would block or never end
+        raise UserError(f"{path} is not a regular file (a pipe, socket or device); give a data file "
+                        f"(.jsonl with a '{text_field}' field, or .txt)")
     if not path.is_file():
         raise UserError(f"data file not found: {path}; check the path (an embedded domain must be one of "
                         f"{sorted(p.name for p in EMBEDDED_DIR.iterdir() if p.is_dir())})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+SHOWN_KEYS = 3  # tensors named per kind in the error line
+
+
+def check_loading_info(info: dict, path: str) -> None:
+    """Refuse a checkpoint whose tensors do not match its model: transformers fills a missing tensor
+    with random values, drops an unexpected one and (asked to) re-initialises a mismatched one, then
+    evaluates the result (a packed checkpoint missing one qweight tensor gave PPL 20.08 for 11.28)."""
+    problems = []
+    for kind in ("missing", "unexpected"):
+        keys = sorted(info.get(f"{kind}_keys") or ())
+        if keys:
+            shown = ", ".join(keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
+            problems.append(f"{len(keys)} {kind} tensor(s) ({shown})")
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: str(m[0]))
+    if mismatched:
+        shown = ", ".join(f"{name} {list(ckpt)} in the file, {list(model)} expected"
+                          for name, ckpt, model in mismatched[:SHOWN_KEYS])
+        problems.append(f"{len(mismatched)} tensor(s) of the wrong shape ({shown}{', ...' if len(mismatched) > SHOWN_KEYS else ''})")
+    if problems:
+        raise UserError(f"model.path={path}: the weights do not match the model's config: {'; '.join(problems)}. "
+                        "Nothing was evaluated; re-save or re-download the checkpoint (a packed one: re-export it)")
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
 
@@ -84,7 +108,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             if is_packed(config):  # a plain save_pretrained of a packed model
                 import dynamo.packed.hf_quantizer  # noqa: F401  (registers quant_method "dynamo")
         tokenizer = AutoTokenizer.from_pretrained(path, config=config, **common)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        # loading info + mismatches reported, not raised: check_loading_info refuses every kind in one line
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickle that would run code
+        raise UserError(f"model.path={cfg.path}: its .bin weights are a pickle that holds more than tensors (it "
+                        "would run code when loaded) and was refused; use a safetensors checkpoint you "
+                        "trust") from None
     except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a corrupt weights file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "trust_remote_code" in str(err):
@@ -92,6 +122,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
                             "model.trust_remote_code=true (and pin model.revision)") from None
         raise UserError(f"could not load model {cfg.path}: {first}. Offline, use an embedded model "
                         "(model=testbed-qwen-moe) or model=local model.path=<dir>") from None
+    check_loading_info(info, cfg.path)
     if cfg.offload:
         from .offload import offload_layers
 

@@ -26,12 +26,14 @@ from .eval.fidelity import ReferenceLogprobs
 from .eval.perplexity import token_perplexity
 from .export import check_export, write_export
 from .finite import check_weights_finite
+from .fingerprint import fingerprint_inputs
 from .loggers import publish
 from .models import is_packed, load_model
 from .offload import offload_of
 from .records import provenance, write_json_atomic, write_run
 from .registry import EVAL_TASKS, SWITCH_POLICIES
 from .result import Evaluation, LmEval, PerplexityPass, RunResult, Switching
+from .scratch import process_dir
 from .tokens import RunTokens, bos_id_for
 from .validate import check_required, validate_run
 
@@ -101,7 +103,7 @@ def evaluate_lm_eval(loaded, documents: dict, eval_cfg: EvalConfig) -> LmEval:
     wanted = list(eval_cfg.lm_eval.tasks)
     ours = [t for t in wanted if t in EVAL_TASKS.names]  # tasks we write (suite, dynamo_math_mc); the rest: lm-eval's
     max_length = min(loaded.max_length, eval_cfg.seqlen)
-    with tempfile.TemporaryDirectory(prefix="dynamo-lm-eval-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="dynamo-lm-eval-", dir=process_dir()) as workdir:
         local = [name for t in ours for name in EVAL_TASKS.get(t)(documents, Path(workdir))]
         hub = [t for t in wanted if t not in ours]
         limit = eval_cfg.lm_eval.limit
@@ -128,6 +130,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
     t = time.perf_counter()
     sources = selected_sources(cfg)
     validate_run(cfg, sources)  # values, calibration files, checkpoint: before any model work
+    inputs = fingerprint_inputs(cfg)  # before reading them: the record names the bytes it was computed on
     documents = {name: load_documents(src, cfg.eval.split) for name, src in sources.items()}
     timings["load_data_s"] = time.perf_counter() - t
 
@@ -147,13 +150,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
     tokens = RunTokens(loaded.tokenizer, sources_of(cfg.dataset), bos_id_for(cfg.model, loaded.tokenizer),
                        documents={(name, cfg.eval.split): docs for name, docs in documents.items()})
 
+    check_calibration_windows(tokens, cfg)  # a calib file too short fails now, not after the FP16 pass
     names = list(sources)
+    check_vocabulary(loaded, tokens, [(name, cfg.eval.split) for name in names])
     fp16 = None
     with ExitStack() as cleanup:
         reference = None
         if cfg.eval.reference and cfg.quant.method != "none":
             # the FP16 pass also stores its log-probs (on disk) for the KL of every later pass
-            reference = cleanup.enter_context(ReferenceLogprobs(cfg.eval.kl_topk))
+            # under this process's scratch folder: a later run removes it if this one is killed (dynamo/scratch.py)
+            reference = cleanup.enter_context(ReferenceLogprobs(cfg.eval.kl_topk, root=process_dir()))
             t = time.perf_counter()
             fp16 = evaluate_perplexity(loaded, tokens, names, cfg.eval, reference=reference, record_reference=True)
             if cfg.eval.stream and cfg.quant.switching.enabled:
@@ -197,12 +203,30 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
                        **provenance(loaded.device), model=model_info, evaluation=evaluation,
                        timings={k: round(v, 3) for k, v in timings.items()}, fp16=fp16, lm_eval=lm_eval,
                        calibration=stage.calibration, analysis=stage.analysis, quantization=stage.quantization,
-                       export=export)
+                       export=export, inputs=inputs)
     hint = (f"the model's outputs overflowed or its weights are broken (model.dtype={cfg.model.dtype}; "
             "try model.dtype=float32); nothing was recorded")
     record = write_run(result, run_dir, hint)
-    publish(record, cfg.logger, run_dir)
+    publish_finished(record, cfg, run_dir)
     return result
+
+
+def publish_finished(record: dict, cfg: DictConfig, run_dir: Path) -> None:
+    """Mirror the written record to the tracker. The record is the result: a tracker failure now (no
+    network, an unwritable home, WANDB_MODE= empty) is a warning in the log and the record, not a
+    failed run."""
+    try:
+        publish(record, cfg.logger, run_dir)
+    except Exception as err:  # noqa: BLE001  (any tracker error; the run's result is already safe)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        warning = f"logging to {cfg.logger.backend.value} failed after the record was written: " \
+                  f"{type(err).__name__}: {first}"
+        log.warning("%s; the record is complete (%s)", warning, Path(run_dir) / "result.json")
+        record["warnings"] = [*record.get("warnings", []), warning]
+        try:
+            write_json_atomic(Path(run_dir) / "result.json", record)  # this run's own record, same content + warning
+        except OSError as write_err:
+            log.warning("could not add the warning to the record: %s", write_err)
 
 
 @dataclass
@@ -328,6 +352,46 @@ def evaluate_stream(loaded, tokens: RunTokens, eval_cfg: EvalConfig, d: Detector
         if event["switch"] is not None:
             event["switch"] = {k: event["switch"][k] for k in ("experts_changed", "total_s", "exact_bits")}
     return out
+
+
+def check_calibration_windows(tokens: RunTokens, cfg: DictConfig) -> None:
+    """Build the calibration and analysis windows the run's method will need (cheap: the splits are
+    tokenized once), so a calib file shorter than one window is refused before any model work."""
+    from .calibration.stage import all_calibration_windows, calibration_windows
+    from .quant.allocation import rule_of
+    from .quant.stage import needs_analysis
+    from .registry import QUANTIZERS
+
+    known = known_datasets(cfg.dataset)
+    quantizer = QUANTIZERS.get(cfg.quant.method)
+    routing = quantizer.plan and not cfg.quant.plan and rule_of(cfg.quant.allocation).needs == "routing"
+    if cfg.calib.enabled or quantizer.calibration or routing:
+        all_calibration_windows(tokens, known, cfg.calib)
+    if quantizer.name != "none" and needs_analysis(cfg.quant):
+        from .analysis import analysis_datasets
+
+        calibration_windows(tokens, analysis_datasets(cfg.analysis, known), cfg.analysis, node="analysis")
+
+
+def check_vocabulary(loaded, tokens: RunTokens, splits: list[tuple[str, str]]) -> None:
+    """Token ids must index the model's embedding: a tokenizer from another model (a packed reload
+    saved with the wrong one) gives ids beyond it, an index error deep in the forward pass or, on
+    some devices, silently wrong rows."""
+    embeddings = loaded.model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    checked = [*splits, *[key for key in tokens.tokenized() if key not in splits]]  # + the calibration splits
+    for name, split in checked:
+        ids = tokens.split(name, split).ids
+        top = int(ids.max()) if ids.numel() else -1
+        if top >= rows:
+            raise UserError(f"{name} [{split}]: the tokenizer gives token id {top}, but the model's vocabulary has "
+                            f"{rows} rows; the tokenizer is not this model's (save the model with its own "
+                            "tokenizer, or point model.path at a folder holding both)")
+    if tokens.bos_id is not None and tokens.bos_id >= rows:
+        raise UserError(f"the BOS token id {tokens.bos_id} is beyond the model's vocabulary of {rows}; "
+                        "the tokenizer is not this model's")
 
 
 def check_switching(cfg: DictConfig) -> None:

@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .config import CONF_DIR, SCHEMAS
 from .errors import UserError
 from .registry import check_names
-from .rundir import check_writable, claim, model_label
+from .rundir import check_folder_names, check_no_record, check_writable, claim, model_label
 
 MAX_COMBINATIONS = 64  # sweep jobs composed one by one; beyond this, each swept value is composed once
 # Hydra flags that print or inspect instead of running: run.py passes them through untouched.
@@ -128,6 +128,26 @@ def _jobs(overrides) -> list[list[str]]:
     return [fixed + firsts[:i] + [value] + firsts[i + 1:] for i, values in enumerate(swept) for value in values]
 
 
+def check_interpolations(cfg: DictConfig) -> None:
+    """Resolve every `${...}` of the run's config now: a bad one (eval.seqlen='${nope}') used to be a
+    traceback from the first code that read it. A `???` left to fill is check_required's business."""
+    from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError
+
+    for key in cfg:
+        if key == "hydra":
+            continue
+        try:
+            node = cfg[key]
+            if isinstance(node, DictConfig):
+                OmegaConf.to_container(node, resolve=True)
+        except InterpolationToMissingValueError:
+            continue
+        except InterpolationResolutionError as err:
+            where = _full_key(err) or str(key)
+            first = str(err).strip().splitlines()[0]
+            raise UserError(f"{where}: {first}; fix the ${{...}} reference or give a value") from None
+
+
 def compose_checked(overrides: list[str], multirun: bool) -> list[DictConfig]:
     """Compose every job the command line describes; any failure is one UserError line."""
     reference = _compose([])
@@ -144,6 +164,7 @@ def compose_checked(overrides: list[str], multirun: bool) -> list[DictConfig]:
             bad = next((o for o in job if o.lstrip("+").split("=")[0] in str(err)), "")
             raise UserError(explain(err, bad, reference)) from None
         check_appended_keys(OverridesParser.create().parse_overrides(job), cfg, reference)
+        check_interpolations(cfg)
         check_names(cfg)  # registry names (metric, allocation, quantizer, policy), after cfg.plugins
         configs.append(cfg)
     return configs
@@ -163,11 +184,14 @@ def prepare(argv: list[str]) -> Prepared:
     overrides = [a for a in argv if a not in RUN_FLAGS]
     configs = compose_checked(overrides, multirun)
     for cfg in configs:
+        check_folder_names(cfg)  # before Hydra makes any folder from them
         check_writable(cfg.results_dir)
     cfg = configs[0]
     multirun = multirun or str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     if any(o.lstrip("+").startswith(f"{dir_key}=") for o in overrides):  # the user's folder: not ours to delete
+        if not multirun:  # Hydra would write its .hydra/ files into a finished run's folder before the job starts
+            check_no_record(Path(cfg.hydra.run.dir))
         return Prepared(argv=argv, claimed=None, multirun=multirun,
                         sweep_dir=Path(cfg.hydra.sweep.dir) if multirun else None)
     if multirun:

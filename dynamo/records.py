@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import REPO_ROOT
+from .errors import UserError
 from .finite import check_finite
 
 if TYPE_CHECKING:
@@ -98,10 +99,29 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
+class RecordExists(FileExistsError):
+    """A finished record is already at the path a run was about to write (it is never replaced)."""
+
+
+def _publish_new(tmp: str, path: Path) -> None:
+    """Move tmp to path only if nothing is there: a hard link fails atomically when path exists."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise RecordExists(f"{path} already exists") from None
+    except OSError:  # a filesystem without hard links: check, then rename (a narrow race, never a partial file)
+        if path.exists():
+            raise RecordExists(f"{path} already exists") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 @contextmanager
-def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: Path, suffix: str = ".tmp", replace: bool = True) -> Iterator[Path]:
     """A temporary sibling to write to; it replaces `path` when the block succeeds and is removed
-    when it fails, so readers see the old file or the complete new one, never a partial write."""
+    when it fails, so readers see the old file or the complete new one, never a partial write.
+    replace=False: an existing `path` is kept and RecordExists raised instead."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
@@ -109,14 +129,17 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read
         yield Path(tmp)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+def write_json_atomic(path: Path, payload: dict, replace: bool = True) -> None:
+    with atomic_path(path, replace=replace) as tmp, open(tmp, "w", encoding="utf-8") as f:
         # strict JSON: NaN/Infinity are not JSON, and a record holding them must never be written
         json.dump(payload, f, indent=2, sort_keys=False, default=str, allow_nan=False)
         f.write("\n")
@@ -138,6 +161,8 @@ def provenance(device: torch.device) -> dict:
 
 def record_of(result: RunResult) -> dict:
     """The one serialisation of a RunResult into result.json (schema: results/README.md)."""
+    from .fingerprint import inputs_hash
+
     config, evaluation = result.config, result.evaluation
     metrics = {"ppl": evaluation.run.ppl}
     if result.fp16 is not None:
@@ -176,6 +201,10 @@ def record_of(result: RunResult) -> dict:
                 "switching": evaluation.switching.to_dict() if evaluation.switching is not None else None,
                 "quantization": result.quantization, "export": result.export}
     record.update({key: value for key, value in optional.items() if value is not None})
+    if result.inputs is not None:  # records written before fingerprints existed have neither key
+        # resume reuses a record only for the same bytes in every input file (dynamo/fingerprint.py)
+        record["inputs_hash"] = inputs_hash(result.inputs)
+        record["inputs"] = result.inputs
     return record
 
 
@@ -199,9 +228,15 @@ def write_run(result: RunResult, run_dir: Path, hint: str) -> dict:
     check_finite(record, "the run's record", hint)
     check_finite({k: v for k, v in files.items() if k.startswith("window_nll")}, "the per-window losses", hint)
     check_finite({k: v for k, v in files.items() if k.startswith("window_kl")}, "the per-window KL", hint)
+    if (Path(run_dir) / RESULT_FILE).exists():  # another run's finished record: never overwritten
+        raise UserError(f"{run_dir} already holds a {RESULT_FILE}; it is never overwritten (nothing was written)")
     for name, payload in files.items():
         write_json_atomic(Path(run_dir) / name, payload)
-    write_json_atomic(Path(run_dir) / RESULT_FILE, record)
+    try:
+        write_json_atomic(Path(run_dir) / RESULT_FILE, record, replace=False)
+    except RecordExists:
+        raise UserError(f"{run_dir} got a {RESULT_FILE} from another process while this run finished; "
+                        "it was kept and this run's record was not written") from None
     return record
 
 

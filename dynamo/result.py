@@ -85,6 +85,7 @@ class RunResult:
     analysis: dict | None = None                # DynaMo's analysis: captures, cache, share of the offline stage
     quantization: dict | None = None            # the plan's summary: method, allocation, bit accounting
     export: dict | None = None
+    inputs: dict | None = None                  # {label: size:sha256} of each local input file (fingerprint.py)
 
     @property
     def avg_bits(self) -> dict | None:

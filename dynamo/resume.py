@@ -1,7 +1,8 @@
 """Resumable runs: a run whose configuration already has a record reuses it instead of recomputing.
 
-A record is found by its `config_hash` (records.py: what a run computes, not where it is logged),
-anywhere under `results_dir`. Records are written last and atomically, so a job killed mid-run
+A record is found by its `config_hash` (records.py: what a run computes, not where it is logged)
+and its `inputs_hash` (dynamo/fingerprint.py: the bytes of every local input file), anywhere
+under `results_dir`. Records are written last and atomically, so a job killed mid-run
 leaves none, and re-launching a killed sweep recomputes only the jobs that are missing.
 `force=true` recomputes regardless.
 """
@@ -20,8 +21,9 @@ from .records import RESULT_FILE, config_hash, load_strict_json
 log = logging.getLogger(__name__)
 
 
-def find_record(results_dir: str | Path, digest: str) -> Path | None:
-    """The newest result.json under results_dir (at any depth) whose config_hash is `digest`."""
+def find_record(results_dir: str | Path, digest: str, inputs: str | None = None) -> Path | None:
+    """The newest result.json under results_dir (at any depth) whose config_hash is `digest` and,
+    given `inputs`, whose inputs_hash is `inputs` (the same bytes in every input file)."""
     root = Path(results_dir)
     if not root.is_dir():
         return None
@@ -34,6 +36,11 @@ def find_record(results_dir: str | Path, digest: str) -> Path | None:
             log.warning("skipping unreadable record %s: %s", path, err)
             continue
         if isinstance(record, dict) and record.get("config_hash") == digest:
+            if inputs is not None and record.get("inputs_hash") != inputs:
+                # a data file, calibration file or checkpoint changed at the same path (or the record
+                # predates fingerprints): its metrics are not this run's
+                log.info("not reusing %s: its input files differ (inputs_hash)", path)
+                continue
             matches.append(path)
     # several records of one config (force=true reruns): the newest stands for it
     return max(matches, key=lambda p: (p.stat().st_mtime_ns, str(p)), default=None)
@@ -41,10 +48,23 @@ def find_record(results_dir: str | Path, digest: str) -> Path | None:
 
 def reusable_record(cfg: DictConfig) -> Path | None:
     """The record this run would reproduce, or None when it must run (force=true, or none yet)."""
-    if cfg.force or OmegaConf.missing_keys(cfg):
-        return None  # incomplete configs have no record: the pipeline refuses them with its own message
-    # the same hash the pipeline stores in the record it writes (records.record_of)
-    return find_record(cfg.results_dir, config_hash(to_container(cfg)))
+    from omegaconf.errors import InterpolationResolutionError
+
+    from .errors import UserError
+    from .fingerprint import fingerprint_inputs, inputs_hash
+
+    try:
+        if cfg.force or OmegaConf.missing_keys(cfg):
+            return None  # incomplete configs have no record: the pipeline refuses them with its own message
+        digest = config_hash(to_container(cfg))
+    except InterpolationResolutionError as err:  # run.py checks this first; Hydra driven another way lands here
+        raise UserError(f"{str(err).strip().splitlines()[0]}; fix the ${{...}} reference or give a value") from None
+    try:
+        inputs = inputs_hash(fingerprint_inputs(cfg))
+    except (UserError, OSError):
+        return None  # a missing or unreadable input: the pipeline refuses it with its own message
+    # the same hashes the pipeline stores in the record it writes (records.record_of)
+    return find_record(cfg.results_dir, digest, inputs)
 
 
 def discard_run_dir(run_dir: Path, reused: Path) -> bool:

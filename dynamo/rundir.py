@@ -80,10 +80,42 @@ def release(run_dir: Path) -> bool:
     return True
 
 
+# Config values that become part of a folder name: a separator or `..` there would put the run's
+# files outside results_dir (a sweep with tag=x/../../victim/run1 overwrote another run's record).
+NAMED_KEYS = ("tag", "quant.name", "model.name")
+
+
+def check_folder_names(cfg) -> None:
+    """Refuse folder-name parts that could leave results_dir: a path separator, `..`, or a NUL byte."""
+    from omegaconf import OmegaConf
+
+    for key in NAMED_KEYS:
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        text = "" if value is None else str(value)
+        if "/" in text or "\\" in text or ".." in text or "\0" in text or (os.sep in text):
+            raise UserError(f"{key}={text!r} would name a folder outside results_dir (it holds a path separator "
+                            f"or '..'); use letters, digits, '-', '_' and single dots")
+
+
+def check_contained(path: Path, root: Path, what: str) -> None:
+    """`path` must resolve inside `root` (symlinks and `..` followed), else nothing is written there."""
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved != base and not resolved.is_relative_to(base):
+        raise UserError(f"{what} {path} resolves to {resolved}, outside {base}; nothing was written. Use a tag "
+                        "without '/' or '..'")
+
+
+def check_no_record(run_dir: Path) -> None:
+    """A folder that already holds a finished record is never written into (it would be overwritten)."""
+    if (Path(run_dir) / RESULT_FILE).exists():
+        raise UserError(f"{run_dir} already holds a finished run's {RESULT_FILE}; it is never overwritten. "
+                        "Choose another hydra.run.dir (or leave it out: run.py makes a new folder)")
+
+
 def model_label(model_name: str, model_path: str | None, path_overridden: bool) -> str:
     """The model's name for a run folder: the checkpoint folder's name when model.path was given."""
     if path_overridden and model_path:
         name = Path(str(model_path).rstrip("/")).name
-        if name:
+        if name and name not in (".", ".."):  # model.path=.. names no folder; the model's name stands in
             return name.replace(" ", "_")
     return model_name

@@ -61,6 +61,10 @@ class RunTokens:
                                                tokenize_corpus(self.tokenizer, docs, source.separator))
         return self._splits[key]
 
+    def tokenized(self) -> list[tuple[str, str]]:
+        """The (source, split) pairs tokenized so far."""
+        return list(self._splits)
+
     def windows(self, name: str, split: str, seqlen: int, max_windows: int | None = None, *,
                 label: str | None = None, setting: str = "eval.seqlen") -> torch.Tensor:
         """[n, seqlen] windows of the split (BOS-led with `bos_id`); `label` and `setting` name the

@@ -141,3 +141,26 @@ def test_files_that_are_not_utf8_text_are_refused_in_one_line(tmp_path, content,
     path.write_bytes(content)
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         load_documents(SourceConfig(kind=SourceKind.local, path=str(path), calib_path=str(path)), "test")
+
+
+def test_crlf_txt_documents_and_a_utf8_bom_read_like_plain_files(tmp_path):
+    """Windows files (issue 29): CRLF paragraphs were one document ('needs at least 2 documents'), and a
+    byte-order mark made line 1 of a .jsonl 'not a JSON object'."""
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"first paragraph\r\nstill first\r\n\r\nsecond\r\n\r\nthird\r\n")
+    source = SourceConfig(kind=SourceKind.local, path=str(crlf), calib_fraction=0.34)
+    assert load_documents(source, "calib") == ["first paragraph\nstill first"]
+    assert load_documents(source, "test") == ["second", "third\n"]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "one"}\r\n{"text": "two"}\r\n')
+    source = SourceConfig(kind=SourceKind.local, path=str(bom), calib_fraction=0.5)
+    assert load_documents(source, "calib") == ["one"] and load_documents(source, "test") == ["two"]
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="is not a regular file"):
+        load_documents(SourceConfig(kind=SourceKind.local, path=str(fifo)), "test")

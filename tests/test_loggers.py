@@ -89,3 +89,25 @@ def test_summary_table_shows_roles_and_recorded_numbers():
     assert "code     known" in table and "email    novel" in table
     assert "12.500" in table and "80.250" in table and "1.2500" in table
     assert "dynamo_math_mc: acc=0.5000" in table
+
+
+def test_a_tracker_failure_after_the_record_is_a_warning_and_exit_0(cli, tmp_path, tiny_model_dir, monkeypatch):
+    """Issue 29: W&B failing after result.json was written (no network, WANDB_MODE= empty, an unwritable
+    home) made a finished run exit 1; now the run succeeds and the record carries the warning."""
+    import json
+
+    import dynamo.pipeline
+
+    def broken(record, cfg, run_dir):
+        raise RuntimeError("wandb.errors.UsageError: invalid mode ''\nmore lines")
+
+    monkeypatch.setattr(dynamo.pipeline, "publish", broken)
+    status, out, err = cli("experiment=smoke", "logger=none", f"results_dir={tmp_path}", "model=local",
+                           f"model.path={tiny_model_dir}", "quant=fp16", "eval=ppl", "eval.seqlen=64",
+                           "eval.datasets=[code]")
+    assert status == 0, err[-2000:]
+    (path,) = tmp_path.rglob("result.json")
+    record = json.loads(path.read_text())
+    assert record["warnings"] == ["logging to none failed after the record was written: RuntimeError: "
+                                  "wandb.errors.UsageError: invalid mode ''"]
+    assert "failed after the record was written" in out + err

@@ -73,7 +73,8 @@ def _result_of(record: dict, run_dir):
                      versions=record["versions"], model=record["model"], evaluation=evaluation,
                      timings=record["timings"], fp16=pass_of("ppl_fp16", "window_nll_fp16.json"), lm_eval=lm_eval,
                      calibration=record.get("calibration"), analysis=record.get("analysis"),
-                     quantization=record.get("quantization"), export=record.get("export"))
+                     quantization=record.get("quantization"), export=record.get("export"),
+                     inputs=record.get("inputs"))
 
 
 def test_a_run_result_serialises_to_the_committed_records_byte_for_byte():

@@ -66,7 +66,13 @@ def test_a_run_reuses_the_record_of_its_config_unless_forced(tmp_path):
     cfg = _compose(*SMOKE, f"results_dir={tmp_path}")
     assert cfg.force is False
     assert reusable_record(cfg) is None
-    record = _record(tmp_path / "run" / "result.json", config_hash(to_container(cfg)))
+    from dynamo.fingerprint import fingerprint_inputs, inputs_hash
+
+    stale = _record(tmp_path / "old" / "result.json", config_hash(to_container(cfg)))
+    assert reusable_record(cfg) is None, "a record without the inputs' fingerprint is not known to match them"
+    stale.unlink()
+    record = _record(tmp_path / "run" / "result.json", config_hash(to_container(cfg)),
+                     inputs_hash=inputs_hash(fingerprint_inputs(cfg)))
     assert reusable_record(cfg) == record
     assert reusable_record(_compose(*SMOKE, f"results_dir={tmp_path}", "tag=other")) == record  # tag: not hashed
     assert reusable_record(_compose(*SMOKE, f"results_dir={tmp_path}", "seed=1")) is None
@@ -162,3 +168,45 @@ def test_force_recomputes_and_the_same_config_and_seed_give_identical_metrics(tm
     assert first["metrics"] == second["metrics"]
     nll = [json.loads((p.parent / "window_nll.json").read_text()) for p in records(tmp_path)]
     assert nll[0] == nll[1]
+
+
+def test_a_changed_data_file_at_the_same_path_is_not_reused(cli, tmp_path, tiny_model_dir):
+    """The issue's case: resume keyed records by config only, so new text at the same path got the old
+    record's PPL (old code: the second run printed 'reusing')."""
+    data = tmp_path / "data.jsonl"
+    data.write_text((REPO / "assets/data/code/test.jsonl").read_text())
+    argv = ("experiment=smoke", "logger=none", f"results_dir={tmp_path / 'runs'}", "model=local",
+            f"model.path={tiny_model_dir}", "quant=fp16", "eval=ppl", "eval.seqlen=64", "dataset=local",
+            f"dataset.path={data}")
+    status, out, err = cli(*argv)
+    assert status == 0, err[-2000:]
+    def reused(out):
+        return any(line.startswith("reusing ") for line in out.splitlines())
+
+    status, out, _ = cli(*argv)
+    assert status == 0 and reused(out), "the same bytes reuse the record"
+    data.write_text((REPO / "assets/data/math/test.jsonl").read_text())
+    status, out, err = cli(*argv)
+    assert status == 0 and not reused(out), err[-2000:]
+    records = sorted(tmp_path.rglob("result.json"), key=lambda p: p.stat().st_mtime_ns)
+    first, second = (json.loads(p.read_text()) for p in records)
+    assert first["config_hash"] == second["config_hash"] and first["inputs_hash"] != second["inputs_hash"]
+    assert first["metrics"]["ppl"] != second["metrics"]["ppl"]
+
+
+def test_fingerprints_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    """A large checkpoint is hashed once; a changed file (new size or mtime) is hashed again."""
+    from dynamo import fingerprint
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"a" * 100)
+    reads = []
+    real_open = open
+    monkeypatch.setattr(fingerprint, "open", lambda p, mode="r": reads.append(p) or real_open(p, mode),
+                        raising=False)
+    cache = {}
+    first = fingerprint.file_digest(path, cache)
+    assert fingerprint.file_digest(path, cache) == first and len(reads) == 1
+    path.write_bytes(b"b" * 100)  # same size, new mtime
+    os.utime(path, ns=(1, 1))
+    assert fingerprint.file_digest(path, cache) != first and len(reads) == 2

@@ -55,7 +55,11 @@ def registered_adapters() -> dict[str, MoEAdapter]:
 
 
 def adapter_for(model: nn.Module) -> MoEAdapter:
-    model_type = getattr(model.config, "model_type", None)
+    return adapter_for_type(getattr(model.config, "model_type", None))
+
+
+def adapter_for_type(model_type: str | None) -> MoEAdapter:
+    """The adapter of a config's model_type (validate.py asks before any weight is loaded)."""
     adapter = _ADAPTERS.get(model_type)
     if adapter is None:
         supported = ", ".join(t for t, a in sorted(_ADAPTERS.items()) if a.refuse is None)

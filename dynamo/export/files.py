@@ -23,6 +23,9 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for path in tmp.rglob("*"):  # transformers writes weights 0600; an export is meant to be read, as records are
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o644)
     shutil.rmtree(target, ignore_errors=True)
     tmp.replace(target)
 

@@ -77,6 +77,11 @@ def base_config(config_dict: dict, **kwargs):
     from ..packed import hf_quantizer  # noqa: F401  (registers quant_method "dynamo" with transformers)
 
     plain = unguarded_dict(config_dict)
+    if plain.get("model_type") not in CONFIG_MAPPING:  # an edited or foreign config.json: one line, not a KeyError
+        from ..errors import UserError
+
+        raise UserError(f"this packed checkpoint names base model type '{plain.get('model_type')}', which this "
+                        "transformers does not know; re-export it, or fix base_model_type in its config.json")
     return CONFIG_MAPPING[plain["model_type"]].from_dict(plain, **kwargs)
 
 

@@ -67,7 +67,11 @@ def quantize_layer(layer: MoELayer, plan: QuantPlan, stats: LayerStats | None, r
                 report.rtn_fallback.append((layer.index, expert))
         else:
             q, loss = quantize_gptq(weight, hessian, spec, damp=options.damp, act_order=options.act_order)
-            report.gptq_loss += 0.0 if loss != loss else loss
+            if loss != loss:  # NaN: quantize_gptq fell back to RTN itself (its Hessian was unusable); count it
+                if (layer.index, expert) not in report.rtn_fallback:
+                    report.rtn_fallback.append((layer.index, expert))
+            else:
+                report.gptq_loss += loss
         weight.copy_(q.dequantize().to(weight.dtype))
         report.matrices += 1
         if keep_codes:

@@ -86,6 +86,9 @@ class QuantPlan:
             raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; a plan has {sorted(TOP_KEYS)}")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise UserError(f"{where}: schema_version {data.get('schema_version')} is not {SCHEMA_VERSION}")
+        if not isinstance(data.get("defaults"), dict) or "bits" not in data["defaults"]:
+            raise UserError(f"{where}: 'defaults' must hold at least 'bits' (e.g. \"defaults\": {{\"method\": \"gptq\", "
+                            "\"bits\": 4}})")
         d = dict(data["defaults"])
         extra = set(d) - {"method", "bits", "group_size", "sym", "shared_bits"}
         if extra:
@@ -112,7 +115,7 @@ class QuantPlan:
                         plan.bits[(int(layer), expert, projection)] = int(bits)
             if plan.shared_default is not None:
                 QSpec(int(plan.shared_default))
-        except ValueError as err:
+        except (ValueError, TypeError, AttributeError) as err:  # a width or key of the wrong JSON type
             raise UserError(f"{where}: {err}") from None
         return plan
 
@@ -123,8 +126,10 @@ class QuantPlan:
     def load(cls, path: Path) -> "QuantPlan":
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UserError(f"cannot read plan {path}: {err}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a plan is a JSON object (see README 'Write your own ablation')")
         return cls.from_dict(data, where=str(path))
 
     def validate_against(self, layers: dict[int, int], shared_layers: set[int]) -> None:
