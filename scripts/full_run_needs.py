@@ -55,8 +55,11 @@ def needs(name: str) -> dict:
     held = switch_held_nbytes(model, budget)
     measured = dry_json.get("switch") or None  # a dry run with the per-layer switch (older ones have none)
     depth = REPO / "results" / "benchmarks" / f"dryrun_depth_{name}.json"
+    switch_only = REPO / "results" / "benchmarks" / f"dryrun_switch_{name}.json"  # dryrun.py --no-export, RTN BQ
     if measured is None and depth.is_file():  # else the depth study's deepest run (scripts/dryrun_depth.py)
         measured, dry = json.loads(depth.read_text())["depths"][-1]["switch"], depth
+    elif measured is None and switch_only.is_file():
+        measured, dry = json.loads(switch_only.read_text())["switch"], switch_only
     switch = switch_needs(None, held["total"], moe_layers_full=n_moe, weights=params["bytes"], budget=budget,
                           activations=2 * SWITCH_TOKENS * values["hidden_size"] * 2)
     if measured and measured.get("full"):  # seconds: scripts/dryrun.py's switch_needs of its per-layer seconds
