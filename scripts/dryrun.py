@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO))
 from dynamo.adapters import moe_layers  # noqa: E402
 from dynamo.dryrun import build_model, load_real_config, param_bytes  # noqa: E402
 from dynamo.dryrun.build import REMOTE_CODE, dense_prefix, shrink_overrides  # noqa: E402
-from dynamo.dryrun.extrapolate import GIB, dqs_device_nbytes, matmul_gflops, memory_model  # noqa: E402
+from dynamo.dryrun.extrapolate import (GIB, dqs_device_nbytes, matmul_gflops, memory_model,  # noqa: E402
+                                       switch_held_nbytes, switch_needs)
 from dynamo.dryrun.rss import RssSampler, loaded_at, stage_peaks  # noqa: E402
 from dynamo.quant import QSpec, quantize_gptq  # noqa: E402
 from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
@@ -51,8 +52,8 @@ EVAL = ["dataset.known=[code,docs]", "eval.datasets=[code,docs]", "eval.seqlen=1
         "eval.batch_size=2", "eval.lm_eval.enabled=false", "logger=none"]
 # The full run the extrapolation is for: the README's main command (dataset=embedded, 4 known
 # datasets) with the schema defaults, 32 windows x 512 tokens per dataset for analysis and calibration.
-FULL_TOKENS = {"analysis": 4 * 32 * 512, "calib": 4 * 32 * 512}
-DRY_TOKENS = {"analysis": 2 * 2 * 128, "calib": 2 * 2 * 128}
+FULL_TOKENS = {"analysis": 4 * 32 * 512, "calib": 4 * 32 * 512, "switch": 4 * 512}
+DRY_TOKENS = {"analysis": 2 * 2 * 128, "calib": 2 * 2 * 128, "switch": 2 * 128}
 # GPU fp32 peak TFLOPS (datasheets: A100 19.5, H100 SXM 67) at an assumed 30% efficiency: the
 # pipeline's per-expert products are small (routed tokens x expert width) and GPTQ's column loop is
 # launch-bound, so a GPU reaches a fraction of peak; the CPU side is measured matmul throughput.
@@ -110,6 +111,32 @@ def gptq_seconds(model, bits: int = 4) -> dict:
     return out
 
 
+def switch_summary(switching: dict, n_moe: int, stage_rss: dict | None) -> dict | None:
+    """The adaptive switches of a dry run's record: each one's seconds per part and the bytes it held (one MoE
+    layer's statistics and candidates at a time), per MoE layer; its peak RSS is the evaluation stage's
+    ("eval_ppl": the switch per dataset, then that dataset's few windows)."""
+    switches = switching.get("switches") or {}
+    if switching.get("policy") != "adaptive" or not switches:
+        return None
+    each = {}
+    for name, r in switches.items():
+        each[name] = {"profile_s": round(r["profile_s"], 3), "select_s": round(r["select_s"], 3),
+                      "write_s": round(r["write_s"], 3), "total_s": round(r["total_s"], 3),
+                      "select_write_over_profile": round((r["select_s"] + r["write_s"]) / r["profile_s"], 3)
+                      if r["profile_s"] > 0 else None,
+                      "held_nbytes_peak": r.get("held_nbytes_peak"),
+                      "held_nbytes_by_layer": r.get("held_nbytes_by_layer")}
+    mean = lambda key: sum(v[key] for v in each.values()) / len(each)  # noqa: E731
+    return {"switches": each, "held_nbytes_peak": max(v["held_nbytes_peak"] or 0 for v in each.values()),
+            "master_location": switching.get("master_location"), "master_nbytes": switching.get("master_nbytes"),
+            "budget_nbytes": switching.get("budget_nbytes"),
+            "per_moe_layer_s": {p: round(mean(p) / n_moe, 4) for p in ("profile_s", "select_s", "write_s")},
+            "peak_rss_gib": (stage_rss or {}).get("eval_ppl"),
+            "peak_rss_gib_before": (stage_rss or {}).get("eval_ppl_bq"),
+            "rss_note": "peak_rss_gib: the 'eval_ppl' stage (each dataset's switch, then its windows); "
+                        "peak_rss_gib_before: the BQ evaluation just before it (no switch)"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -122,6 +149,11 @@ def main() -> None:
                    "time on --device (dynamo/offload.py); the JSON records what was resident")
     p.add_argument("--work", type=Path, default=Path("/tmp/dynamo-dryrun"))
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra run.py override for the pipeline run (repeatable), e.g. quant.method=rtn where "
+                        "GPTQ's seconds are not the point (scripts/dryrun_depth.py); recorded in the JSON")
+    p.add_argument("--no-export", action="store_true",
+                   help="quant.export=none and no reload (the switch's memory and seconds are the point)")
     p.add_argument("--shrink", action="store_true",
                    help="toy widths (dynamo/dryrun/build.py SHRINK), same layout: checks the path in seconds; the "
                         "JSON (default under --work) is not a measurement of the model")
@@ -158,13 +190,15 @@ def main() -> None:
           f"model.dtype={args.dtype}", f"model.device={args.device}", f"model.offload={str(args.offload).lower()}",
           *(["model.trust_remote_code=true"] if remote else []), "experiment=dryrun"]
     refused = None
-    if remote:  # the export refuses before any work (dynamo/export/packed.py check): record it, run without
+    if remote and not args.no_export:  # the export refuses before any work (dynamo/export/packed.py check)
         refused = refusal([*py, f"hydra.run.dir={work / 'refused'}"], work / "refused.log")
+    if remote or args.no_export:
         py.append("quant.export=none")
+    py += args.overrides
     runs = {"pipeline": timed([*py, f"hydra.run.dir={work / 'run'}"], work / "run.log", work / "run" / "result.json")}
     record = json.loads((work / "run" / "result.json").read_text())
     reload = None
-    if not remote:
+    if not remote and not args.no_export:
         packed = work / "run" / "packed_model"
         runs["reload_packed"] = timed([sys.executable, "run.py", "model=local", f"model.path={packed}",
                                        f"model.name={args.model}-packed", f"model.dtype={args.dtype}",
@@ -213,11 +247,23 @@ def main() -> None:
     cpu_s = n_full * (per_layer["analysis_s"] * FULL_TOKENS["analysis"] / DRY_TOKENS["analysis"]
                       + per_layer["quantize_capture_s"] * FULL_TOKENS["calib"] / DRY_TOKENS["calib"]
                       + solve_layer + per_layer["dqs_prepare_s"])
+    switch = switch_summary(sw, n_dry, runs["pipeline"].get("peak_rss_gib_by_stage"))
+    if switch is not None:  # one switch of the full model: per-layer seconds x MoE layers, one layer's held bytes
+        switch["accounting_nbytes"] = switch_held_nbytes(meta_dry, sw["budget_nbytes"])
+        switch["full"] = switch_needs(switch["per_moe_layer_s"], switch["held_nbytes_peak"], moe_layers_full=n_full,
+                                      weights=full_params["bytes"], budget=round(sw["budget_nbytes"] * n_full / n_dry),
+                                      activations=2 * FULL_TOKENS["switch"] * hidden * 2,
+                                      token_scale=FULL_TOKENS["switch"] / DRY_TOKENS["switch"])
+        switch["full"]["token_basis"] = DRY_TOKENS["switch"]
+        switch["full"]["basis"] = ("this CPU at the run's threads; profile scaled to the full run's switch sample "
+                                   f"({FULL_TOKENS['switch']} tokens against {DRY_TOKENS['switch']}); peak: bf16 "
+                                   "weights + slot budget + one MoE layer's held bytes (measured here)")
     gflops = matmul_gflops()
     ratio = {gpu: tf * 1e3 * GPU_EFFICIENCY / gflops for gpu, tf in GPU_FP32_TFLOPS.items()}
     if reload is None:
-        reloaded = {"reload": None, "reload_skipped": "no packed checkpoint to reload: the packed export refuses "
-                                                      "ModuleList experts (pipeline.export.refused)"}
+        reloaded = {"reload": None, "reload_skipped": (
+            "--no-export: quant.export=none" if args.no_export else
+            "no packed checkpoint to reload: the packed export refuses ModuleList experts (pipeline.export.refused)")}
     else:
         ppl = reload["metrics"]["ppl"]
         reloaded = {"reload": {"ppl": ppl, "timings": reload["timings"], "ppl_matches_bq": {
@@ -227,7 +273,9 @@ def main() -> None:
             (REPO / "assets" / "configs" / f"{args.model}.json").read_text())["_source"],
         "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python scripts/dryrun.py --model {args.model} "
                    f"--moe-layers {args.moe_layers} --dtype {args.dtype} --device {args.device}"
-                   + (" --offload" if args.offload else "") + (" --shrink" if shrink else ""),
+                   + (" --offload" if args.offload else "") + (" --no-export" if args.no_export else "")
+                   + "".join(f" --set {o}" for o in args.overrides) + (" --shrink" if shrink else ""),
+        "overrides": args.overrides,
         "truncated": {"layers": layers, "moe_layers": n_dry, "vocab_size": dry_values["vocab_size"],
                       "shrunk": shrink and {"overrides": shrink, "note": "a path check at toy widths: the per-layer "
                                             "measurements are not the model's, nor is the extrapolation"},
@@ -236,12 +284,15 @@ def main() -> None:
         "runs": runs,
         "offload": record["model"].get("offload"),  # bytes resident on the execution device, transfers
         "peak_gpu_memory_bytes": record["model"].get("peak_gpu_memory_bytes"),
+        "weights_nbytes_run_dtype": dry_params["params"] * dtype.itemsize,
+        "routed_expert_nbytes_run_dtype": dry_params["routed_expert_params"] * dtype.itemsize,
         "pipeline": {"timings": tm, "ppl_fp16": record["metrics"]["ppl_fp16"], "ppl_bq": record["metrics"]["ppl_bq"],
                      "ppl_dqs": record["metrics"]["ppl"], "avg_bits": record["metrics"]["avg_bits"],
                      "gptq_matrices": gptq_matrices_dry, "rtn_fallback": len(record["quantization"]["rtn_fallback"]),
                      "switches": sw["switches"], "export": record.get("export", {"format": "packed",
                                                                                   "refused": refused})},
         **reloaded,
+        "switch": switch,
         "per_moe_layer": {**{k: round(v, 3) for k, v in per_layer.items()},
                           "gptq_s_per_matrix": gptq,
                           "stats": mem_full.layer_stats, "stats_gib": round(mem_full.layer_stats / GIB, 3),

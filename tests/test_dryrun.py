@@ -120,6 +120,11 @@ def _check_remote_code_dry_run(result: dict) -> None:
     extra = result["extrapolation"]
     assert extra["packed_checkpoint_basis"].startswith("accounting")
     assert 0 < extra["packed_checkpoint_gib"] < extra["bf16_checkpoint_gib"]
+    switch = result["switch"]  # the adaptive switch: one layer held at a time, seconds per part
+    assert set(switch["switches"]) == {"code", "docs"} and switch["held_nbytes_peak"] > 0
+    assert all(len(s["held_nbytes_by_layer"]) == result["truncated"]["moe_layers"] for s in switch["switches"].values())
+    assert switch["held_nbytes_peak"] <= switch["accounting_nbytes"]["total"]
+    assert switch["full"]["seconds"] > 0 and switch["full"]["peak_nbytes"] > switch["held_nbytes_peak"]
 
 
 def test_qwen_moe_layer_at_real_width_runs_sequential_gptq_in_bf16():
@@ -178,3 +183,61 @@ def test_stage_peaks_attribute_each_rss_sample_to_the_stage_running_then():
                (anchor + 6.9, 400), (anchor + 7.5, 700), (anchor + 9, 50)]
     assert stage_peaks(samples, anchor, timings) == {"load": 300, "eval_ppl_fp16": 200, "analysis": 250,
                                                      "quantize": 900, "export": 700, "other": 50}
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_switch_accounting_holds_one_moe_layer_at_every_depth():
+    """The switch's held bytes (one layer's Hessians and candidates) are the same for a truncated and the full
+    model; its seconds are per-layer seconds x MoE layers (the profile scaled to the switch sample)."""
+    from dynamo.dryrun.extrapolate import switch_held_nbytes, switch_needs, switch_select_flops
+
+    full, one, four = (build_model("olmoe", n, device="meta") for n in (None, 1, 4))
+    held = [switch_held_nbytes(m) for m in (full, one, four)]
+    assert held[0] == held[1] == held[2]
+    assert held[0]["hessians"] == 64 * (2048 ** 2 + 1024 ** 2) * 4  # OLMoE: 64 experts, H 2048, I 1024
+    assert switch_held_nbytes(full, 2 ** 20)["best_bound"] == 2 ** 20 * 26 // 1024
+    needs = switch_needs({"profile_s": 1.0, "select_s": 0.2, "write_s": 0.1}, 100, moe_layers_full=16,
+                         weights=1000, budget=10, activations=5, token_scale=8.0)
+    assert (needs["profile_s"], needs["select_s"], needs["write_s"], needs["seconds"]) == (128.0, 3.2, 1.6, 132.8)
+    assert switch_select_flops(one) == 64 * 2 * (2 * 1024 * 2048 ** 2 + 2048 * 1024 ** 2)  # d @ H per expert
+    assert switch_select_flops(full) == 16 * switch_select_flops(one)
+    assert needs["peak_nbytes"] == 1115 and "seconds" not in switch_needs(None, 1, moe_layers_full=2, weights=1,
+                                                                           budget=1)
+
+
+def test_dry_run_switch_summary_and_depth_check():
+    dryrun, depth = _script("dryrun.py"), _script("dryrun_depth.py")
+    report = {"profile_s": 2.0, "select_s": 0.5, "write_s": 0.3, "total_s": 2.8, "held_nbytes_peak": 7,
+              "held_nbytes_by_layer": [5, 7]}
+    sw = dryrun.switch_summary({"policy": "adaptive", "switches": {"code": report, "docs": report},
+                                "master_location": "host", "master_nbytes": 9, "budget_nbytes": 3}, 2,
+                               {"eval_ppl_bq": 1.0, "eval_ppl": 1.5})
+    assert sw["switches"]["code"]["select_write_over_profile"] == 0.4 and sw["held_nbytes_peak"] == 7
+    assert sw["per_moe_layer_s"] == {"profile_s": 1.0, "select_s": 0.25, "write_s": 0.15}
+    assert (sw["peak_rss_gib"], sw["peak_rss_gib_before"]) == (1.5, 1.0)
+    assert dryrun.switch_summary({"policy": "paper", "switches": {"code": {}}}, 1, None) is None
+
+    def depth_json(n: int, switch_gib: float, held: int) -> dict:
+        return {"truncated": {"layers": n}, "weights_nbytes_run_dtype": n * GIB_, "routed_expert_nbytes_run_dtype": n,
+                "extrapolation": {"cpu_matmul_gflops": 100.0},
+                "runs": {"pipeline": {"wall_s": 1.0, "peak_rss_gib": switch_gib, "peak_rss_gib_by_stage": {
+                    "eval_ppl_bq": switch_gib - 0.5, "eval_ppl": switch_gib}}},
+                "switch": {**sw, "held_nbytes_peak": held, "master_nbytes": n * GIB_}}
+
+    GIB_ = 1024 ** 3
+    rows = [depth.row(1, depth_json(1, 4.0, 100)), depth.row(4, depth_json(4, 9.9, 101))]
+    assert rows[1]["switch_stage_peak_rss_gib"] == 9.9 and rows[1]["held_nbytes_peak"] == 101
+    ok = depth.check(rows)["1->4"]  # grew 5.9 GiB against 3 GiB of weights + 3 GiB of master copy
+    assert ok["holds"] and ok["added_weights_and_master_gib"] == 6.0
+    grown = depth.check([rows[0], depth.row(4, depth_json(4, 10.5, 101))])["1->4"]  # more than the added weights
+    assert not grown["holds"]
+    held_grew = depth.check([rows[0], depth.row(4, depth_json(4, 9.0, 400))])["1->4"]  # the held bytes grew
+    assert not held_grew["holds"] and held_grew["held_nbytes_peak_ratio"] == 4.0

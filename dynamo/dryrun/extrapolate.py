@@ -115,3 +115,53 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+# bytes of one candidate in dynamo.switching.adaptive.Candidates: gain f32, cost i64, layer i32, expert i32,
+# proj i8, kind i8, index i32
+CANDIDATE_NBYTES = 4 + 8 + 4 + 4 + 1 + 1 + 4
+
+
+def switch_held_nbytes(model, budget_nbytes: int = 0) -> dict:
+    """What the adaptive switch holds at once, by accounting, for the largest MoE layer of `model`: that
+    layer's routed fp32 Hessians ([E, H, H] + [E, I, I]) and its candidates (at most every row and column of
+    gate, up and down: 3 (H + I) per expert), one layer whatever the depth (dynamo.switching.adaptive
+    profiles and scores one MoE layer at a time, `held_nbytes_by_layer`); plus the running best set, which
+    grows with the slot budget only: at most budget / the shortest slot (min(H, I) one-byte codes) records
+    of CANDIDATE_NBYTES, about 1% of the budget's own bytes at real widths."""
+    worst = {"hessians": 0, "candidates": 0}
+    shortest = None
+    for layer in moe_layers(model):
+        e, h, i = layer.n_experts, layer.hidden_size, layer.intermediate_size
+        here = {"hessians": e * (h * h + i * i) * 4, "candidates": e * 3 * (h + i) * CANDIDATE_NBYTES}
+        shortest = min(h, i) if shortest is None else min(shortest, h, i)
+        if sum(here.values()) > sum(worst.values()):
+            worst = here
+    best = budget_nbytes * CANDIDATE_NBYTES // shortest if shortest else 0
+    return {**worst, "best_bound": best, "total": worst["hessians"] + worst["candidates"] + best}
+
+
+def switch_needs(per_layer_s: dict | None, held_nbytes: int, *, moe_layers_full: int, weights: int, budget: int,
+                 activations: int = 0, token_scale: float = 1.0) -> dict:
+    """One adaptive switch of the full model. Memory: the model's weights, the slot budget, the switch
+    sample's hidden states in and out of one layer (`activations`) and one MoE layer's held bytes (x 1, not
+    x the layers: what the multi-layer dry run checks, scripts/dryrun_depth.py). Seconds, from a dry run's
+    per-MoE-layer measurements (`per_layer_s`, None: not measured): the per-layer profile scaled to the
+    full run's switch sample (`token_scale`), select and write, each times the MoE layers."""
+    peak = weights + budget + activations + held_nbytes
+    out = {"held_nbytes": held_nbytes, "held_gib": round(held_nbytes / GIB, 2), "peak_nbytes": peak,
+           "peak_gib": round(peak / GIB, 2)}
+    if per_layer_s is not None:
+        parts = {"profile_s": per_layer_s["profile_s"] * token_scale * moe_layers_full,
+                 "select_s": per_layer_s["select_s"] * moe_layers_full,
+                 "write_s": per_layer_s["write_s"] * moe_layers_full}
+        out.update({k: round(v, 1) for k, v in parts.items()}, seconds=round(sum(parts.values()), 1))
+    return out
+
+
+def switch_select_flops(model) -> int:
+    """Floating-point operations of the Hessian scoring of one switch over every MoE layer of `model`: per
+    routed expert d @ H for gate and up ([I, H] @ [H, H]) and down ([H, I] @ [I, I]), whatever the sample's
+    tokens; the profile's work grows with the tokens instead."""
+    return sum(layer.n_experts * 2 * (2 * layer.intermediate_size * layer.hidden_size ** 2
+                                      + layer.hidden_size * layer.intermediate_size ** 2) for layer in moe_layers(model))
