@@ -20,7 +20,7 @@ gathered per routed row (`starts`/`counts`) with no host synchronisation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -81,6 +81,7 @@ class SlotGroup:
     starts: torch.Tensor          # [E] int64 first slot of each expert
     counts: torch.Tensor          # [E] int64 slots of each expert
     widest: int                   # max(counts): slots gathered per routed row
+    _host: tuple | None = field(default=None, repr=False, compare=False)  # (starts, counts) as lists, group index
 
     @classmethod
     def build(cls, n_experts: int, expert: torch.Tensor, index: torch.Tensor, deltas: torch.Tensor, bits: int,
@@ -145,13 +146,18 @@ class SlotGroup:
 
     def add_expert(self, kind: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """One expert's corrections on its own rows x [m, K] -> y [m, N]: one small matmul (reads the counts)."""
-        start, count = int(self.starts[expert]), int(self.counts[expert])
+        if self._host is None:  # read once per table: the per-expert path runs a few hundred times a forward
+            group = self.length if self.group_size == -1 else self.group_size
+            self._host = (self.starts.tolist(), self.counts.tolist(),
+                          torch.arange(self.length, device=self.codes.device) // group)
+        starts, counts, g = self._host
+        start, count = starts[expert], counts[expert]
         if not count or not x.shape[0]:
             return
         part = slice(start, start + count)
-        scales = None if self.scales is None else self.scales[part]
-        zeros = None if self.zeros is None else self.zeros[part]
-        deltas = dequantize_deltas(self.codes[part], scales, zeros, self.group_size)  # [count, L]
+        deltas = self.codes[part].float()
+        if self.scales is not None:  # [count, L] float32
+            deltas = self.scales[part].float()[:, g] * (deltas - self.zeros[part].float()[:, g])
         index = self.index[part]
         if kind == "rows":
             y.index_add_(1, index, (x.float() @ deltas.T).to(y.dtype))
