@@ -1,0 +1,124 @@
+"""Compile every kernel specialization for sm_80 (A100) and sm_90 (H100) on this CPU and report its resources.
+
+    python scripts/kernels_compiled.py                    # all -> results/benchmarks/kernels_compiled.json
+    python scripts/kernels_compiled.py --quick --out X    # a few specializations (the tests)
+
+Specializations: `dynamo_kernels.specializations.enumerate_specializations` over the routed-expert shapes of
+the six paper models (assets/configs/), with the tile configurations the launchers' heuristic picks on each
+target. Per specialization and target: registers per thread, spill stores/loads (ptxas -v, which Triton runs),
+stack frame and local memory (Triton's bundled `cuobjdump -res-usage`), shared memory (Triton's metadata:
+its pipelining buffers are dynamic shared memory), and the programs per SM those allow. Compiled, not run:
+nothing here is a GPU measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, set to silence its warning
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dynamo_kernels.specializations import (TARGETS, enumerate_specializations, expert_shape,  # noqa: E402
+                                            resources)
+
+OUT = REPO / "results" / "benchmarks" / "kernels_compiled.json"
+
+
+def paper_shapes(configs: Path = REPO / "assets" / "configs"):
+    return [expert_shape(p.stem, json.loads(p.read_text())) for p in sorted(configs.glob("*.json"))]
+
+
+def spill_reason(spec, res: dict) -> str | None:
+    """Why a specialization spills, from its own constants and resources (None when it does not)."""
+    if not (res["spill_store_bytes"] or res["local_memory_bytes"]):
+        return None
+    c = dict(spec.constexprs)
+    threads = 32 * res["num_warps"]
+    tile = c["BLOCK_K"] * c["BLOCK_N"]
+    planes = "two bit planes" if c["HIGH_BITS"] else "one bit plane"
+    groups = "a scale and zero per output column" if spec.group_size == -1 or spec.group_size % c["BLOCK_K"] == 0 \
+        else "a scale and zero per element"
+    return (f"the {c['BLOCK_K']}x{c['BLOCK_N']} dequantized tile is {tile // threads} fp32 values per thread "
+            f"({threads} threads), unpacked from {planes} with {groups}, next to a {c['BLOCK_M']}x{c['BLOCK_N']} "
+            f"fp32 accumulator and the {c['BLOCK_M']}x{c['BLOCK_K']} activations: {res['registers_per_thread']} "
+            f"registers (the cap is 255) do not hold it, so ptxas spills {res['spill_store_bytes']} bytes per thread "
+            f"(L1-resident local memory). A smaller BLOCK_K or 8 warps would remove it; not changed without a GPU "
+            f"to time the alternative")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--quick", action="store_true", help="one specialization per kernel and target (tests)")
+    parser.add_argument("--archs", type=int, nargs="*", default=list(TARGETS))
+    args = parser.parse_args(argv)
+
+    import triton
+
+    specs = enumerate_specializations(paper_shapes(), archs=tuple(args.archs))
+    if args.quick:
+        seen, picked = set(), []
+        for spec in specs:
+            if (spec.kernel, spec.arch) not in seen:
+                seen.add((spec.kernel, spec.arch))
+                picked.append(spec)
+        specs = picked
+    rows, failures = [], []
+    start = time.perf_counter()
+    for i, spec in enumerate(specs):
+        try:
+            res = resources(spec)
+        except Exception as err:  # noqa: BLE001 - a failure is a result: recorded with its specialization
+            failures.append({"specialization": spec.name, "error": str(err)[-2000:]})
+            print(f"[{i + 1}/{len(specs)}] FAILED {spec.name}", flush=True)
+            continue
+        reason = spill_reason(spec, res)
+        rows.append({"specialization": spec.name, "kernel": spec.kernel, "target": f"sm_{spec.arch}",
+                     "dtype": spec.dtype, "bits": spec.bits, "group_size": spec.group_size,
+                     "constexprs": dict(spec.constexprs), "used_by": list(spec.used_by), **res,
+                     **({"spill_reason": reason} if reason else {})})
+        print(f"[{i + 1}/{len(specs)}] {spec.name}: {res['registers_per_thread']} regs, spills "
+              f"{res['spill_store_bytes']} B, shared {res['shared_memory_bytes']} B, "
+              f"{res['programs_per_sm']} programs/SM ({res['limited_by']})", flush=True)
+
+    summary = {}
+    for kernel in sorted({r["kernel"] for r in rows}):
+        for target in sorted({r["target"] for r in rows}):
+            sel = [r for r in rows if r["kernel"] == kernel and r["target"] == target]
+            if not sel:
+                continue
+            regs = [r["registers_per_thread"] for r in sel]
+            progs = [r["programs_per_sm"] for r in sel]
+            summary[f"{kernel}/{target}"] = {
+                "specializations": len(sel), "registers_per_thread": [min(regs), max(regs)],
+                "spilling": sum(1 for r in sel if r["spill_store_bytes"] or r["local_memory_bytes"]),
+                "shared_memory_bytes": [min(r["shared_memory_bytes"] for r in sel),
+                                        max(r["shared_memory_bytes"] for r in sel)],
+                "programs_per_sm": [min(progs), max(progs)],
+                "limited_by": sorted({r["limited_by"] for r in sel})}
+    record = {
+        "what": "every Triton kernel specialization the harness launches for the six paper models' routed experts, "
+                "compiled for sm_80 and sm_90 on a CPU (no GPU): PTX -> ptxas -> cubin. Resources are compile-time "
+                "facts; no kernel was run and no speed measured",
+        "command": "python scripts/kernels_compiled.py" + (" --quick" if args.quick else ""),
+        "targets": {f"sm_{a}": TARGETS[a] for a in args.archs},
+        "triton": triton.__version__, "python": platform.python_version(),
+        "shapes": [s.__dict__ for s in paper_shapes()],
+        "compiled": len(rows), "failed": len(failures), "seconds": round(time.perf_counter() - start, 1),
+        "summary": summary, "failures": failures, "specializations": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{len(rows)} compiled, {len(failures)} failed -> {args.out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
