@@ -263,7 +263,11 @@ def resources(spec: Specialization) -> dict:
     meta = compiled.metadata
     regs = ptxas.get("registers", res["reg"])
     shared = max(meta.shared, res["static_shared"])
-    return {"registers_per_thread": regs, "spill_store_bytes": ptxas.get("spill_store_bytes"),
+    driver = {}
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] * 10 == spec.arch:
+        compiled._init_handles()  # loads the cubin: the driver's own counts, on a GPU of this architecture
+        driver = {"driver_n_regs": compiled.n_regs, "driver_n_spills": compiled.n_spills}
+    return {**driver, "registers_per_thread": regs, "spill_store_bytes": ptxas.get("spill_store_bytes"),
             "spill_load_bytes": ptxas.get("spill_load_bytes"), "stack_frame_bytes": res["stack"],
             "local_memory_bytes": res["local"], "shared_memory_bytes": shared, "num_warps": meta.num_warps,
             "num_stages": meta.num_stages, **occupancy(spec.arch, regs, shared, meta.num_warps)}

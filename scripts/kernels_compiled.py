@@ -14,6 +14,8 @@ nothing here is a GPU measurement.
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 import json
 import os
 import platform
@@ -54,11 +56,46 @@ def spill_reason(spec, res: dict) -> str | None:
             f"to time the alternative")
 
 
+def _device_note() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return (f"compiled on a machine with {torch.cuda.get_device_name()}: rows of its architecture also carry "
+                f"the driver's own register and spill counts (driver_n_regs, driver_n_spills)")
+    return "compiled on a CPU (no GPU): ptxas and cuobjdump figures only"
+
+
+def _resources_or_error(spec):
+    try:
+        return resources(spec)
+    except Exception as err:  # noqa: BLE001 - a failure is a result: recorded with its specialization
+        return str(err)[-2000:]
+
+
+def _report(specs, results, rows: list, failures: list):
+    for i, (spec, res) in enumerate(zip(specs, results)):
+        if isinstance(res, str):
+            failures.append({"specialization": spec.name, "error": res})
+            print(f"[{i + 1}/{len(specs)}] FAILED {spec.name}", flush=True)
+            yield spec
+            continue
+        reason = spill_reason(spec, res)
+        rows.append({"specialization": spec.name, "kernel": spec.kernel, "target": f"sm_{spec.arch}",
+                     "dtype": spec.dtype, "bits": spec.bits, "group_size": spec.group_size,
+                     "constexprs": dict(spec.constexprs), "used_by": sorted({u.split(":")[0] for u in spec.used_by}),
+                     "launches": list(spec.used_by), **res, **({"spill_reason": reason} if reason else {})})
+        print(f"[{i + 1}/{len(specs)}] {spec.name}: {res['registers_per_thread']} regs, spills "
+              f"{res['spill_store_bytes']} B, shared {res['shared_memory_bytes']} B, "
+              f"{res['programs_per_sm']} programs/SM ({res['limited_by']})", flush=True)
+        yield spec
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--quick", action="store_true", help="one specialization per kernel and target (tests)")
     parser.add_argument("--archs", type=int, nargs="*", default=list(TARGETS))
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = parser.parse_args(argv)
 
     import triton
@@ -73,21 +110,10 @@ def main(argv=None) -> int:
         specs = picked
     rows, failures = [], []
     start = time.perf_counter()
-    for i, spec in enumerate(specs):
-        try:
-            res = resources(spec)
-        except Exception as err:  # noqa: BLE001 - a failure is a result: recorded with its specialization
-            failures.append({"specialization": spec.name, "error": str(err)[-2000:]})
-            print(f"[{i + 1}/{len(specs)}] FAILED {spec.name}", flush=True)
-            continue
-        reason = spill_reason(spec, res)
-        rows.append({"specialization": spec.name, "kernel": spec.kernel, "target": f"sm_{spec.arch}",
-                     "dtype": spec.dtype, "bits": spec.bits, "group_size": spec.group_size,
-                     "constexprs": dict(spec.constexprs), "used_by": list(spec.used_by), **res,
-                     **({"spill_reason": reason} if reason else {})})
-        print(f"[{i + 1}/{len(specs)}] {spec.name}: {res['registers_per_thread']} regs, spills "
-              f"{res['spill_store_bytes']} B, shared {res['shared_memory_bytes']} B, "
-              f"{res['programs_per_sm']} programs/SM ({res['limited_by']})", flush=True)
+    with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else nullcontext() as pool:
+        results = pool.map(_resources_or_error, specs) if pool else map(_resources_or_error, specs)
+        done = list(_report(specs, results, rows, failures))
+    assert len(done) == len(specs)
 
     summary = {}
     for kernel in sorted({r["kernel"] for r in rows}):
@@ -109,6 +135,7 @@ def main(argv=None) -> int:
                 "compiled for sm_80 and sm_90 on a CPU (no GPU): PTX -> ptxas -> cubin. Resources are compile-time "
                 "facts; no kernel was run and no speed measured",
         "command": "python scripts/kernels_compiled.py" + (" --quick" if args.quick else ""),
+        "device": _device_note(),
         "targets": {f"sm_{a}": TARGETS[a] for a in args.archs},
         "triton": triton.__version__, "python": platform.python_version(),
         "shapes": [s.__dict__ for s in paper_shapes()],
