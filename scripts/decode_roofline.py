@@ -100,6 +100,24 @@ def predict(f: dict, *, bits: float, group: int, slot_fraction: float, batch: in
     return out
 
 
+def readme_table(record: dict, bits: float = 3.0) -> str:
+    """The README's predicted-speed table (3-bit rows), regenerated from the JSON (tests/test_roofline.py)."""
+    gpus = list(record["gpus"])
+    lines = ["| model | batch | FP16 GB read / step | BQ GB / step | predicted BQ speedup | predicted BQ + slots "
+             "| experts alone <= 16/bits | " + " | ".join(f"predicted BQ tok/s {g}" for g in gpus)
+             + " | measured speedup |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(gpus) + "---|"]
+    for r in record["rows"]:
+        if r["bits"] != bits:
+            continue
+        step = r["bytes_per_step"]
+        lines.append(f"| {r['model']} | {r['batch']} | {step['fp16']['total'] / 1e9:.2f} | "
+                     f"{step['bq']['total'] / 1e9:.2f} | {r['speedup_vs_fp16']['bq']:.2f}x | "
+                     f"{r['speedup_vs_fp16']['bq_slots']:.2f}x | {r['expert_only_limit_16_over_bits']:.2f}x | "
+                     + " | ".join(f"{r['tokens_per_s'][g]['bq']:,.0f}" for g in gpus) + " | |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     from dynamo.dryrun.build import REAL_MODELS
 

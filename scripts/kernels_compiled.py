@@ -56,6 +56,22 @@ def spill_reason(spec, res: dict) -> str | None:
             f"to time the alternative")
 
 
+def readme_table(record: dict) -> str:
+    """The README's compile table, regenerated from the JSON (tests/kernels/test_compile.py)."""
+    lines = ["| kernel | target | specializations compiled | registers / thread | spilling (bytes / thread) "
+             "| shared memory (KB) | programs / SM (limited by) |", "|---|---|---|---|---|---|---|"]
+    for key, s in record["summary"].items():
+        kernel, target = key.split("/")
+        rows = [r for r in record["specializations"] if r["kernel"] == kernel and r["target"] == target]
+        spills = [r["spill_store_bytes"] for r in rows if r["spill_store_bytes"]]
+        spill = f"{s['spilling']} ({min(spills)}-{max(spills)})" if spills else "0"
+        lines.append(f"| {kernel} | {target} | {s['specializations']} | {s['registers_per_thread'][0]}-"
+                     f"{s['registers_per_thread'][1]} | {spill} | {s['shared_memory_bytes'][0] / 1024:.1f}-"
+                     f"{s['shared_memory_bytes'][1] / 1024:.1f} | {s['programs_per_sm'][0]}-{s['programs_per_sm'][1]} "
+                     f"({', '.join(s['limited_by'])}) |")
+    return "\n".join(lines)
+
+
 def _device_note() -> str:
     import torch
 
@@ -72,7 +88,13 @@ def _resources_or_error(spec):
         return str(err)[-2000:]
 
 
-def _report(specs, results, rows: list, failures: list):
+def code_class(spec) -> tuple:
+    """Specializations that compile to one cubin: the same but for the value of SPLIT_K > 1."""
+    consts = tuple((k, min(v, 2) if k == "SPLIT_K" else v) for k, v in spec.constexprs)
+    return (spec.kernel, spec.arch, spec.dtype, spec.bits, spec.group_size, consts, spec.signature)
+
+
+def _report(specs, results, rows: list, failures: list, covered: dict):
     for i, (spec, res) in enumerate(zip(specs, results)):
         if isinstance(res, str):
             failures.append({"specialization": spec.name, "error": res})
@@ -80,10 +102,14 @@ def _report(specs, results, rows: list, failures: list):
             yield spec
             continue
         reason = spill_reason(spec, res)
+        members = covered[spec.name]
+        launches = [u for m in members for u in m.used_by]
         rows.append({"specialization": spec.name, "kernel": spec.kernel, "target": f"sm_{spec.arch}",
                      "dtype": spec.dtype, "bits": spec.bits, "group_size": spec.group_size,
-                     "constexprs": dict(spec.constexprs), "used_by": sorted({u.split(":")[0] for u in spec.used_by}),
-                     "launches": list(spec.used_by), **res, **({"spill_reason": reason} if reason else {})})
+                     "constexprs": dict(spec.constexprs),
+                     **({"same_cubin_as": [m.name for m in members[1:]]} if len(members) > 1 else {}),
+                     "used_by": sorted({u.split(":")[0] for u in launches}), "launches": launches, **res,
+                     **({"spill_reason": reason} if reason else {})})
         print(f"[{i + 1}/{len(specs)}] {spec.name}: {res['registers_per_thread']} regs, spills "
               f"{res['spill_store_bytes']} B, shared {res['shared_memory_bytes']} B, "
               f"{res['programs_per_sm']} programs/SM ({res['limited_by']})", flush=True)
@@ -96,11 +122,20 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one specialization per kernel and target (tests)")
     parser.add_argument("--archs", type=int, nargs="*", default=list(TARGETS))
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    parser.add_argument("--every-split-k", action="store_true",
+                        help="compile each SPLIT_K > 1 value separately (they give one cubin; default: one each)")
     args = parser.parse_args(argv)
 
     import triton
 
-    specs = enumerate_specializations(paper_shapes(), archs=tuple(args.archs))
+    every = enumerate_specializations(paper_shapes(), archs=tuple(args.archs))
+    # SPLIT_K appears in the kernel only as `SPLIT_K == 1`: every value > 1 compiles to the same cubin (tested),
+    # so one of them stands for its class unless --every-split-k
+    classes: dict[tuple, list] = {}
+    for spec in every:
+        classes.setdefault(code_class(spec) if not args.every_split_k else spec, []).append(spec)
+    specs = [members[0] for members in classes.values()]
+    covered = {members[0].name: members for members in classes.values()}
     if args.quick:
         seen, picked = set(), []
         for spec in specs:
@@ -112,7 +147,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else nullcontext() as pool:
         results = pool.map(_resources_or_error, specs) if pool else map(_resources_or_error, specs)
-        done = list(_report(specs, results, rows, failures))
+        done = list(_report(specs, results, rows, failures, covered))
     assert len(done) == len(specs)
 
     summary = {}
@@ -124,7 +159,8 @@ def main(argv=None) -> int:
             regs = [r["registers_per_thread"] for r in sel]
             progs = [r["programs_per_sm"] for r in sel]
             summary[f"{kernel}/{target}"] = {
-                "specializations": len(sel), "registers_per_thread": [min(regs), max(regs)],
+                "specializations": sum(1 + len(r.get("same_cubin_as", [])) for r in sel), "compiled": len(sel),
+                "registers_per_thread": [min(regs), max(regs)],
                 "spilling": sum(1 for r in sel if r["spill_store_bytes"] or r["local_memory_bytes"]),
                 "shared_memory_bytes": [min(r["shared_memory_bytes"] for r in sel),
                                         max(r["shared_memory_bytes"] for r in sel)],
@@ -134,16 +170,18 @@ def main(argv=None) -> int:
         "what": "every Triton kernel specialization the harness launches for the six paper models' routed experts, "
                 "compiled for sm_80 and sm_90 on a CPU (no GPU): PTX -> ptxas -> cubin. Resources are compile-time "
                 "facts; no kernel was run and no speed measured",
-        "command": "python scripts/kernels_compiled.py" + (" --quick" if args.quick else ""),
+        "command": "python scripts/kernels_compiled.py" + (" --quick" if args.quick else "")
+                   + (" --every-split-k" if args.every_split_k else ""),
         "device": _device_note(),
         "targets": {f"sm_{a}": TARGETS[a] for a in args.archs},
         "triton": triton.__version__, "python": platform.python_version(),
         "shapes": [s.__dict__ for s in paper_shapes()],
-        "compiled": len(rows), "failed": len(failures), "seconds": round(time.perf_counter() - start, 1),
+        "specializations_launched": len(every), "compiled": len(rows), "failed": len(failures),
+        "seconds": round(time.perf_counter() - start, 1),
         "summary": summary, "failures": failures, "specializations": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"{len(rows)} compiled, {len(failures)} failed -> {args.out}")
+    print(f"{len(rows)} compiled ({len(every)} specializations), {len(failures)} failed -> {args.out}")
     return 1 if failures else 0
 
 
