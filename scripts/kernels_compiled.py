@@ -69,6 +69,15 @@ def readme_table(record: dict) -> str:
                      f"{s['registers_per_thread'][1]} | {spill} | {s['shared_memory_bytes'][0] / 1024:.1f}-"
                      f"{s['shared_memory_bytes'][1] / 1024:.1f} | {s['programs_per_sm'][0]}-{s['programs_per_sm'][1]} "
                      f"({', '.join(s['limited_by'])}) |")
+    for key in [k for k in record if k.startswith("block_k_") and k.endswith("_sample")]:
+        k = key.split("_")[2]
+        lines += ["", f"| spilling default (fp16, group 128, 16-row tile) | registers / spill bytes / shared KB / "
+                      f"programs per SM at the default | at BLOCK_K={k} |", "|---|---|---|"]
+        for row in record[key]["rows"]:
+            a, b = row["at_default"], row[f"at_block_k_{k}"]
+            fmt = lambda r: (f"{r['registers_per_thread']} / {r['spill_store_bytes']} / "  # noqa: E731
+                             f"{r['shared_memory_bytes'] / 1024:.1f} / {r['programs_per_sm']}")
+            lines.append(f"| {row['specialization']} | {fmt(a)} | {fmt(b) if isinstance(b, dict) else b} |")
     return "\n".join(lines)
 
 
@@ -116,6 +125,39 @@ def _report(specs, results, rows: list, failures: list, covered: dict):
         yield spec
 
 
+def add_block_k_sample(out: Path, block_k: int, jobs: int) -> int:
+    """Recompile a sample of the report's spilling rows with a smaller BLOCK_K (what a retune would change)."""
+    from dynamo_kernels.specializations import Specialization
+
+    record = json.loads(out.read_text())
+    by_name = {s.name: s for s in enumerate_specializations(paper_shapes())}
+    sample, seen = [], set()
+    for row in record["specializations"]:
+        c = row["constexprs"]
+        key = (row["kernel"], row["target"], row["bits"])
+        if (row["spill_store_bytes"] and row["dtype"] == "fp16" and row["group_size"] == 128
+                and c["BLOCK_M"] == 16 and c["BLOCK_K"] > block_k and key not in seen):
+            seen.add(key)
+            spec = by_name[row["specialization"]]
+            smaller = Specialization(**{**spec.__dict__, "constexprs": tuple(sorted({**dict(spec.constexprs),
+                                                                                     "BLOCK_K": block_k}.items()))})
+            sample.append((row, smaller))
+    with ProcessPoolExecutor(jobs) if jobs > 1 else nullcontext() as pool:
+        results = list((pool.map if pool else map)(_resources_or_error, [s for _, s in sample]))
+    rows = []
+    for (row, smaller), res in zip(sample, results):
+        keep = ("registers_per_thread", "spill_store_bytes", "shared_memory_bytes", "programs_per_sm", "limited_by")
+        rows.append({"specialization": row["specialization"], "at_default": {k: row[k] for k in keep},
+                     f"at_block_k_{block_k}": res if isinstance(res, str) else {k: res[k] for k in keep}})
+        print(f"{smaller.name}: {rows[-1][f'at_block_k_{block_k}']}", flush=True)
+    record[f"block_k_{block_k}_sample"] = {
+        "what": f"spilling default specializations recompiled with BLOCK_K={block_k} (not what the launchers pick "
+                f"today: a lead for retuning _block_k once a GPU can time both)", "rows": rows}
+    record["command"] += f" && python scripts/kernels_compiled.py --add-block-k-sample {block_k}"
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -124,7 +166,12 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument("--every-split-k", action="store_true",
                         help="compile each SPLIT_K > 1 value separately (they give one cubin; default: one each)")
+    parser.add_argument("--add-block-k-sample", type=int, default=None, metavar="K",
+                        help="add to --out's existing report: one spilling specialization per kernel, target and "
+                             "width (fp16, group 128, 16-row tile) recompiled with BLOCK_K=K, for comparison")
     args = parser.parse_args(argv)
+    if args.add_block_k_sample:
+        return add_block_k_sample(args.out, args.add_block_k_sample, args.jobs)
 
     import triton
 
