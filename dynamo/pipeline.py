@@ -294,7 +294,11 @@ def reference_topk(loaded, tokens: RunTokens, names: list[str], eval_cfg: EvalCo
               for name in names}
     if eval_cfg.stream:
         shapes.update({f"stream/{k}": tuple(w.shape) for k, (_, w) in enumerate(stream_segments(tokens, eval_cfg))})
-    check_reference_disk(reference_nbytes(shapes, vocab, topk), None, topk, vocab)
+    needed = reference_nbytes(shapes, vocab, topk)
+    check_reference_disk(needed, None, topk, vocab)
+    if topk != eval_cfg.kl_topk:
+        log.info("KL reference: the top %d of %d log-probs per token (eval.kl_topk unset, a big vocabulary), "
+                 "%.1f MB on disk", topk, vocab, needed / 1e6)
     return topk
 
 
