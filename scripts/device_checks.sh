@@ -57,7 +57,8 @@ step kernels_compiled "${KC_S:-60}" $PY scripts/kernels_compiled.py --jobs "$(np
 step bench_decode "${DECODE_S:-150}" $PY scripts/bench_decode.py --model olmoe --reps 2 --out "$OUT/decode-gpu.json"
 step bench_kernels "${BENCH_S:-150}" $PY scripts/bench_kernels.py --rep-ms 50 --new-tokens 32 --decode-reps 3
 cp results/benchmarks/kernels-*.json "$OUT/" 2>/dev/null
-step gpu_tests "${TESTS_S:-90}" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_offload.py tests/kernels
+step gpu_tests "${TESTS_S:-90}" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_offload.py tests/kernels \
+    tests/eval/test_real_model_traps.py
 step dryrun "${DRYRUN_S:-120}" $PY scripts/dryrun.py --model mixtral --moe-layers 1 --dtype bfloat16 --device cuda \
     --offload --work /tmp/dynamo-dryrun --out "$OUT/dryrun_mixtral_offload_gpu.json"
 exit $status

@@ -164,3 +164,41 @@ def test_a_gpu_load_places_weights_on_the_device_directly(monkeypatch, tiny_mode
     models.load_model(ModelConfig(name="t", path=str(tiny_model_dir), device="cuda", dtype="float32",
                                   device_map="auto"))
     assert calls["device_map"] == "auto"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_a_model_split_over_cpu_and_gpu_stays_split(monkeypatch, tiny_model_dir):
+    """accelerate places half the model on the GPU, half on the CPU: lm-eval's path leaves it so, and the peak
+    memory figure reads the GPU it uses (scripts/device_checks.sh runs this)."""
+    import sys
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    from dynamo import devices
+    from dynamo.eval import harness
+
+    pytest.importorskip("accelerate")
+    # lm-eval itself need not be installed on the GPU machine: the placement decision is the harness's
+    fake = {name: types.ModuleType(name) for name in ("lm_eval", "lm_eval.models", "lm_eval.models.huggingface",
+                                                      "lm_eval.tasks")}
+    fake["lm_eval.models.huggingface"].HFLM = None
+    fake["lm_eval.tasks"].TaskManager = None
+    fake["lm_eval"].simple_evaluate = None
+    for name, module in fake.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    lm_eval, hf = fake["lm_eval"], fake["lm_eval.models.huggingface"]
+
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": 0, "model.norm": 0,
+                 "model.rotary_emb": 0, "lm_head": 0}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, device_map=placement)
+    assert devices.is_sharded(model)
+    before = {n: p.device for n, p in model.named_parameters()}
+    monkeypatch.setattr(hf, "HFLM", lambda pretrained, **kw: pretrained)
+    monkeypatch.setattr(harness, "_load_task", lambda manager, name: [])
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: {"results": {}})
+    monkeypatch.setattr(fake["lm_eval.tasks"], "TaskManager", lambda **kw: SimpleNamespace(all_tasks={"t"}))
+    harness.evaluate_tasks(model, None, ["t"], None, device="cuda")
+    assert {n: p.device for n, p in model.named_parameters()} == before
+    assert devices.peak_gpu_memory_bytes(model, torch.device("cuda")) > 0
