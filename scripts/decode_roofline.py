@@ -150,13 +150,15 @@ def main(argv=None) -> int:
               "assumptions": {"group_size": args.group, "slot_fraction": args.slot_fraction,
                               "prompt": args.prompt, "new_tokens": args.new_tokens, "mean_context": context,
                               "routing": "uniform: E * (1 - (1 - k/E)^batch) distinct experts per MoE layer and step",
-                              "bound": "upper bound: peak bandwidth, no launch or compute time, no kernel inefficiency"},
+                              "bound": "upper bound: peak bandwidth, no launch or compute time, "
+                                       "no kernel inefficiency"},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     for r in rows:
         print(f"{r['model']:>17} batch {r['batch']} {r['bits']:.0f}-bit: BQ {r['speedup_vs_fp16']['bq']:.2f}x, "
-              f"BQ+slots {r['speedup_vs_fp16']['bq_slots']:.2f}x (experts alone <= {r['expert_only_limit_16_over_bits']}x)")
+              f"BQ+slots {r['speedup_vs_fp16']['bq_slots']:.2f}x "
+              f"(experts alone <= {r['expert_only_limit_16_over_bits']}x)")
     print(f"-> {args.out}")
     return 0
 
