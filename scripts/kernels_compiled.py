@@ -58,14 +58,14 @@ def spill_reason(spec, res: dict) -> str | None:
 
 def readme_table(record: dict) -> str:
     """The README's compile table, regenerated from the JSON (tests/kernels/test_compile.py)."""
-    lines = ["| kernel | target | specializations compiled | registers / thread | spilling (bytes / thread) "
+    lines = ["| kernel | target | specializations (cubins) | registers / thread | spilling cubins (bytes / thread) "
              "| shared memory (KB) | programs / SM (limited by) |", "|---|---|---|---|---|---|---|"]
     for key, s in record["summary"].items():
         kernel, target = key.split("/")
         rows = [r for r in record["specializations"] if r["kernel"] == kernel and r["target"] == target]
         spills = [r["spill_store_bytes"] for r in rows if r["spill_store_bytes"]]
         spill = f"{s['spilling']} ({min(spills)}-{max(spills)})" if spills else "0"
-        lines.append(f"| {kernel} | {target} | {s['specializations']} | {s['registers_per_thread'][0]}-"
+        lines.append(f"| {kernel} | {target} | {s['specializations']} ({s['compiled']}) | {s['registers_per_thread'][0]}-"
                      f"{s['registers_per_thread'][1]} | {spill} | {s['shared_memory_bytes'][0] / 1024:.1f}-"
                      f"{s['shared_memory_bytes'][1] / 1024:.1f} | {s['programs_per_sm'][0]}-{s['programs_per_sm'][1]} "
                      f"({', '.join(s['limited_by'])}) |")
@@ -95,6 +95,14 @@ def _resources_or_error(spec):
         return resources(spec)
     except Exception as err:  # noqa: BLE001 - a failure is a result: recorded with its specialization
         return str(err)[-2000:]
+
+
+def dump(record: dict) -> str:
+    """The report as JSON: one line per specialization (the file stays small), the rest indented."""
+    rows = record["specializations"]
+    text = json.dumps({**record, "specializations": "@ROWS@"}, indent=1)
+    lines = ",\n  ".join(json.dumps(r, separators=(",", ":")) for r in rows)
+    return text.replace('"@ROWS@"', "[\n  " + lines + "\n ]") + "\n"
 
 
 def code_class(spec) -> tuple:
@@ -154,7 +162,7 @@ def add_block_k_sample(out: Path, block_k: int, jobs: int) -> int:
         "what": f"spilling default specializations recompiled with BLOCK_K={block_k} (not what the launchers pick "
                 f"today: a lead for retuning _block_k once a GPU can time both)", "rows": rows}
     record["command"] += f" && python scripts/kernels_compiled.py --add-block-k-sample {block_k}"
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    out.write_text(dump(record))
     return 0
 
 
@@ -227,7 +235,7 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - start, 1),
         "summary": summary, "failures": failures, "specializations": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    args.out.write_text(dump(record))
     print(f"{len(rows)} compiled ({len(every)} specializations), {len(failures)} failed -> {args.out}")
     return 1 if failures else 0
 
