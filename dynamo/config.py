@@ -243,8 +243,9 @@ class EvalConfig:
     max_windows: Optional[int] = None       # per dataset; None = every full window
     reference: bool = False                 # quantized runs: also the 16-bit model's PPL, before quantizing,
                                             #   and every later pass's KL to it (dynamo/eval/fidelity.py)
-    kl_topk: Optional[int] = None           # reference log-probs kept per token: None = all (vocab x 2 bytes
-                                            #   on disk), k = the top k + the rest's mass (big vocabularies)
+    kl_topk: Optional[int] = None           # reference log-probs kept per token (on disk): None = all (vocab x 2
+                                            #   bytes) up to 32,768 tokens, the top 256 above (fidelity.default_topk);
+                                            #   k = the top k + the rest's mass; refused if the disk cannot hold it
     stream: Optional[list[str]] = None      # DQS runs: also serve these datasets' test windows in this order,
     stream_windows: int = 16                #   this many windows each, with the routing-shift detector on
     stream_batch_size: int = 2

@@ -95,6 +95,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     kwargs = dict(dtype=dtype, **common)
     if cfg.device_map and device.type == "cuda" and not cfg.offload:  # offload places the layers itself
         kwargs["device_map"] = cfg.device_map
+    elif device.type != "cpu" and not cfg.offload:  # straight onto the device, no whole copy in host RAM first
+        kwargs["device_map"] = {"": device}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:

@@ -21,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import (AnalysisConfig, DetectorConfig, EvalConfig, ExportFormat, SwitchingConfig, to_container)
 from .data import known_datasets, load_documents, sources_of
+from .devices import peak_gpu_memory_bytes
 from .errors import UserError
-from .eval.fidelity import ReferenceLogprobs
+from .eval.fidelity import ReferenceLogprobs, check_reference_disk, default_topk, reference_nbytes
 from .eval.perplexity import token_perplexity
 from .export import check_export, write_export
 from .finite import check_weights_finite
@@ -157,9 +158,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
     with ExitStack() as cleanup:
         reference = None
         if cfg.eval.reference and cfg.quant.method != "none":
-            # the FP16 pass also stores its log-probs (on disk) for the KL of every later pass
+            # the FP16 pass also stores its log-probs (on disk) for the KL of every later pass, checked to fit first,
             # under this process's scratch folder: a later run removes it if this one is killed (dynamo/scratch.py)
-            reference = cleanup.enter_context(ReferenceLogprobs(cfg.eval.kl_topk, root=process_dir()))
+            scratch = process_dir()
+            reference = cleanup.enter_context(ReferenceLogprobs(reference_topk(loaded, tokens, names, cfg.eval, scratch),
+                                                                root=scratch))
             t = time.perf_counter()
             fp16 = evaluate_perplexity(loaded, tokens, names, cfg.eval, reference=reference, record_reference=True)
             if cfg.eval.stream and cfg.quant.switching.enabled:
@@ -188,7 +191,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
     if offload_of(model) is not None:
         model_info["offload"] = offload_of(model).report()
     if loaded.device.type == "cuda":  # what a user sizes a GPU by (scripts/dryrun.py reads it)
-        model_info["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(loaded.device)
+        model_info["peak_gpu_memory_bytes"] = peak_gpu_memory_bytes(model, loaded.device)  # every GPU it spans
     export = None
     if cfg.quant.export != ExportFormat.none:
         t = time.perf_counter()
@@ -307,6 +310,24 @@ def stream_segments(tokens: RunTokens, eval_cfg: EvalConfig) -> list[tuple[str, 
         pick = torch.linspace(0, len(windows) - 1, min(eval_cfg.stream_windows, len(windows))).round().long()
         segments.append((name, windows[pick]))
     return segments
+
+
+def reference_topk(loaded, tokens: RunTokens, names: list[str], eval_cfg: EvalConfig,
+                   folder: Path | None = None) -> int | None:
+    """eval.kl_topk as applied (unset: top-k above FULL_VOCAB_MAX tokens), once the reference's disk bytes
+    (every dataset's windows and the stream's) are known to fit in `folder` (default: the temporary folder)."""
+    vocab = loaded.model.get_output_embeddings().out_features
+    topk = default_topk(eval_cfg.kl_topk, vocab)
+    shapes = {name: tuple(tokens.windows(name, eval_cfg.split, eval_cfg.seqlen, eval_cfg.max_windows).shape)
+              for name in names}
+    if eval_cfg.stream:
+        shapes.update({f"stream/{k}": tuple(w.shape) for k, (_, w) in enumerate(stream_segments(tokens, eval_cfg))})
+    needed = reference_nbytes(shapes, vocab, topk)
+    check_reference_disk(needed, folder, topk, vocab)
+    if topk != eval_cfg.kl_topk:
+        log.info("KL reference: the top %d of %d log-probs per token (eval.kl_topk unset, a big vocabulary), "
+                 "%.1f MB on disk", topk, vocab, needed / 1e6)
+    return topk
 
 
 def record_stream_reference(loaded, segments: list, reference: ReferenceLogprobs, batch_size: int) -> None:

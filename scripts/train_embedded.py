@@ -344,7 +344,10 @@ def train_model(name: str, max_steps: int | None, resume: bool, checkpoint_minut
            **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
            "torch": torch.__version__, "curve": curve}
     (out_dir / "training.json").write_text(json.dumps(log, indent=2) + "\n")
-    print(f"saved {out_dir}")
+    from dynamo.assets import pack  # weights and tokenizer are committed as .xz (dynamo/assets.py)
+
+    pack(out_dir)
+    print(f"saved {out_dir} (commit its *.xz; the plain weights are git-ignored)")
 
 
 def main() -> None:

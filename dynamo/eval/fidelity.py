@@ -20,6 +20,11 @@ What is stored per predicted token, by `topk`:
   processing inequality), exact when the top k hold all of p's mass. For vocabularies where the
   full vectors do not fit on disk (50k+ tokens at seqlen 2048).
 Top-1 agreement: the quantized model's argmax equals the reference's argmax.
+
+`eval.kl_topk` unset means: the full vector up to FULL_VOCAB_MAX tokens, the top DEFAULT_TOPK above
+(a 152k vocabulary would otherwise put ~148 MB per 512-token window on disk). Before the reference
+pass, `check_reference_disk` compares the bytes the reference will take (`reference_nbytes`) with the
+free space of its folder and refuses, naming eval.kl_topk, when they do not fit.
 """
 
 from __future__ import annotations
@@ -33,6 +38,37 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+
+
+FULL_VOCAB_MAX = 32768  # vocabularies up to this keep the full vector by default (the embedded models: 8192)
+DEFAULT_TOPK = 256      # above it, the top 256 log-probs + the rest's mass (eval=paper's setting)
+DISK_MARGIN = 1.1       # the reference may take at most 1/1.1 of the free space
+
+
+def default_topk(topk: int | None, vocab: int) -> int | None:
+    """eval.kl_topk as applied: an explicit k stays; unset keeps the full vector only for small vocabularies."""
+    if topk is not None:
+        return topk
+    return DEFAULT_TOPK if vocab > FULL_VOCAB_MAX else None
+
+
+def reference_nbytes(windows: dict[str, tuple[int, int]], vocab: int, topk: int | None) -> int:
+    """Disk bytes of the reference for {name: (windows, seqlen)}: per predicted token, the full p (fp16) +
+    sum p log p, sum p (fp32) and the argmax (int32), or k values (fp16) + k ids (int32)."""
+    per_token = vocab * 2 + 12 if topk is None else min(topk, vocab) * 6
+    return sum(n * (seqlen - 1) * per_token for n, seqlen in windows.values())
+
+
+def check_reference_disk(needed: int, folder: str | Path | None, topk: int | None, vocab: int) -> None:
+    """Refuse (one line) a reference pass whose log-probs would not fit on the disk of `folder`."""
+    folder = Path(folder or tempfile.gettempdir())
+    free = shutil.disk_usage(folder).free
+    if needed * DISK_MARGIN > free:
+        kept = "the full vocabulary" if topk is None else f"the top {min(topk, vocab)}"
+        smaller = max(1, int(free / DISK_MARGIN / max(needed, 1) * min(topk or vocab, vocab)))
+        raise UserError(f"the FP16 reference for KL needs {needed / 1e9:.2f} GB ({needed} bytes: {kept} of {vocab} "
+                        f"log-probs per token) but {folder} has {free / 1e9:.2f} GB free; set eval.kl_topk to at "
+                        f"most {smaller}, fewer eval.max_windows, or free space there (TMPDIR)")
 
 
 @dataclass

@@ -179,6 +179,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], include_path: Path | None
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from ..devices import is_sharded
     from ..offload import offload_of
 
     lm_logger = logging.getLogger("lm_eval")
@@ -194,7 +195,9 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], include_path: Path | None
                                 f"or a task written by build_local_tasks into include_path ({include_path})")
         # Datasets are loaded here, task by task, so a failure names its task.
         loaded = [task for name in tasks for task in _load_task(manager, name)]
-        if offload_of(model) is None:  # an offloaded model is placed already: .to() would load every layer
+        # an offloaded model is placed already (.to() would load every layer), and so is one a device_map
+        # sharded over several devices (.to() would gather every shard onto one)
+        if offload_of(model) is None and not is_sharded(model):
             model = model.to(device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         out = lm_eval.simple_evaluate(

@@ -1,0 +1,174 @@
+"""End-to-end decode speed: FP16 against the packed BQ model (and packed BQ + slot table, once it exists).
+
+    python scripts/bench_decode.py                          # GPU: OLMoE's shapes, full depth, random weights
+    python scripts/bench_decode.py --model mixtral --layers 8
+    python scripts/bench_decode.py --toy --new-tokens 4 --prompt 8 --out /tmp/d.json    # CPU, toy shapes (tests)
+
+Tokens per second of `model.generate` (greedy, exactly --new-tokens new tokens after a --prompt-token random
+prompt, batch 1 and 8; median of --reps runs after one warm-up), for
+- fp16: the model as transformers runs it, with its fastest experts implementation (--fp16-impls);
+- bq: the same weights RTN-quantized with experts at widths 2/3/4 cycled (about 3 code bits, group 128),
+  packed and attached (`attach_packed`): the model's own forward with the packed layers (Triton on CUDA);
+- bq_slots: packed BQ with the adaptive policy's slot table, when the packed model offers one
+  (`dynamo.packed.slots.attach_slot_tables`); until then the row says it was skipped and why.
+Weights are random: decode speed does not depend on their values. The architecture is a paper model's
+(assets/configs/, built by dynamo.dryrun.build), cut to --layers decoder layers if given; --toy shrinks every
+width (a path check, never a speed). Without CUDA only --toy runs (speed numbers come from a GPU only).
+Writes results/benchmarks/decode-<device>.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MIXED_WIDTHS = (2, 3, 4)
+GROUP_SIZE = 128
+NO_CUDA = ("bench_decode: a CUDA device is needed for speed numbers and none was found; nothing written "
+           "(--toy runs the same path at toy shapes on CPU)")
+
+
+def slot_table_api():
+    """The packed model's slot-table entry point, or None while it does not exist."""
+    try:
+        module = importlib.import_module("dynamo.packed.slots")
+    except ImportError:
+        return None
+    return getattr(module, "attach_slot_tables", None)
+
+
+def build(name: str, layers: int | None, toy: bool, dtype: torch.dtype, device: torch.device):
+    from dynamo.dryrun.build import build_model, load_real_config, shrink_overrides
+
+    overrides = shrink_overrides(load_real_config(name)) if toy else None
+    if toy:  # a small head too, and no special ids outside it
+        overrides.update(vocab_size=512, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    model = build_model(name, layers, overrides=overrides, dtype=dtype, device=str(device))
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def pack_mixed(model) -> dict:
+    """RTN with expert e of every MoE layer at MIXED_WIDTHS[e % 3], group 128, packed per layer."""
+    from dynamo.adapters import moe_layers
+    from dynamo.packed.model import pack_experts
+    from dynamo.quant import QSpec, QuantPlan, apply_plan
+
+    plan = QuantPlan(method="rtn", default=QSpec(MIXED_WIDTHS[0], group_size=GROUP_SIZE))
+    for layer in moe_layers(model):
+        for expert in range(layer.n_experts):
+            plan.set_expert_bits(layer.index, expert, MIXED_WIDTHS[expert % len(MIXED_WIDTHS)])
+    return pack_experts(model, apply_plan(model, plan, keep_codes=True).codes)
+
+
+def tokens_per_s(model, batch: int, prompt: int, new_tokens: int, reps: int, device: torch.device) -> dict:
+    ids = torch.randint(1, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch))
+    ids = ids.to(device)
+    run = partial(model.generate, ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, do_sample=False)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        out = run()  # warm-up: kernel compilation, allocator
+        assert out.shape == (batch, prompt + new_tokens), out.shape
+        times = []
+        for _ in range(reps):
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - start)
+    return {"tokens_per_s": batch * new_tokens / statistics.median(times), "seconds": times}
+
+
+def param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def bench(args: argparse.Namespace, device: torch.device) -> dict:
+    from dynamo.packed.model import attach_packed
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = build(args.model, args.layers, args.toy, dtype, device)
+    measure = lambda: {b: tokens_per_s(model, b, args.prompt, args.new_tokens, args.reps, device)  # noqa: E731
+                       for b in args.batches}
+    rows: dict[str, dict] = {}
+    by_impl = {}
+    for impl in args.fp16_impls:
+        model.set_experts_implementation(impl)
+        by_impl[impl] = measure()
+    rows["fp16"] = {str(b): max((by_impl[i][b] for i in by_impl), key=lambda r: r["tokens_per_s"])
+                    for b in args.batches}
+    fp16_bytes = param_bytes(model)
+    attach_packed(model, pack_mixed(model))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    rows["bq"] = {str(b): r for b, r in measure().items()}
+    attach = slot_table_api()
+    if attach is None:
+        rows["bq_slots"] = {"skipped": "the packed model has no slot-table API yet (dynamo.packed.slots."
+                                       "attach_slot_tables); this row fills once it exists"}
+    else:
+        attach(model)
+        rows["bq_slots"] = {str(b): r for b, r in measure().items()}
+    speedup = {v: {b: round(rows[v][b]["tokens_per_s"] / rows["fp16"][b]["tokens_per_s"], 3) for b in rows["fp16"]}
+               for v in ("bq", "bq_slots") if "skipped" not in rows[v]}
+    for v in rows:
+        for b, r in rows[v].items():
+            if isinstance(r, dict):
+                print(f"decode {args.model} {v:8s} batch {b}: {r['tokens_per_s']:.1f} tok/s", flush=True)
+    return {"model": args.model, "layers": args.layers or "all", "toy": args.toy, "dtype": str(dtype),
+            "widths": list(MIXED_WIDTHS), "group_size": GROUP_SIZE, "prompt_tokens": args.prompt,
+            "new_tokens": args.new_tokens, "batches": args.batches, "reps": args.reps, "statistic": "median",
+            "fp16_by_implementation": {i: {str(b): r for b, r in v.items()} for i, v in by_impl.items()},
+            "results": rows, "speedup_vs_fp16": speedup,
+            "param_bytes": {"fp16": fp16_bytes, "bq": param_bytes(model)}}
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="olmoe", help="a paper model of assets/configs/")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers kept (default: all)")
+    parser.add_argument("--toy", action="store_true", help="every width shrunk: a CPU path check, not a speed")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--fp16-impls", nargs="+", default=None,
+                        help="transformers experts implementations tried for FP16 (default: grouped_mm and eager "
+                             "on CUDA, grouped_mm on CPU)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.toy:
+        print(NO_CUDA, file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    args.fp16_impls = args.fp16_impls or (["grouped_mm", "eager"] if cuda else ["grouped_mm"])
+    report = bench(args, device)
+    report["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    report["command"] = "python scripts/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = args.out or REPO / "results" / "benchmarks" / f"decode-{device_slug(report['device'])}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
