@@ -28,19 +28,27 @@ def linear_ref(x: torch.Tensor, w: ExpertWeight) -> torch.Tensor:
 
 
 def with_channels(experts: PackedExperts, expert: int, projection: str, x: torch.Tensor,
-                  y: torch.Tensor) -> torch.Tensor:
+                  y: torch.Tensor, slots: bool = True) -> torch.Tensor:
     """y = x @ W^T from the codes, with the layer's cached full-precision rows (if any) written over and
-    its slot corrections (if any) added."""
+    its slot corrections (if any, and `slots`) added."""
     if experts.channels is not None:
         experts.channels.patch(projection, expert, x, y)
-    if experts.slot_table is not None:
+    if slots and experts.slot_table is not None:
         experts.slot_table.add_expert(projection, expert, x, y)
     return y
 
 
 def expert_linear_ref(experts: PackedExperts, expert: int, projection: str, x: torch.Tensor) -> torch.Tensor:
-    """x @ W^T for one expert projection, its cached full-precision rows included."""
-    return with_channels(experts, expert, projection, x, linear_ref(x, experts.weight(expert, projection)))
+    """x @ W^T for one expert projection, its cached full-precision rows and slot corrections included.
+    The reference dequantizes the whole matrix anyway, so slot corrections are folded into it (no extra
+    matmul); the grouped kernels' path adds them to the outputs instead (slots.py)."""
+    w = experts.weight(expert, projection)
+    table = experts.slot_table
+    if table is None or not table.covers(projection, expert):
+        return with_channels(experts, expert, projection, x, linear_ref(x, w))
+    dense = w.dequantize(torch.float32) if isinstance(w, PackedWeight) else w.float().clone()
+    table.fold(projection, expert, dense)
+    return with_channels(experts, expert, projection, x, dense_matmul(x, dense.to(x.dtype)), slots=False)
 
 
 def grouped_dequant_matmul_ref(x: torch.Tensor, stack: WeightStack, routing: Routing, in_div: int,

@@ -144,21 +144,40 @@ class SlotGroup:
         deltas = dequantize_deltas(codes, scales, zeros, self.group_size) * valid[..., None]
         return pos, valid, deltas
 
-    def add_expert(self, kind: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One expert's corrections on its own rows x [m, K] -> y [m, N]: one small matmul (reads the counts)."""
-        if self._host is None:  # read once per table: the per-expert path runs a few hundred times a forward
+    def _expert_deltas(self, expert: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One expert's (indices [count], float32 deltas [count, L]), or None when it has no slot here."""
+        if self._host is None:  # read once per table: the per-expert paths run a few hundred times a forward
             group = self.length if self.group_size == -1 else self.group_size
             self._host = (self.starts.tolist(), self.counts.tolist(),
                           torch.arange(self.length, device=self.codes.device) // group)
         starts, counts, g = self._host
         start, count = starts[expert], counts[expert]
-        if not count or not x.shape[0]:
-            return
+        if not count:
+            return None
         part = slice(start, start + count)
         deltas = self.codes[part].float()
-        if self.scales is not None:  # [count, L] float32
+        if self.scales is not None:
             deltas = self.scales[part].float()[:, g] * (deltas - self.zeros[part].float()[:, g])
-        index = self.index[part]
+        return self.index[part], deltas
+
+    def fold(self, kind: str, expert: int, weight: torch.Tensor) -> None:
+        """Add one expert's corrections into its dense float32 weight [N, K] (rows: W[r] += delta; cols:
+        W[:, j] += delta): where the weight is dequantized anyway, this costs no extra matmul."""
+        found = self._expert_deltas(expert)
+        if found is None:
+            return
+        index, deltas = found
+        if kind == "rows":
+            weight[index] += deltas
+        else:
+            weight[:, index] += deltas.T
+
+    def add_expert(self, kind: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One expert's corrections on its own rows x [m, K] -> y [m, N]: one small matmul (reads the counts)."""
+        found = self._expert_deltas(expert) if x.shape[0] else None
+        if found is None:
+            return
+        index, deltas = found
         if kind == "rows":
             y.index_add_(1, index, (x.float() @ deltas.T).to(y.dtype))
         else:
@@ -224,8 +243,18 @@ class SlotTable:
                 group.add_to(kind, experts, x, in_div, out, col_offset, width)
 
     def add_expert(self, projection: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One expert's corrections on its own rows x [m, K] -> y [m, N] (the expert-by-expert reference)."""
+        """One expert's corrections on its own rows x [m, K] -> y [m, N]."""
         for kind in KINDS:
             group = self.groups.get((projection, kind))
             if group is not None:
                 group.add_expert(kind, expert, x, y)
+
+    def covers(self, projection: str, expert: int) -> bool:
+        return any(g._expert_deltas(expert) is not None for (p, _), g in self.groups.items() if p == projection)
+
+    def fold(self, projection: str, expert: int, weight: torch.Tensor) -> None:
+        """The corrections added into a dense float32 weight: rows first, then columns (as they were measured)."""
+        for kind in KINDS:
+            group = self.groups.get((projection, kind))
+            if group is not None:
+                group.fold(kind, expert, weight)

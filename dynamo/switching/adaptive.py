@@ -21,8 +21,8 @@ its 8-bit codes over its BQ codes.
    a whole expert at 8 bits: its error at BQ minus its error at RTN-8. `scoring=output`/`local`
    keep H's diagonal only (far cheaper); with `output` (and `hessian`) errors of gate/up rows are
    carried to the expert's output (first order: ||W_down[:, r]||^2 E[h_r^2] / E[y_r^2]);
-3. merge the layer's candidates into the running best set (sorted by reduction per byte, cut where the
-   cumulative bytes pass KEEP x the budget: exactly the global order's prefix), then free the layer's
+3. merge the layer's candidates into the running best set (per kind, sorted by reduction per byte and cut
+   where the cumulative bytes pass KEEP x the budget: exactly each kind's global prefix), then free the layer's
    statistics: nothing of size [I, I] outlives its layer. After the last layer, ONE global byte budget
    is filled greedily from that set (a piece that no longer fits is skipped, smaller ones go on);
    rows and columns of an expert raised to 8 bits whole are dropped and the budget refilled;
@@ -61,7 +61,7 @@ SCORINGS = ("hessian", "output", "local")
 INDEX_BYTES = 4     # int32 slot indices
 VALUE_BYTES = 2     # FP16 slot values / scales / zeros
 ROW, COLUMN, EXPERT = 0, 1, 2
-KEEP = 2  # the running set holds the global best prefix of KEEP x the budget: room for the greedy's skips
+KEEP = 2  # the running set holds each kind's global best prefix of KEEP x the budget: room for the greedy's skips
 KIND_NAMES = ("row", "column", "expert8")
 
 
@@ -119,6 +119,12 @@ class Candidates:
         """The prefix, by reduction per byte, whose bytes fit `budget` (a sort and a cumulative sum)."""
         ranked = self.ranked()
         return ranked.take(torch.cumsum(ranked.cost, 0) <= budget)
+
+    def best_of_each_kind(self, budget: int) -> Candidates:
+        """Per kind (row, column, 8-bit expert), the best prefix that fits `budget`: a kind of big pieces
+        cannot crowd the small ones out of the running set."""
+        parts = [self.take(self.kind == k).best_within(budget) for k in (ROW, COLUMN, EXPERT)]
+        return Candidates.cat(parts)
 
     def greedy_within(self, budget: int, max_rounds: int = 64) -> Candidates:
         """Greedy by reduction per byte, skipping a piece that no longer fits and going on with smaller ones
@@ -328,7 +334,7 @@ class AdaptiveSwitcher:
             layer_candidates, err = self._layer_candidates(self.layers[index], stats.routed)
             merged = layer_candidates if state["best"] is None else Candidates.cat(
                 [state["best"].to(layer_candidates.gain.device), layer_candidates])
-            state["best"] = merged.best_within(KEEP * self.budget_nbytes)
+            state["best"] = merged.best_of_each_kind(KEEP * self.budget_nbytes)
             state["total"] += err
             hessians = sum(h.numel() * h.element_size() for h in (stats.routed.hessian_in, stats.routed.hessian_mid)
                            if h is not None)

@@ -210,6 +210,14 @@ def test_the_streaming_choice_is_the_global_prefix_and_the_greedy_skips_what_no_
             expected.append((int(ranked.layer[j]), int(ranked.index[j])))
     greedy = everything.greedy_within(budget)
     assert key(greedy) == sorted(expected) and len(expected) > len(everything.best_within(budget))
+    # the switch's running set (each kind's best 2 x budget, merged layer by layer) loses none of the greedy's
+    # choice, even when a kind of big pieces ranks high
+    everything.kind[::7] = 2
+    running = None
+    for i in range(5):
+        part = everything.take(everything.layer == i)
+        running = (part if running is None else Candidates.cat([running, part])).best_of_each_kind(2 * budget)
+    assert key(running.greedy_within(budget)) == key(everything.greedy_within(budget))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
