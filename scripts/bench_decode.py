@@ -1,4 +1,4 @@
-"""End-to-end decode speed: FP16 against the packed BQ model (and packed BQ + slot table, once it exists).
+"""End-to-end decode speed: FP16 against the packed BQ model and packed BQ + full slot tables.
 
     python scripts/bench_decode.py                          # GPU: OLMoE's shapes, full depth, random weights
     python scripts/bench_decode.py --model mixtral --layers 8
@@ -9,8 +9,8 @@ prompt, batch 1 and 8; median of --reps runs after one warm-up), for
 - fp16: the model as transformers runs it, with its fastest experts implementation (--fp16-impls);
 - bq: the same weights RTN-quantized with experts at widths 2/3/4 cycled (about 3 code bits, group 128),
   packed and attached (`attach_packed`): the model's own forward with the packed layers (Triton on CUDA);
-- bq_slots: packed BQ with the adaptive policy's slot table, when the packed model offers one
-  (`dynamo.packed.slots.attach_slot_tables`); until then the row says it was skipped and why.
+- bq_slots: packed BQ with full slot tables (the adaptive switch on the packed model, to random
+  windows, at the default budget: 1% of the experts' FP16 bytes).
 Weights are random: decode speed does not depend on their values. The architecture is a paper model's
 (assets/configs/, built by dynamo.dryrun.build), cut to --layers decoder layers if given; --toy shrinks every
 width (a path check, never a speed). Without CUDA only --toy runs (speed numbers come from a GPU only).
@@ -20,7 +20,6 @@ Writes results/benchmarks/decode-<device>.json (or --out).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import re
 import statistics
@@ -40,13 +39,15 @@ NO_CUDA = ("bench_decode: a CUDA device is needed for speed numbers and none was
            "(--toy runs the same path at toy shapes on CPU)")
 
 
-def slot_table_api():
-    """The packed model's slot-table entry point, or None while it does not exist."""
-    try:
-        module = importlib.import_module("dynamo.packed.slots")
-    except ImportError:
-        return None
-    return getattr(module, "attach_slot_tables", None)
+def fill_slot_tables(model, plan, master, device: torch.device) -> dict:
+    """The adaptive switch on the packed model, to random windows: full slot tables at the default budget
+    (1% of the experts' FP16 bytes, 8-bit row and column slots), what a switched deployment serves."""
+    from dynamo.switching.adaptive import AdaptiveSwitcher
+
+    switcher = AdaptiveSwitcher(model, plan, master)
+    ids = torch.randint(1, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(7))
+    report = switcher.switch_to(ids.to(device))
+    return {"slot_nbytes": report.extra_nbytes, "budget_nbytes": report.budget_nbytes, "slots": report.slots}
 
 
 def build(name: str, layers: int | None, toy: bool, dtype: torch.dtype, device: torch.device):
@@ -60,8 +61,8 @@ def build(name: str, layers: int | None, toy: bool, dtype: torch.dtype, device: 
     return model
 
 
-def pack_mixed(model) -> dict:
-    """RTN with expert e of every MoE layer at MIXED_WIDTHS[e % 3], group 128, packed per layer."""
+def pack_mixed(model) -> tuple[dict, object]:
+    """RTN with expert e of every MoE layer at MIXED_WIDTHS[e % 3], group 128, packed per layer; and the plan."""
     from dynamo.adapters import moe_layers
     from dynamo.packed.model import pack_experts
     from dynamo.quant import QSpec, QuantPlan, apply_plan
@@ -70,7 +71,7 @@ def pack_mixed(model) -> dict:
     for layer in moe_layers(model):
         for expert in range(layer.n_experts):
             plan.set_expert_bits(layer.index, expert, MIXED_WIDTHS[expert % len(MIXED_WIDTHS)])
-    return pack_experts(model, apply_plan(model, plan, keep_codes=True).codes)
+    return pack_experts(model, apply_plan(model, plan, keep_codes=True).codes), plan
 
 
 def tokens_per_s(model, batch: int, prompt: int, new_tokens: int, reps: int, device: torch.device) -> dict:
@@ -98,6 +99,7 @@ def param_bytes(model) -> int:
 
 def bench(args: argparse.Namespace, device: torch.device) -> dict:
     from dynamo.packed.model import attach_packed
+    from dynamo.switching.adaptive import ExpertMaster
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = build(args.model, args.layers, args.toy, dtype, device)
@@ -111,22 +113,19 @@ def bench(args: argparse.Namespace, device: torch.device) -> dict:
     rows["fp16"] = {str(b): max((by_impl[i][b] for i in by_impl), key=lambda r: r["tokens_per_s"])
                     for b in args.batches}
     fp16_bytes = param_bytes(model)
-    attach_packed(model, pack_mixed(model))
+    master = ExpertMaster(model)  # what the switch restores from (host memory)
+    packed, plan = pack_mixed(model)
+    attach_packed(model, packed)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     rows["bq"] = {str(b): r for b, r in measure().items()}
-    attach = slot_table_api()
-    if attach is None:
-        rows["bq_slots"] = {"skipped": "the packed model has no slot-table API yet (dynamo.packed.slots."
-                                       "attach_slot_tables); this row fills once it exists"}
-    else:
-        attach(model)
-        rows["bq_slots"] = {str(b): r for b, r in measure().items()}
+    tables = fill_slot_tables(model, plan, master, device)
+    rows["bq_slots"] = {"slot_tables": tables, **{str(b): r for b, r in measure().items()}}
     speedup = {v: {b: round(rows[v][b]["tokens_per_s"] / rows["fp16"][b]["tokens_per_s"], 3) for b in rows["fp16"]}
-               for v in ("bq", "bq_slots") if "skipped" not in rows[v]}
+               for v in ("bq", "bq_slots")}
     for v in rows:
         for b, r in rows[v].items():
-            if isinstance(r, dict):
+            if isinstance(r, dict) and "tokens_per_s" in r:
                 print(f"decode {args.model} {v:8s} batch {b}: {r['tokens_per_s']:.1f} tok/s", flush=True)
     return {"model": args.model, "layers": args.layers or "all", "toy": args.toy, "dtype": str(dtype),
             "widths": list(MIXED_WIDTHS), "group_size": GROUP_SIZE, "prompt_tokens": args.prompt,
