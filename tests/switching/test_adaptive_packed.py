@@ -157,3 +157,28 @@ def test_a_stream_on_the_packed_model_switches_when_the_routing_shifts():
     assert packed.slots is not None and any(m.slot_table is not None for m in packed_modules(packed.model).values())
     assert report.serve_s > 0 and report.switch_s > 0 and 0 < report.switch_share < 1
     assert report.to_dict()["switch_share"] == round(report.switch_share, 5)
+
+
+def test_a_packed_switch_failing_half_way_leaves_every_slot_table_as_it_was(monkeypatch):
+    from dynamo_kernels.slots import SlotTable
+
+    dense, packed = dense_and_packed("olmoe")
+    dense.switch_to(tokens(LOW, 3, 16, seed=1))
+    packed.switch_to_set(dense.slots, "low")
+    tables = {i: m.slot_table for i, m in packed_modules(packed.model).items()}
+    active = packed.slots
+    dense.switch_to(tokens(HIGH, 3, 16, seed=2))
+    real, calls = SlotTable.to, {"n": 0}
+
+    def failing(self, device):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the second layer's table cannot be placed
+            raise RuntimeError("device out of memory")
+        return real(self, device)
+
+    monkeypatch.setattr(SlotTable, "to", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        packed.switch_to_set(dense.slots, "high")
+    assert calls["n"] > 1
+    assert all(m.slot_table is tables[i] for i, m in packed_modules(packed.model).items())
+    assert packed.slots is active
