@@ -127,8 +127,11 @@ def switch_held_nbytes(model, budget_nbytes: int = 0) -> dict:
     layer's routed fp32 Hessians ([E, H, H] + [E, I, I]) and its candidates (at most every row and column of
     gate, up and down: 3 (H + I) per expert), one layer whatever the depth (dynamo.switching.adaptive
     profiles and scores one MoE layer at a time, `held_nbytes_by_layer`); plus the running best set, which
-    grows with the slot budget only: at most budget / the shortest slot (min(H, I) one-byte codes) records
-    of CANDIDATE_NBYTES, about 1% of the budget's own bytes at real widths."""
+    grows with the slot budget only: per kind (row, column, 8-bit expert) at most KEEP x the budget / the
+    shortest slot (min(H, I) one-byte codes) records of CANDIDATE_NBYTES, a few % of the budget's own bytes
+    at real widths."""
+    from ..switching.adaptive import KEEP
+
     worst = {"hessians": 0, "candidates": 0}
     shortest = None
     for layer in moe_layers(model):
@@ -137,7 +140,7 @@ def switch_held_nbytes(model, budget_nbytes: int = 0) -> dict:
         shortest = min(h, i) if shortest is None else min(shortest, h, i)
         if sum(here.values()) > sum(worst.values()):
             worst = here
-    best = budget_nbytes * CANDIDATE_NBYTES // shortest if shortest else 0
+    best = 3 * KEEP * budget_nbytes * CANDIDATE_NBYTES // shortest if shortest else 0
     return {**worst, "best_bound": best, "total": worst["hessians"] + worst["candidates"] + best}
 
 

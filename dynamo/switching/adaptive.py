@@ -363,12 +363,21 @@ class AdaptiveSwitcher:
         return kept.take(~covered).greedy_within(self.budget_nbytes)
 
     def _layer_candidates(self, layer, routed) -> tuple[Candidates, float]:
-        """Every candidate of one MoE layer, scored on the statistics' device in float32."""
+        """Every candidate of one MoE layer, scored on the statistics' device in float32.
+
+        The per-expert reductions go into buffers allocated once per layer: nothing small and long-lived is
+        allocated between the large per-expert temporaries, which would fragment the host heap (glibc keeps
+        such freed memory: at OLMoE's real width the process grew by ~6 GiB per scored layer before)."""
         device = routed.tokens.device
         dtype = self.score_dtype
         wsq = {u: routed.channels[u]["wsq"].to(dtype) for u in ("input", "neuron", "gate", "up")}
         spec8 = QSpec(8, self.group_size)
-        parts, total = [], 0.0
+        n_experts = layer.n_experts
+        shapes = {p: ((layer.hidden_size, layer.intermediate_size) if p == "down"
+                      else (layer.intermediate_size, layer.hidden_size)) for p in PROJECTIONS}
+        rows = {p: torch.zeros(n_experts, shapes[p][0], dtype=torch.float32, device=device) for p in PROJECTIONS}
+        cols = {p: torch.zeros(n_experts, shapes[p][1], dtype=torch.float32, device=device) for p in PROJECTIONS}
+        raised, total = [], 0.0
         for e, n in enumerate(routed.tokens.tolist()):
             if n == 0:
                 continue
@@ -378,7 +387,7 @@ class AdaptiveSwitcher:
                 second[name] = (hess, torch.diagonal(hess) if hess is not None else diag[e])
             down_master = self.master.get((layer.index, e, "down")).to(device, dtype)
             expert_err, expert_err8, expert_extra = 0.0, 0.0, 0
-            for pi, p in enumerate(PROJECTIONS):
+            for p in PROJECTIONS:
                 key = (layer.index, e, p)
                 master = down_master if p == "down" else self.master.get(key).to(device, dtype)
                 d = master - self.target.bq(key).to(device, dtype)
@@ -387,23 +396,31 @@ class AdaptiveSwitcher:
                     gain = down_master.square().sum(0) * wsq["neuron"][e] / wsq[p][e].clamp_min(1e-12)
                 hess, diag = second["mid" if p == "down" else "in"]
                 row_red, col_red, err = _reductions(d, hess, diag, gain)
+                rows[p][e] = row_red
+                cols[p][e] = col_red
                 total += err
                 expert_err += err
-                out, inp = d.shape
-                if self.candidates in ("rows", "rows_cols", "all"):
-                    keep = torch.nonzero(row_red > 0).squeeze(1)
-                    parts.append(Candidates.of(row_red[keep], self.slot_nbytes(inp), layer.index, e, pi, ROW, keep))
-                if self.candidates in ("rows_cols", "all"):
-                    keep = torch.nonzero(col_red > 0).squeeze(1)
-                    parts.append(Candidates.of(col_red[keep], self.slot_nbytes(out), layer.index, e, pi, COLUMN, keep))
                 bits = self.target.bq_bits(key)
                 if self.candidates in ("experts8", "all") and bits < 8:
                     d8 = master - quantize_rtn(master, spec8).dequantize().to(dtype)
                     expert_err8 += _reductions(d8, hess, diag, gain)[2]
+                    out, inp = shapes[p]
                     expert_extra += (8 - bits) * out * inp // 8   # 8-bit codes replace the BQ codes in place
             if expert_extra > 0 and expert_err > expert_err8:
-                parts.append(Candidates.of(torch.tensor([expert_err - expert_err8], device=device), expert_extra,
-                                           layer.index, e, -1, EXPERT, torch.tensor([-1], device=device)))
+                raised.append((e, expert_err - expert_err8, expert_extra))
+        parts = []
+        for pi, p in enumerate(PROJECTIONS):
+            out, inp = shapes[p]
+            kinds = [(ROW, rows[p], self.slot_nbytes(inp))] if self.candidates in ("rows", "rows_cols", "all") else []
+            if self.candidates in ("rows_cols", "all"):
+                kinds.append((COLUMN, cols[p], self.slot_nbytes(out)))
+            for kind, gains, cost in kinds:
+                expert, index = torch.nonzero(gains > 0, as_tuple=True)
+                parts.append(Candidates.of(gains[expert, index], cost, layer.index, 0, pi, kind, index))
+                parts[-1].expert = expert.to(torch.int32)
+        for e, reduction, extra in raised:
+            parts.append(Candidates.of(torch.tensor([reduction], device=device), extra, layer.index, e, -1, EXPERT,
+                                       torch.tensor([-1], device=device)))
         return (Candidates.cat(parts) if parts else Candidates.empty(device)), total
 
     # --- the slot set -----------------------------------------------------------------------
