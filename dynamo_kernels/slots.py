@@ -31,8 +31,13 @@ GATHER_ELEMENTS = 1 << 24  # delta values gathered per chunk of routed rows (64 
 SLOT_BITS = (8, 16)
 
 
-def _groups(length: int, group_size: int) -> int:
-    return 1 if group_size == -1 else -(-length // group_size)
+def slot_nbytes(length: int, bits: int, group_size: int) -> int:
+    """Device bytes of one slot of `length` values, as `SlotGroup.nbytes` counts them: fp16 values (16 bits),
+    or 8-bit codes with an fp16 scale and zero per group; plus an int32 index. What a switch's budget spends."""
+    if bits == 16:
+        return 2 * length + 4
+    groups = 1 if group_size == -1 else -(-length // group_size)
+    return length + groups * 2 * 2 + 4
 
 
 def quantize_deltas(deltas: torch.Tensor, bits: int, group_size: int) -> tuple:

@@ -118,6 +118,11 @@ class MoELayer:
             return int(self.experts.hidden_dim)
         return self.weight(0, "down").shape[0]
 
+    def shape(self, projection: str) -> tuple[int, int]:
+        """A routed expert's [out, in] for `projection`, from the layer's sizes (no weight read)."""
+        hidden, inter = self.hidden_size, self.intermediate_size
+        return (hidden, inter) if projection == "down" else (inter, hidden)
+
     def weight(self, expert: int, projection: str) -> torch.Tensor:
         """Expert weight as [out, in]; a view of the model's storage (writes go into the model)."""
         if not 0 <= expert < self.n_experts:

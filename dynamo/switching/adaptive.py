@@ -38,17 +38,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from dynamo_kernels.slots import SlotTable, dequantize_deltas, quantize_deltas
+from dynamo_kernels.slots import SlotTable, dequantize_deltas, quantize_deltas, slot_nbytes
 
 from ..adapters import PROJECTIONS, moe_layers
 from ..calibration import capture_sequential
 from ..errors import UserError
 from ..quant.rtn import quantize_rtn
 from ..quant.spec import QSpec
-from .master import ExpertMaster
+from .master import VALUE_BYTES, ExpertMaster
 from .slotset import SlotSet
 from .store import Key
 from .switch import check_token_windows
@@ -58,8 +59,6 @@ __all__ = ["AdaptiveReport", "AdaptiveSwitcher", "Candidates", "ExpertMaster", "
 
 CANDIDATES = ("rows", "rows_cols", "experts8", "all")
 SCORINGS = ("hessian", "output", "local")
-INDEX_BYTES = 4     # int32 slot indices
-VALUE_BYTES = 2     # FP16 slot values / scales / zeros
 ROW, COLUMN, EXPERT = 0, 1, 2
 KEEP = 2  # the running set holds each kind's global best prefix of KEEP x the budget: room for the greedy's skips
 KIND_NAMES = ("row", "column", "expert8")
@@ -85,11 +84,14 @@ class Candidates:
         return cls(*(torch.empty(0, dtype=d, device=device) for d in dtypes))
 
     @classmethod
-    def of(cls, gain: torch.Tensor, cost: int, layer: int, expert: int, proj: int, kind: int,
+    def of(cls, gain: torch.Tensor, cost: int, layer: int, expert: int | torch.Tensor, proj: int, kind: int,
            index: torch.Tensor) -> Candidates:
+        """Pieces of one layer, projection and kind; `expert` one id for all, or one per piece."""
         n, device = gain.numel(), gain.device
 
         def full(value, dtype):
+            if isinstance(value, torch.Tensor):
+                return value.to(device, dtype)
             return torch.full((n,), value, dtype=dtype, device=device)
 
         return cls(gain.float(), full(cost, torch.int64), full(layer, torch.int32), full(expert, torch.int32),
@@ -212,16 +214,16 @@ class AdaptiveSwitcher:
         self.budget_frac, self.slot_bits = float(budget_frac), int(slot_bits)
         self.group_size = self.target.group_size
         self.layers = {layer.index: layer for layer in moe_layers(model)}
-        self.shapes: dict[Key, tuple[int, int]] = {
-            (i, e, p): ((layer.hidden_size, layer.intermediate_size) if p == "down"
-                        else (layer.intermediate_size, layer.hidden_size))
-            for i, layer in self.layers.items() for e in range(layer.n_experts) for p in PROJECTIONS}
+        self.shapes: dict[Key, tuple[int, int]] = {(i, e, p): layer.shape(p) for i, layer in self.layers.items()
+                                                   for e in range(layer.n_experts) for p in PROJECTIONS}
         self.routed_weights = sum(a * b for a, b in self.shapes.values())
         self.fp16_nbytes = self.routed_weights * VALUE_BYTES
         self.budget_nbytes = int(budget_frac * self.fp16_nbytes)
         self.vocab = model.get_input_embeddings().num_embeddings
         self.active: SlotSet | None = None
         self.history: dict[str, SlotSet] = {}   # the sets `remember` kept, by dataset name (host memory)
+        self.folder: Path | None = None         # saved slot sets to switch to by name (for_saved_sets)
+        self._fingerprint: str | None = None    # the packed model's, for saved sets (its codes never change)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -250,8 +252,6 @@ class AdaptiveSwitcher:
     def for_saved_sets(cls, model, folder, master=None, batch_size: int = 8) -> AdaptiveSwitcher:
         """A switcher for a reloaded packed model with the settings its saved sets were made with
         (`folder`: the export's slot_sets/). `master` is needed only to switch to new windows."""
-        from pathlib import Path
-
         from .slotset import saved_entry
 
         entry = saved_entry(Path(folder))
@@ -262,16 +262,16 @@ class AdaptiveSwitcher:
 
     def switch_to_saved(self, name: str, folder=None) -> AdaptiveReport:
         """Switch a packed model to a saved set by name: a checked load and a copy into the slot tables."""
-        from pathlib import Path
-
         from .slotset import load_slot_set, packed_fingerprint
 
-        folder = Path(folder) if folder is not None else getattr(self, "folder", None)
+        folder = Path(folder) if folder is not None else self.folder
         if folder is None:
             raise UserError("switch_to_saved needs the slot_sets folder (for_saved_sets(model, folder) keeps it)")
         t0 = time.perf_counter()
+        if self._fingerprint is None:
+            self._fingerprint = packed_fingerprint(self.model)
         n_experts = {i: layer.n_experts for i, layer in self.layers.items()}
-        slot_set = load_slot_set(folder, name, packed_fingerprint(self.model), n_experts)
+        slot_set = load_slot_set(folder, name, self._fingerprint, n_experts)
         report = self.switch_to_set(slot_set.to(self.target.device(next(iter(self.shapes)))), name)
         report.write_s = time.perf_counter() - t0  # the load from disk included
         return report
@@ -281,8 +281,7 @@ class AdaptiveSwitcher:
         else a switch to its `windows`."""
         from .slotset import saved_names
 
-        folder = getattr(self, "folder", None)
-        if folder is not None and name in saved_names(folder):
+        if self.folder is not None and name in saved_names(self.folder):
             return self.switch_to_saved(name)
         return self.switch_to(windows)
 
@@ -373,8 +372,7 @@ class AdaptiveSwitcher:
         wsq = {u: routed.channels[u]["wsq"].to(dtype) for u in ("input", "neuron", "gate", "up")}
         spec8 = QSpec(8, self.group_size)
         n_experts = layer.n_experts
-        shapes = {p: ((layer.hidden_size, layer.intermediate_size) if p == "down"
-                      else (layer.intermediate_size, layer.hidden_size)) for p in PROJECTIONS}
+        shapes = {p: layer.shape(p) for p in PROJECTIONS}
         rows = {p: torch.zeros(n_experts, shapes[p][0], dtype=torch.float32, device=device) for p in PROJECTIONS}
         cols = {p: torch.zeros(n_experts, shapes[p][1], dtype=torch.float32, device=device) for p in PROJECTIONS}
         raised, total = [], 0.0
@@ -416,8 +414,7 @@ class AdaptiveSwitcher:
                 kinds.append((COLUMN, cols[p], self.slot_nbytes(out)))
             for kind, gains, cost in kinds:
                 expert, index = torch.nonzero(gains > 0, as_tuple=True)
-                parts.append(Candidates.of(gains[expert, index], cost, layer.index, 0, pi, kind, index))
-                parts[-1].expert = expert.to(torch.int32)
+                parts.append(Candidates.of(gains[expert, index], cost, layer.index, expert, pi, kind, index))
         for e, reduction, extra in raised:
             parts.append(Candidates.of(torch.tensor([reduction], device=device), extra, layer.index, e, -1, EXPERT,
                                        torch.tensor([-1], device=device)))
@@ -472,22 +469,17 @@ class AdaptiveSwitcher:
 
         if not any(idx.numel() for _, idx, _ in parts):
             return None
-        expert = torch.cat([torch.full((idx.numel(),), e, dtype=torch.int64) for e, idx, _ in parts])
-        index = torch.cat([idx.cpu() for _, idx, _ in parts])
-        deltas = torch.cat([d.float().cpu() for _, _, d in parts])
-        device = parts[0][1].device
-        return SlotGroup.build(n_experts, expert.to(device), index.to(device), deltas.to(device), self.slot_bits,
-                               self.group_size)
+        device = parts[0][1].device  # one layer's matrices share a device: no round trip through the host
+        expert = torch.cat([torch.full((idx.numel(),), e, dtype=torch.int64, device=device) for e, idx, _ in parts])
+        index = torch.cat([idx for _, idx, _ in parts])
+        deltas = torch.cat([d.float() for _, _, d in parts])
+        return SlotGroup.build(n_experts, expert, index, deltas, self.slot_bits, self.group_size)
 
     # --- accounting -------------------------------------------------------------------------
 
     def slot_nbytes(self, length: int) -> int:
-        """Device bytes of one row/column slot of `length` values: FP16 values, or 8-bit codes with an
-        fp16 scale and zero per group; plus its int32 index."""
-        if self.slot_bits == 16:
-            return length * VALUE_BYTES + INDEX_BYTES
-        group = length if self.group_size == -1 else self.group_size
-        return length + -(-length // group) * 2 * VALUE_BYTES + INDEX_BYTES
+        """Device bytes of one row/column slot of `length` values, as the slot table holds it."""
+        return slot_nbytes(length, self.slot_bits, self.group_size)
 
     def extra_nbytes(self) -> int:
         """Device bytes of the active slots (raised experts: their codes' bytes over BQ's)."""
@@ -525,5 +517,5 @@ class AdaptiveSwitcher:
                 "budget_frac": self.budget_frac, "budget_nbytes": self.budget_nbytes,
                 "expert_fp16_nbytes": self.fp16_nbytes, "master_nbytes": self.master.nbytes if self.master else 0,
                 "master_location": self.master.location if self.master else "none", "model_form": self.target.form,
-                "slot_sets": str(self.folder) if getattr(self, "folder", None) else None}
+                "slot_sets": str(self.folder) if self.folder is not None else None}
 

@@ -28,9 +28,7 @@ def _check_against(master, model) -> None:
         for e in range(layer.n_experts):
             for p in PROJECTIONS:
                 shape = master.shape((layer.index, e, p))
-                expected = ((layer.hidden_size, layer.intermediate_size) if p == "down"
-                            else (layer.intermediate_size, layer.hidden_size))
-                if shape is None or tuple(shape) != expected:
+                if shape is None or tuple(shape) != layer.shape(p):
                     raise UserError(f"the switch's master copy does not match the model at layer {layer.index} "
                                     f"expert {e} {p} ({master.location})")
 

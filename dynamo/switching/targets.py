@@ -48,9 +48,8 @@ def check_slot_set(slot_set: SlotSet, layers: dict) -> None:
         layer = layers.get(i)
         if layer is None:
             raise UserError(f"the slot set has slots for layer {i}, which is not an MoE layer of this model")
-        hidden, inter = layer.hidden_size, layer.intermediate_size
         for (p, kind), group in table.groups.items():
-            n, k = (hidden, inter) if p == "down" else (inter, hidden)
+            n, k = layer.shape(p)
             length, limit = (k, n) if kind == "rows" else (n, k)
             s = int(group.index.numel())
             if (group.length != length or table.n_experts != layer.n_experts or group.expert.numel() != s or

@@ -10,7 +10,7 @@ import dynamo_kernels.slots as slots_module
 from dynamo_kernels.experts import PackedExperts
 from dynamo_kernels.moe import moe_experts as moe_grouped
 from dynamo_kernels.reference import grouped_dequant_matmul_ref, moe_experts_ref
-from dynamo_kernels.slots import SlotGroup, SlotTable, dequantize_deltas, quantize_deltas
+from dynamo_kernels.slots import SlotGroup, SlotTable, dequantize_deltas, quantize_deltas, slot_nbytes
 from random_experts import dense_moe, dequantized, random_experts, skewed_routing
 
 GEN = torch.Generator().manual_seed(5)
@@ -82,5 +82,6 @@ def test_slot_groups_sort_by_expert_and_count_their_bytes():
     assert group.expert.tolist() == [0, 1, 3, 3] and group.index.tolist() == [2, 0, 1, 5]
     assert group.counts.tolist() == [1, 1, 0, 2] and group.widest == 2
     assert group.nbytes == 4 * 16 + 4 * 2 * 2 * 2 + 4 * 4   # codes, fp16 scale and zero per group, int32 index
+    assert group.nbytes == 4 * slot_nbytes(16, 8, 8)        # what a switch's budget spends per slot
     with pytest.raises(ValueError, match="unknown slot group"):
         SlotTable(4, {("gate", "diagonal"): group})
