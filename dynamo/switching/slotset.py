@@ -6,8 +6,8 @@ of the BQ weights, 8-bit codes or fp16) and, for `candidates=experts8|all`, whol
 the master copy; a switch "by name" copies a saved one into the model, no master needed.
 
 Saved sets live in a `slot_sets/` folder beside a packed export: `<name>.safetensors` (tensors
-only, never a pickle) and `index.json` (per set: file, size, sha256, counts, and the fingerprint of
-the model and plan it was made for). Loading refuses an unknown name, another model's set and a
+only, never a pickle) and `index.json` (per set: file, size, digest (size + sha256), counts, and the
+fingerprint of the model and plan it was made for). Loading refuses an unknown name, another model's set and a
 truncated or altered file with one `error:` line, before anything touches the model.
 """
 
@@ -122,12 +122,12 @@ def packed_fingerprint(model) -> str:
                         "vocab_size": config.vocab_size, "layers": layers})
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _digest(path: Path) -> str:
+    """'<size>:<sha256 prefix>', through dynamo.fingerprint's per-process cache keyed by (path, size, mtime):
+    a set is hashed once per process, not on every switch to it (about a GB per set at Mixtral's size)."""
+    from ..fingerprint import file_digest
+
+    return file_digest(path)
 
 
 def save_slot_set(folder: Path, name: str, slots: SlotSet, model_fingerprint: str, meta: dict | None = None) -> dict:
@@ -138,7 +138,7 @@ def save_slot_set(folder: Path, name: str, slots: SlotSet, model_fingerprint: st
     file = folder / f"{name}.safetensors"
     save_tensors_atomic(file, slots.tensors())
     index = _read_index(folder) if (folder / INDEX).is_file() else {"format": FORMAT, "sets": {}}
-    entry = {"file": file.name, "nbytes": file.stat().st_size, "sha256": _sha256(file),
+    entry = {"file": file.name, "nbytes": file.stat().st_size, "digest": _digest(file),
              "fingerprint": model_fingerprint, "group_size": slots.group_size, "slot_bits": slots.slot_bits,
              "device_nbytes": slots.nbytes, "counts": slots.counts(), **(meta or {})}
     index["sets"][name] = entry
@@ -183,7 +183,7 @@ def load_slot_set(folder: Path, name: str, model_fingerprint: str, n_experts: di
         raise UserError(f"slot set '{name}' in {folder} was made for another model or plan (fingerprint "
                         f"{entry['fingerprint'][:12]}, this model {model_fingerprint[:12]})")
     file = folder / entry["file"]
-    if not file.is_file() or file.stat().st_size != entry["nbytes"] or _sha256(file) != entry["sha256"]:
+    if not file.is_file() or file.stat().st_size != entry["nbytes"] or _digest(file) != entry["digest"]:
         raise UserError(f"slot set file {file} is missing, truncated or altered (its size or sha256 differs from "
                         f"{INDEX}); re-run the export that wrote it")
     try:

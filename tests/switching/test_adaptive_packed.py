@@ -106,6 +106,7 @@ def test_saved_slot_sets_round_trip_and_switch_by_a_copy(tmp_path):
     ("unknown", "no saved slot set 'nope'"),
     ("fingerprint", "made for another model or plan"),
     ("truncated", "truncated or altered"),
+    ("altered", "truncated or altered"),
     ("no_index", "no saved slot sets"),
 ])
 def test_bad_saved_sets_are_one_error_and_leave_the_model_as_it_was(tmp_path, case, message):
@@ -124,6 +125,12 @@ def test_bad_saved_sets_are_one_error_and_leave_the_model_as_it_was(tmp_path, ca
     elif case == "truncated":
         file = tmp_path / "high.safetensors"
         file.write_bytes(file.read_bytes()[:-100])
+    elif case == "altered":  # same size, one byte of the tensor data flipped, after this process hashed it once
+        load_slot_set(tmp_path, "high", "fp-1", n_experts)
+        file = tmp_path / "high.safetensors"
+        data = bytearray(file.read_bytes())
+        data[-5] ^= 0xFF
+        file.write_bytes(bytes(data))
     else:
         (tmp_path / "index.json").unlink()
     with pytest.raises(UserError, match=message):
