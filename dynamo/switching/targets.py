@@ -36,6 +36,15 @@ class Change:
     col_deltas: torch.Tensor            # [N, c]
     full: torch.Tensor | None = None    # [N, K] whole matrix (an expert raised to 8 bits)
 
+    @classmethod
+    def of(cls, device, rows: tuple | None = None, cols: tuple | None = None,
+           full: torch.Tensor | None = None) -> Change:
+        """From (indices [n], deltas [n, L]) of the rows and of the columns (None: no slot of that kind)."""
+        none = (torch.empty(0, dtype=torch.int64), torch.empty(0, 0))
+        (r, row_deltas), (c, col_deltas) = rows or none, cols or none
+        return cls(r.to(device), row_deltas.to(device, torch.float32), c.to(device),
+                   col_deltas.T.to(device, torch.float32), full)
+
     @property
     def values(self) -> int:
         return int(self.full.numel()) if self.full is not None else int(self.row_deltas.numel() +
@@ -77,19 +86,10 @@ def changes_of(slot_set: SlotSet, device_of) -> dict[Key, Change]:
                     if count:
                         parts.setdefault(e, {})[kind] = (group.index[start:start + count], deltas[start:start + count])
             for e, kinds in parts.items():
-                device = device_of((i, e, p))
-                empty_idx = torch.empty(0, dtype=torch.int64, device=device)
-                rows, row_d = kinds.get("rows", (empty_idx, None))
-                cols, col_d = kinds.get("cols", (empty_idx, None))
-                changes[(i, e, p)] = Change(rows.to(device), (row_d if row_d is not None else
-                                                               torch.empty(0, 0)).to(device, torch.float32),
-                                            cols.to(device), (col_d.T if col_d is not None else
-                                                              torch.empty(0, 0)).to(device, torch.float32))
+                changes[(i, e, p)] = Change.of(device_of((i, e, p)), kinds.get("rows"), kinds.get("cols"))
     for key, q in slot_set.experts8.items():
         device = device_of(key)
-        empty = torch.empty(0, dtype=torch.int64, device=device)
-        changes[key] = Change(empty, torch.empty(0, 0, device=device), empty, torch.empty(0, 0, device=device),
-                              full=q.to(device).dequantize())
+        changes[key] = Change.of(device, full=q.to(device).dequantize())
     return changes
 
 
