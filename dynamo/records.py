@@ -68,6 +68,11 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def inputs_hash(inputs: dict[str, str]) -> str:
+    """One short hash of a run's input fingerprints (dynamo/fingerprint.py), stable in key order."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def git_state(root: Path = REPO_ROOT) -> dict:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
@@ -161,8 +166,6 @@ def provenance(device: torch.device) -> dict:
 
 def record_of(result: RunResult) -> dict:
     """The one serialisation of a RunResult into result.json (schema: results/README.md)."""
-    from .fingerprint import inputs_hash
-
     config, evaluation = result.config, result.evaluation
     metrics = {"ppl": evaluation.run.ppl}
     if result.fp16 is not None:
