@@ -179,7 +179,7 @@ SWITCH_POLICIES = Registry("quant.switching.policy", ["dynamo.switching.policies
 
 
 def register_policy(name: str):
-    """A class with prepare / quantize_errors / build (dynamo/switching/policies.py)."""
+    """A class with check / prepare / quantize_errors / build (dynamo/switching/policies.py)."""
     return SWITCH_POLICIES.decorator(name)
 
 

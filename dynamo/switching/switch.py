@@ -54,6 +54,7 @@ from ..quant.plan import QuantPlan
 from ..quant.rtn import quantize_rtn
 from ..quant.spec import QSpec
 from ..registry import ALLOCATIONS
+from .base import Switcher, SwitchSummary
 from .cache import ChannelCache
 from .store import ChannelStore, DenseChannelStore, Key
 
@@ -122,7 +123,7 @@ class SwitchReport:
         return out
 
 
-class DynamicSwitcher:
+class DynamicSwitcher(Switcher):
     """Holds a BQ-quantized model and switches its cached channels to the data it is given."""
 
     def __init__(self, model, plan: QuantPlan, significance: Significance, cache: ChannelCache, allocation, *,
@@ -307,9 +308,10 @@ class DynamicSwitcher:
 
     # --- accounting ------------------------------------------------------------------------
 
-    def summary(self) -> dict:
-        return {"policy": "paper", "channel_mode": self.channel_mode, "mix": self.mix, "cache": self.cache.summary(),
-                "bq_copy_nbytes": self.bq_copy_nbytes, "artifact": "channel_cache"}
+    def summary(self) -> SwitchSummary:
+        return SwitchSummary("paper", variant=self.channel_mode, nbytes=self.cache.nbytes, nbytes_of="channel cache",
+                             extra={"channel_mode": self.channel_mode, "mix": self.mix, "cache": self.cache.summary(),
+                                    "bq_copy_nbytes": self.bq_copy_nbytes, "artifact": "channel_cache"})
 
     @staticmethod
     def _expert_width(widths: dict[Key, int], layer: int, expert: int) -> int:
