@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ class GPTQOptions:
     damp: float = 0.01
     act_order: bool = False
     rtn_below_tokens: int = 0   # experts with fewer routed tokens use RTN (the rtn_fallback policy)
+    params: Any = None          # the quantizer's own settings (quant.params as its registered dataclass)
 
 
 def _expert_matrices(layer: MoELayer, stats: LayerStats | None):

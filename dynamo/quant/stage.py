@@ -91,7 +91,7 @@ def quantize(model, tokens: RunTokens, known: list[str], cfg: QuantConfig, calib
     if not quantizer.plan:
         return QuantResult(quantizer.fn(model, cfg), None, None)
     plan = plan_from_config(cfg, model, model_name)
-    options = GPTQOptions(damp=cfg.damp, act_order=cfg.act_order)
+    options = GPTQOptions(damp=cfg.damp, act_order=cfg.act_order, params=QUANTIZERS.params_of(cfg))
     rule = rule_of(cfg.allocation)
     routing = rule.needs == "routing" and not cfg.plan
     needs_data = quantizer.calibration or routing

@@ -151,6 +151,7 @@ class DynamicSwitcher(Switcher):
         self.widths = [int(w) for w in allocation.widths]
         self.allocation = allocation
         self.rule = rule_of(allocation)
+        self.params = ALLOCATIONS.params_of(allocation)  # the rule's own settings, as BQ's allocation had them
         self._check_setup()
         self.layers = {layer.index: layer for layer in moe_layers(model)}
         self.bq: dict[Key, int] = {(i, e, p): plan.spec_for(i, e, p).bits
@@ -214,7 +215,7 @@ class DynamicSwitcher(Switcher):
             if new.shape != self.fused[i].shape:
                 raise UserError(f"layer {i}: {new.numel()} new shares for {layer.n_experts} experts")
             mixed = (1.0 - self.mix) * self.fused[i] + self.mix * new
-            given = LayerInput(i, layer.n_experts, shares=mixed, errors=self.cache.rtn_error.get(i))
+            given = LayerInput(i, layer.n_experts, shares=mixed, errors=self.cache.rtn_error.get(i), params=self.params)
             widths[i] = layer_widths(self.rule, given, self.allocation)
             mixed_by_layer[i] = mixed
         return widths, mixed_by_layer
