@@ -216,20 +216,28 @@ def register_allocation(name: str, needs: str = "nothing", error_table: bool = F
 class Quantizer:
     """plan: it applies a QuantPlan of per-expert widths (allocations and DQS work on it).
     calibration: it needs calibration windows (GPTQ's Hessians). fn: see dynamo/quant/stage.py.
-    params: a dataclass of its own settings (quant.params), handed to a plan quantizer as `options.params`."""
+    params: a dataclass of its own settings (quant.params), handed to a plan quantizer as `options.params`.
+    matrix: a plan quantizer's step on one weight matrix, what apply_plan dispatches to:
+      matrix(weight [out, in], hessian [in, in] or None, spec: QSpec, options) -> (QuantizedWeight,
+      its loss or None; NaN: it fell back to RTN). With calibration=True, apply_plan itself gives RTN
+      to a matrix without calibration signal (and lists it as a fallback)."""
     name: str
     fn: Callable | None
     plan: bool = False
     calibration: bool = False
     params: type | None = None
+    matrix: Callable | None = None
 
 
 QUANTIZERS = Registry("quant.method", ["dynamo.quant.stage"], params="quant.params")
 
 
-def register_quantizer(name: str, plan: bool = False, calibration: bool = False, params: type | None = None):
+def register_quantizer(name: str, plan: bool = False, calibration: bool = False, params: type | None = None,
+                       matrix: Callable | None = None):
     check_params_schema(params, f"quantizer '{name}'")
-    return QUANTIZERS.decorator(name, lambda fn: Quantizer(name, fn, plan, calibration, params))
+    if plan and matrix is None:
+        raise ValueError(f"quantizer '{name}': a plan quantizer needs its per-matrix step (matrix=...)")
+    return QUANTIZERS.decorator(name, lambda fn: Quantizer(name, fn, plan, calibration, params, matrix))
 
 
 # --- DQS switching policies ----------------------------------------------------------------------

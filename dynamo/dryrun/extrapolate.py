@@ -87,12 +87,14 @@ class MemoryModel:
 
 
 def dqs_device_nbytes(switching: dict) -> int:
-    """The DQS bytes a run's record (`switching`) says stay on the model's device: the paper policy's
-    channel cache and the BQ copy for the way back; the adaptive policy's slot budget (its master
-    copy of the experts is kept on the host, `master_location`)."""
-    if switching["policy"] == "paper":
-        return switching["cache"]["nbytes"] + switching["bq_copy_nbytes"]
-    return switching["budget_nbytes"]
+    """The DQS bytes a run's record (`switching`) says stay on the model's device: `nbytes` of every
+    policy's SwitchSummary (the paper policy's channel cache and the BQ copy for the way back; the
+    adaptive policy's slot budget, its master copy of the experts being on the host)."""
+    if "nbytes" in switching:
+        return switching["nbytes"]
+    # a record written before SwitchSummary existed: the two policies of that time, by their own fields
+    return switching["cache"]["nbytes"] + switching["bq_copy_nbytes"] if "cache" in switching \
+        else switching["budget_nbytes"]
 
 
 def memory_model(model, *, calib_tokens: int, hidden: int, dqs_cache: int, bytes_per_param: int = 2) -> MemoryModel:

@@ -29,8 +29,8 @@ class SwitchSummary(Mapping):
 
     policy: str          # its name in dynamo.registry.SWITCH_POLICIES
     variant: str         # the setting that tells two runs of the policy apart in a table
-    nbytes: int          # bytes the policy holds to switch, beyond BQ (what `nbytes_of` says)
-    nbytes_of: str       # what nbytes counts, in words, for reports: "slot budget", "channel cache"
+    nbytes: int          # bytes the policy keeps on the model's device to switch, beyond BQ (what a GPU is sized by)
+    nbytes_of: str       # what nbytes counts, in words, for reports: "slot budget", "channel cache + BQ copy"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -72,7 +72,8 @@ def test_every_policy_summarises_itself_in_the_same_fields():
         record = dict(summary)  # what the record's `switching` block holds: the common fields and the policy's own
         assert list(record)[:4] == ["policy", "variant", "nbytes", "nbytes_of"]
     assert summaries["adaptive"]["budget_nbytes"] == summaries["adaptive"].nbytes
-    assert summaries["paper"]["cache"]["nbytes"] == summaries["paper"].nbytes
+    paper = summaries["paper"]
+    assert paper["cache"]["nbytes"] + paper["bq_copy_nbytes"] == paper.nbytes
 
 
 def test_the_run_summary_line_reads_no_policy_name():
