@@ -5,7 +5,8 @@ key or a value of the wrong type fails at start-up. Fields that name an extensio
 quant.allocation.method, quant.switching.policy, analysis.channel_metric) are strings checked
 against their tables in dynamo/registry.py, where implementations and plugins register. Beside the
 name, a `params` block holds the settings that entry declares itself (a dataclass of its own,
-checked by dynamo.registry.parse_params), so a new entry's settings need no field here. The schemas mirror the code: a stage
+checked by dynamo.registry.parse_params), so a new entry's settings need no field here.
+The schemas mirror the code: a stage
 receives its own node (cfg.model, cfg.eval, ...), never the whole config.
 """
 

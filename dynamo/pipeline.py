@@ -199,7 +199,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
             export = write_export(loaded, stage, cfg.quant, cfg.model, run_dir)
         else:  # DQS: export the model as switched to that dataset
             name = cfg.quant.export_dataset
-            with stage.switcher.switched(name, sample_windows(tokens, cfg.analysis, cfg.quant.switching, name)) as report:
+            windows = sample_windows(tokens, cfg.analysis, cfg.quant.switching, name)
+            with stage.switcher.switched(name, windows) as report:
                 switched = {name: switch_record(stage.switcher, name, report)}
                 export = write_export(loaded, stage, cfg.quant, cfg.model, run_dir)
             export["switch"] = switched

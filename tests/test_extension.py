@@ -147,7 +147,8 @@ def test_tables_list_built_ins_in_a_fixed_order_and_refuse_a_second_entry_of_a_n
 
 # --- settings of an entry's own (dynamo.registry.parse_params) ------------------------------------
 
-EXAMPLE = [a for a in FAST if not a.startswith("quant=")] + ["plugins=[experiments/ablation.py]", "quant=example_greedy"]
+EXAMPLE = [*(a for a in FAST if not a.startswith("quant=")), "plugins=[experiments/ablation.py]",
+           "quant=example_greedy"]
 
 
 def test_a_typo_in_the_example_rules_setting_is_one_line_before_any_model_work(cli, tmp_path):

@@ -87,11 +87,11 @@ class MemoryModel:
 
 
 def dqs_device_nbytes(switching: dict) -> int:
-    """The DQS bytes a run's record (`switching`) says stay on the model's device: `nbytes` of every
-    policy's SwitchSummary (the paper policy's channel cache and the BQ copy for the way back; the
+    """The DQS bytes a run's record (`switching`) says stay on the model's device: `resident_nbytes`, a field
+    of every policy's SwitchSummary (the paper policy's channel cache and the BQ copy for the way back; the
     adaptive policy's slot budget, its master copy of the experts being on the host)."""
-    if "nbytes" in switching:
-        return switching["nbytes"]
+    if "resident_nbytes" in switching:
+        return switching["resident_nbytes"]
     # a record written before SwitchSummary existed: the two policies of that time, by their own fields
     return switching["cache"]["nbytes"] + switching["bq_copy_nbytes"] if "cache" in switching \
         else switching["budget_nbytes"]

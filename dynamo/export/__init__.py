@@ -2,7 +2,7 @@
 
 One registry (`EXPORTERS`) maps each format to its check, run before any work so a run that
 cannot export fails in seconds, its writer, run after every evaluation, and optionally a dataclass of
-its own settings (quant.export_params, read with `export_params(quant)`; dynamo.registry.parse_params). Both get the config
+its own settings (quant.export_params, read with `export_params(quant)`; registry.parse_params). Both get the config
 nodes they read (quant, model, and analysis for the check), not the whole config. README: "Using the
 quantized model elsewhere".
 """
@@ -60,8 +60,8 @@ def check_export(quant: QuantConfig, model_cfg: ModelConfig, analysis: AnalysisC
 def export_params(quant: QuantConfig) -> Any:
     """quant.export_params as the chosen format's dataclass (None when it declares none), or one UserError."""
     exporter = EXPORTERS.get(quant.export)
-    return parse_params(exporter.params if exporter else None, getattr(quant, "export_params", None), "quant.export_params",
-                        f"quant.export={quant.export.value}")
+    return parse_params(exporter.params if exporter else None, getattr(quant, "export_params", None),
+                        "quant.export_params", f"quant.export={quant.export.value}")
 
 
 def write_export(loaded, stage, quant: QuantConfig, model_cfg: ModelConfig, run_dir: Path) -> dict:

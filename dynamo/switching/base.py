@@ -29,13 +29,16 @@ class SwitchSummary(Mapping):
 
     policy: str          # its name in dynamo.registry.SWITCH_POLICIES
     variant: str         # the setting that tells two runs of the policy apart in a table
-    nbytes: int          # bytes the policy keeps on the model's device to switch, beyond BQ (what a GPU is sized by)
-    nbytes_of: str       # what nbytes counts, in words, for reports: "slot budget", "channel cache + BQ copy"
+    # bytes the policy keeps on the model's device to switch, beyond BQ (what a GPU is sized by), and what they
+    # are, in words, for reports. Not "nbytes": the summary is spread into other records (a slot set's index
+    # entry) whose own "nbytes" it must not overwrite
+    resident_nbytes: int
+    resident_as: str     # "slot budget", "channel cache + BQ copy"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "variant": self.variant, "nbytes": self.nbytes, "nbytes_of": self.nbytes_of,
-                **self.extra}
+        return {"policy": self.policy, "variant": self.variant, "resident_nbytes": self.resident_nbytes,
+                "resident_as": self.resident_as, **self.extra}
 
     def __getitem__(self, key: str) -> Any:
         return self.to_dict()[key]

@@ -132,8 +132,8 @@ class ChannelCache:
         """Per MoE layer and projection, the [experts, k] output rows it caches: what a packed model keeps at
         its dtype (dynamo.packed.model.ChannelSource). Row unit only: a neuron's down slice is a column."""
         if any(axis != 0 for _, axis in SLICES[self.unit].values()):
-            raise UserError(f"a packed model keeps cached channels as output rows; this cache's unit is "
-                            f"'{self.unit}' (a neuron's down slice is a column). Build it with analysis.channel_unit=row")
+            raise UserError(f"a packed model keeps cached channels as output rows; this cache's unit is '{self.unit}' "
+                            "(a neuron's down slice is a column). Build it with analysis.channel_unit=row")
         self.validate(model)
         return {i: {p: self.index[i][SLICES[self.unit][p][0]] for p in PROJECTIONS} for i in self.layers}
 

@@ -310,8 +310,8 @@ class DynamicSwitcher(Switcher):
     # --- accounting ------------------------------------------------------------------------
 
     def summary(self) -> SwitchSummary:
-        return SwitchSummary("paper", variant=self.channel_mode, nbytes=self.cache.nbytes + self.bq_copy_nbytes,
-                             nbytes_of="channel cache + BQ copy",
+        resident = self.cache.nbytes + self.bq_copy_nbytes
+        return SwitchSummary("paper", self.channel_mode, resident, "channel cache + BQ copy",
                              extra={"channel_mode": self.channel_mode, "mix": self.mix, "cache": self.cache.summary(),
                                     "bq_copy_nbytes": self.bq_copy_nbytes, "artifact": "channel_cache"})
 

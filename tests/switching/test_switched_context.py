@@ -68,12 +68,12 @@ def test_a_switch_that_fails_inside_the_context_leaves_bq(policy):
 def test_every_policy_summarises_itself_in_the_same_fields():
     summaries = {policy: make("olmoe")[1].summary() for policy, make in SWITCHERS.items()}
     for policy, summary in summaries.items():
-        assert isinstance(summary, SwitchSummary) and summary.policy == policy and summary.nbytes > 0
+        assert isinstance(summary, SwitchSummary) and summary.policy == policy and summary.resident_nbytes > 0
         record = dict(summary)  # what the record's `switching` block holds: the common fields and the policy's own
-        assert list(record)[:4] == ["policy", "variant", "nbytes", "nbytes_of"]
-    assert summaries["adaptive"]["budget_nbytes"] == summaries["adaptive"].nbytes
+        assert list(record)[:4] == ["policy", "variant", "resident_nbytes", "resident_as"]
+    assert summaries["adaptive"]["budget_nbytes"] == summaries["adaptive"].resident_nbytes
     paper = summaries["paper"]
-    assert paper["cache"]["nbytes"] + paper["bq_copy_nbytes"] == paper.nbytes
+    assert paper["cache"]["nbytes"] + paper["bq_copy_nbytes"] == paper.resident_nbytes
 
 
 def test_the_run_summary_line_reads_no_policy_name():
