@@ -54,14 +54,23 @@ def test_the_switched_block_holds_the_switch_and_leaves_bq_bit_for_bit(policy):
 
 
 @pytest.mark.parametrize("policy", sorted(SWITCHERS))
-def test_a_switch_that_fails_inside_the_context_leaves_bq(policy):
+def test_several_switches_and_a_failed_one_leave_bq(policy):
+    from dynamo.errors import UserError
+
     model, sw = SWITCHERS[policy]("olmoe")
     bq = state(model)
-    with sw.restored():  # several switches, then one with windows out of the vocabulary
-        sw.switch_to(tokens(LOW, 4, 16, seed=7))
-        with pytest.raises(Exception, match="token id"):
-            with sw.switched(torch.full((2, 16), 10**6)):
-                pass
+    with pytest.raises(Boom):
+        with sw.restored():  # several switches, then an error
+            sw.switch_to(tokens(LOW, 4, 16, seed=7))
+            sw.switch_to(tokens(HIGH, 4, 16, seed=8))
+            raise Boom
+    assert _same(state(model), bq)
+
+    sw.switch_to(tokens(LOW, 4, 16, seed=7))  # switched outside any block, then a switch that cannot start
+    assert not _same(state(model), bq)
+    with pytest.raises(UserError, match="token id"):
+        with sw.switched(torch.full((2, 16), 10**6)):
+            pass
     assert _same(state(model), bq)
 
 
