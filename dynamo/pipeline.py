@@ -243,7 +243,7 @@ class QuantStage:
     calibration: dict | None = None
     quantization: dict | None = None
     analysis: dict | None = None
-    switcher: object | None = None   # dynamo.switching.DynamicSwitcher when DQS is on
+    switcher: object | None = None   # a dynamo.switching.base.Switcher (the policy's) when DQS is on
     cache_s: float = 0.0             # the DQS policy's preparation on the FP16 model (cache or master copy)
     timings: dict[str, float] = field(default_factory=dict)  # analysis_s, quantize_s or calibration_s
     codes: InitVar[dict | None] = None  # the quantizer's integer codes, kept for quant.export=packed
