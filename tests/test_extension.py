@@ -232,3 +232,41 @@ def test_each_switching_policy_checks_its_own_settings():
         SWITCH_POLICIES.get("paper").check(quant, analysis)
     with pytest.raises(UserError, match="quant.switching.budget_frac must be in"):
         SWITCH_POLICIES.get("adaptive").check(quant, analysis)
+
+
+def test_every_table_checks_its_entrys_block_at_start_up():
+    """check_names (run.py's preflight, and the pipeline's start) checks the policy's and the quantizer's blocks
+    as it does the allocation rule's; a policy declares its settings as a `params` class attribute."""
+    from dataclasses import dataclass
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from dynamo.errors import UserError
+    from dynamo.quant import QSpec
+    from dynamo.registry import QUANTIZERS, SWITCH_POLICIES, check_names, register_policy
+
+    @dataclass
+    class Window:
+        window: int = 4
+
+    if "test_windowed" not in SWITCH_POLICIES.names:
+        @register_policy("test_windowed")
+        class Windowed:
+            params = Window
+
+    def cfg(**switching):
+        return OmegaConf.create({"quant": {"method": "rtn", "params": {},
+                                           "switching": {"policy": "test_windowed", **switching}}})
+
+    check_names(cfg(params={"window": 8}))
+    assert SWITCH_POLICIES.params_of(cfg(params={"window": 8}).quant.switching) == Window(8)
+    with pytest.raises(UserError, match=r"^quant.switching.params.windoww: not a parameter of "
+                                        r"quant.switching.policy=test_windowed; its parameters: window$"):
+        check_names(cfg(params={"windoww": 8}))
+    bad_quantizer = cfg(params={})
+    bad_quantizer.quant.params = {"damp": 0.1}
+    with pytest.raises(UserError, match=r"^quant.params: quant.method=rtn takes no parameters, got damp$"):
+        check_names(bad_quantizer)
+    _, loss = QUANTIZERS.get("rtn").matrix(torch.ones(2, 8), None, QSpec(4, group_size=8), None)
+    assert loss is None  # RTN's per-matrix step reports no loss: apply_plan counts no fallback for it
