@@ -71,7 +71,7 @@ def test_a_plugin_name_without_its_plugin_is_one_line_that_says_so(cli, tmp_path
 def test_the_readme_shows_the_shipped_example_file_and_preset_verbatim():
     """The README's "Write your own ablation" blocks are the files its run.py command uses
     (tests/test_readme.py runs that command)."""
-    section = (REPO / "README.md").read_text().split("## Write your own ablation", 1)[1].split("\n## ", 1)[0]
+    section = (REPO / "docs" / "extending.md").read_text().split("## Write your own ablation", 1)[1].split("\n## ", 1)[0]
     blocks = dict(re.findall(r"```\w+\n# (\S+)\n(.*?)```", section, re.DOTALL))
     assert set(blocks) == {"experiments/ablation.py", "conf/quant/example_greedy.yaml"}
     for path, text in blocks.items():
