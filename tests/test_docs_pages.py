@@ -293,6 +293,18 @@ def test_every_command_other_than_run_py_is_checked_and_true():
     assert problems == []
 
 
+def test_the_readme_sample_output_is_what_run_py_prints_for_the_record_it_names():
+    import json
+
+    from dynamo.report import summary_table
+
+    readme = PAGES[0]
+    path = re.search(r"record:\s*`(results/runs/[^`]+/result\.json)`", readme.read_text()).group(1)
+    record = json.loads((REPO / path).read_text())
+    (sample,) = [b for b in blocks(readme) if b.lang == "" and b.text.startswith(record["model"]["name"])]
+    assert sample.text == summary_table(record, list(record["config"]["dataset"]["known"])) + "\n"
+
+
 # ---- each check finds what it guards against ----
 
 def _page(tmp_path: Path, name: str, text: str) -> Path:
