@@ -114,7 +114,7 @@ def all_commands() -> list[str]:
 
 # ---- checks: each returns the problems it finds ----
 
-def _words(command: str) -> list[str]:
+def words_of(command: str) -> list[str]:
     words = [w for w in shlex.split(command) if not ENV.match(w)]
     if words and re.match(r"scripts/\S+\.py$", words[0]):  # written without `python` in a sentence
         words = ["python", *words]
@@ -128,7 +128,7 @@ def _markers() -> set[str]:
 
 def command_problems(command: str) -> list[str]:
     """What is wrong with a shell command that is not `python run.py`: its script, options, extras, tests."""
-    words = _words(command)
+    words = words_of(command)
     head, rest = words[0], words[1:]
     if head in CHECKED_ELSEWHERE:
         return [] if (REPO / CHECKED_ELSEWHERE[head]).is_file() else [f"{command}: {CHECKED_ELSEWHERE[head]} is gone"]

@@ -22,7 +22,7 @@ from omegaconf import open_dict
 from conftest import REPO
 from dynamo.config import CONF_DIR, register_hydra
 from dynamo.errors import UserError
-from test_docs_pages import all_commands
+from test_docs_pages import all_commands, words_of
 from test_launchers import LAUNCHERS
 
 register_hydra()
@@ -47,7 +47,7 @@ def run_py_commands() -> list[str]:
     """The arguments of every `python run.py` command of the pages, once each, in order."""
     found = []
     for command in all_commands():
-        words = [w for w in shlex.split(command) if "=" not in w or not w.split("=")[0].isupper()]
+        words = words_of(command)
         if words[:2] == ["python", "run.py"]:
             found.append(" ".join(words[2:]))  # unquoted, as the pages mostly write them
     return found
