@@ -4,8 +4,8 @@ Each command is checked without model work, in this process: run.py's group chec
 preflight's composition of every job it describes (an experiment preset's sweeper.params swept as
 Hydra's sweeper would), schema, `${...}` and registry names, then for each job the checks the
 pipeline makes before it loads a model (`check_switching`, `validate_run`: value ranges, quantizer
-options, every data file it reads, a local checkpoint). Offline, a job whose data live on the hub
-must end in the one `error:` line the docs promise. A command on a folder that an earlier run writes
+options, every data file it reads, a local checkpoint). The one error allowed is the hub's one
+`error:` line that the docs promise offline (a job whose data live on the hub reads them here). A command on a folder that an earlier run writes
 (`results/runs/<run>/...`) is composed only; tests/test_run.py runs the same overrides on a real
 export. A few commands, each taking a path that no other test runs end to end, really run under
 smoke settings (`SLOW_RUNS`, marked slow).
