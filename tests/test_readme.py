@@ -7,8 +7,8 @@ pipeline makes before it loads a model (`check_switching`, `validate_run`: value
 options, every data file it reads, a local checkpoint). The one error allowed is the hub's one
 `error:` line that the docs promise offline (a job whose data live on the hub reads them here). A
 command on a folder that an earlier run writes (`results/runs/<run>/...`) is composed only;
-tests/test_run.py runs the same overrides on a real export. A few commands, each taking a path that no other test runs end to end, really run under
-smoke settings (`SLOW_RUNS`, marked slow).
+tests/test_run.py runs the same overrides on a real export. A few commands, each taking a path that
+no other test runs end to end, really run under smoke settings (`SLOW_RUNS`, marked slow).
 """
 
 from __future__ import annotations
