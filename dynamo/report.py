@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .switching.base import SwitchSummary
+
 
 def summary_table(record: dict, known: list[str]) -> str:
     ppl = record["metrics"]["ppl"]
@@ -40,9 +42,8 @@ def summary_table(record: dict, known: list[str]) -> str:
         switches = switching["switches"].values()
         slowest = max(s["total_s"] for s in switches) * 1e3
         exact = max(s["exact_bits"] for s in switches)
-        held = (f"{switching['resident_as']} {switching['resident_nbytes']} bytes, "
-                if "resident_nbytes" in switching else "")  # records written before SwitchSummary
-        lines.append(f"DQS ({', '.join(filter(None, (switching['policy'], switching.get('variant'))))}): {held}"
+        dqs = SwitchSummary.of_record(switching)
+        lines.append(f"DQS ({dqs.policy}, {dqs.variant}): {dqs.resident_as} {dqs.resident_nbytes} bytes, "
                      f"{slowest:.0f} ms per switch at most, exact bits up to {exact:.3f}")
     analysis = record.get("analysis")
     if analysis:

@@ -14,6 +14,7 @@ import torch
 
 from ..adapters import moe_layers
 from ..calibration.stats import ExpertGroupStats
+from ..switching.base import SwitchSummary
 
 GIB = 1024 ** 3
 
@@ -90,11 +91,7 @@ def dqs_device_nbytes(switching: dict) -> int:
     """The DQS bytes a run's record (`switching`) says stay on the model's device: `resident_nbytes`, a field
     of every policy's SwitchSummary (the paper policy's channel cache and the BQ copy for the way back; the
     adaptive policy's slot budget, its master copy of the experts being on the host)."""
-    if "resident_nbytes" in switching:
-        return switching["resident_nbytes"]
-    # a record written before SwitchSummary existed: the two policies of that time, by their own fields
-    return switching["cache"]["nbytes"] + switching["bq_copy_nbytes"] if "cache" in switching \
-        else switching["budget_nbytes"]
+    return SwitchSummary.of_record(switching).resident_nbytes
 
 
 def memory_model(model, *, calib_tokens: int, hidden: int, dqs_cache: int, bytes_per_param: int = 2) -> MemoryModel:

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+COMMON = ("policy", "variant", "resident_nbytes", "resident_as")  # SwitchSummary's own fields, in record order
+
+
 @dataclass(frozen=True)
 class SwitchSummary(Mapping):
     """A switcher's summary, the same fields for every policy, so that a report or a table reads it without
@@ -35,6 +38,19 @@ class SwitchSummary(Mapping):
     resident_nbytes: int
     resident_as: str     # "slot budget", "channel cache + BQ copy"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of_record(cls, block: Mapping) -> SwitchSummary:
+        """A run record's `switching` block (its `switches` aside) as the summary that wrote it. A block from
+        before this type existed lacks the common fields: they are read from what its two policies wrote
+        then (paper: channel_mode, its cache and BQ copy; adaptive: candidates, its slot budget)."""
+        extra = {k: v for k, v in block.items() if k not in COMMON and k != "switches"}
+        if "resident_nbytes" in block:
+            return cls(*(block[k] for k in COMMON), extra=extra)
+        if "cache" in block:
+            return cls(block["policy"], block["channel_mode"], block["cache"]["nbytes"] + block["bq_copy_nbytes"],
+                       "channel cache + BQ copy", extra)
+        return cls(block["policy"], block["candidates"], block["budget_nbytes"], "slot budget", extra)
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "variant": self.variant, "resident_nbytes": self.resident_nbytes,
