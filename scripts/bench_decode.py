@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dynamo.config import REPO_ROOT
 
 MIXED_WIDTHS = (2, 3, 4)
 GROUP_SIZE = 128
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
     report = bench(args, device)
     report["device"] = torch.cuda.get_device_name() if cuda else "cpu"
     report["command"] = "python scripts/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = args.out or REPO / "results" / "benchmarks" / f"decode-{device_slug(report['device'])}.json"
+    out = args.out or REPO_ROOT / "results" / "benchmarks" / f"decode-{device_slug(report['device'])}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")

@@ -43,8 +43,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dynamo.config import REPO_ROOT
 
 MODELS = {"olmoe-1b-7b": (2048, 1024), "qwen1.5-moe-a2.7b": (2048, 1408), "deepseek-moe-16b": (2048, 1408)}
 MOE_LAYERS = {"olmoe-1b-7b": (64, 8), "qwen1.5-moe-a2.7b": (60, 4), "deepseek-moe-16b": (64, 6)}  # experts, top-k
@@ -401,7 +400,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated per run")
     parser.add_argument("--decode-reps", type=int, default=5)
-    parser.add_argument("--out-dir", type=Path, default=REPO / "results" / "benchmarks")
+    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "results" / "benchmarks")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if args.check:

@@ -28,21 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dynamo.config import REPO_ROOT, ModelConfig, SourceConfig
+from dynamo.data import embedded_split, load_documents
+from dynamo.eval.fidelity import ReferenceLogprobs
+from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus
+from dynamo.packed.model import attach_packed, pack_experts, write_dequantized
+from dynamo.quant import QSpec, QuantPlan, apply_plan
+from dynamo.records import device_info, package_versions, write_json_atomic
+from dynamo.switching.adaptive import AdaptiveSwitcher, ExpertMaster
+from dynamo.switching.slotset import packed_fingerprint, save_slot_set
+from dynamo.tokens import bos_id_as_trained
 
-from dynamo.config import ModelConfig, SourceConfig  # noqa: E402
-from dynamo.data import load_documents  # noqa: E402
-from dynamo.eval.fidelity import ReferenceLogprobs  # noqa: E402
-from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
-from dynamo.packed.model import attach_packed, pack_experts, write_dequantized  # noqa: E402
-from dynamo.quant import QSpec, QuantPlan, apply_plan  # noqa: E402
-from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
-from dynamo.switching.adaptive import AdaptiveSwitcher, ExpertMaster  # noqa: E402
-from dynamo.switching.slotset import packed_fingerprint, save_slot_set  # noqa: E402
-from dynamo.tokens import bos_id_as_trained  # noqa: E402
-
-NOVEL = ["email", "legal", "math", "chat"]
+NOVEL = embedded_split().novel
 TARGETS = {"ppl_and_kl_relative_difference": 1e-4, "forward_with_slots_over_without": 1.10,
            "switch_from_saved_set_ms": 10.0}
 
@@ -77,10 +74,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    model_dir = REPO / "assets" / "models" / args.model
+    model_dir = REPO_ROOT / "assets" / "models" / args.model
     if not (model_dir / "config.json").is_file():
-        parser.error(f"--model {args.model}: no embedded model at {model_dir.relative_to(REPO)}")
-    out = args.out or REPO / "results" / "benchmarks" / f"packed_slots_{args.model}.json"
+        parser.error(f"--model {args.model}: no embedded model at {model_dir.relative_to(REPO_ROOT)}")
+    out = args.out or REPO_ROOT / "results" / "benchmarks" / f"packed_slots_{args.model}.json"
     started = time.perf_counter()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

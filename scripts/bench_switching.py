@@ -37,26 +37,22 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dynamo.adapters import moe_layers
+from dynamo.analysis import Significance
+from dynamo.calibration import capture
+from dynamo.calibration.stage import calibration_windows
+from dynamo.config import REPO_ROOT, AllocationConfig, AnalysisConfig, ModelConfig, SourceConfig
+from dynamo.data import embedded_split, load_documents
+from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus
+from dynamo.quant import QSpec, QuantPlan, apply_plan, bit_accounting, quantize_sequential
+from dynamo.quant.allocation import allocate
+from dynamo.records import device_info, package_versions, write_json_atomic
+from dynamo.switching import ChannelCache, DynamicSwitcher
+from dynamo.switching.adaptive import AdaptiveSwitcher, ExpertMaster
+from dynamo.switching.slotset import fingerprint, load_slot_set, save_slot_set
+from dynamo.tokens import RunTokens, bos_id_as_trained
 
-from dynamo.adapters import moe_layers  # noqa: E402
-from dynamo.analysis import Significance  # noqa: E402
-from dynamo.calibration import capture  # noqa: E402
-from dynamo.calibration.stage import calibration_windows  # noqa: E402
-from dynamo.tokens import RunTokens, bos_id_as_trained  # noqa: E402
-from dynamo.config import AllocationConfig, AnalysisConfig, ModelConfig, SourceConfig  # noqa: E402
-from dynamo.data import load_documents  # noqa: E402
-from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
-from dynamo.quant import QSpec, QuantPlan, apply_plan, bit_accounting, quantize_sequential  # noqa: E402
-from dynamo.quant.allocation import allocate  # noqa: E402
-from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
-from dynamo.switching import ChannelCache, DynamicSwitcher  # noqa: E402
-from dynamo.switching.adaptive import AdaptiveSwitcher, ExpertMaster  # noqa: E402
-from dynamo.switching.slotset import fingerprint, load_slot_set, save_slot_set  # noqa: E402
-
-KNOWN = ["code", "docs", "speeches", "literature"]
-NOVEL = ["email", "legal", "math", "chat"]
+KNOWN, NOVEL = embedded_split()
 TARGETS = {"switch_over_full_requant": 0.05, "cache_over_expert_bytes": 0.011}
 # issue 25's targets for the adaptive switch (2 CPU threads, ratios within one run)
 ADAPTIVE_TARGETS = {"switch_over_full_requant": 0.03, "select_write_over_profile": 0.5, "saved_set_switch_s": 0.010,
@@ -168,11 +164,11 @@ def main() -> None:
                         help="BQ's quantizer, and the full re-quantization's (GPTQ's is timed once: it is slow)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/benchmarks/switching_<model>[_rtn].json")
     args = parser.parse_args()
-    model_dir = REPO / "assets" / "models" / args.model
+    model_dir = REPO_ROOT / "assets" / "models" / args.model
     if not (model_dir / "config.json").is_file():
-        parser.error(f"--model {args.model}: no embedded model at {model_dir.relative_to(REPO)}")
+        parser.error(f"--model {args.model}: no embedded model at {model_dir.relative_to(REPO_ROOT)}")
     suffix = "_rtn" if args.quantizer == "rtn" else ""
-    out = args.out or REPO / "results" / "benchmarks" / f"switching_{args.model}{suffix}.json"
+    out = args.out or REPO_ROOT / "results" / "benchmarks" / f"switching_{args.model}{suffix}.json"
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     started = time.perf_counter()
@@ -227,7 +223,7 @@ def main() -> None:
     expert_bytes = cache.expert_weight_count * 2
     result = {
         "benchmark": "switching", "command": "python scripts/bench_switching.py " + " ".join(sys.argv[1:]),
-        "model": str(model_dir.relative_to(REPO)), "bos_windows": bos_id is not None, "dtype": "float32",
+        "model": str(model_dir.relative_to(REPO_ROOT)), "bos_windows": bos_id is not None, "dtype": "float32",
         "known": KNOWN, "novel": NOVEL,
         "analysis": {"windows": args.windows, "seqlen": args.seqlen, "split": "calib", "metric": "act_l2",
                      "unit": "row", "capture_s": round(analysis_s, 3)},

@@ -23,10 +23,9 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dynamo.config import REPO_ROOT
 
-OUT = REPO / "results" / "benchmarks" / "decode_roofline.json"
+OUT = REPO_ROOT / "results" / "benchmarks" / "decode_roofline.json"
 
 # Published peak memory bandwidths (datasheets; decimal units).
 GPUS = {

@@ -35,19 +35,17 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dynamo.adapters import moe_layers  # noqa: E402
-from dynamo.dryrun import build_model, load_real_config, param_bytes  # noqa: E402
-from dynamo.dryrun.build import REMOTE_CODE, dense_prefix, shrink_overrides  # noqa: E402
-from dynamo.dryrun.extrapolate import (GIB, dqs_device_nbytes, matmul_gflops, memory_model,  # noqa: E402
+from dynamo.adapters import moe_layers
+from dynamo.config import REPO_ROOT
+from dynamo.dryrun import build_model, load_real_config, param_bytes
+from dynamo.dryrun.build import REMOTE_CODE, dense_prefix, shrink_overrides
+from dynamo.dryrun.extrapolate import (GIB, dqs_device_nbytes, matmul_gflops, memory_model,
                                        switch_held_nbytes, switch_needs)
-from dynamo.dryrun.rss import RssSampler, loaded_at, stage_peaks  # noqa: E402
-from dynamo.quant import QSpec, quantize_gptq  # noqa: E402
-from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
+from dynamo.dryrun.rss import RssSampler, loaded_at, stage_peaks
+from dynamo.quant import QSpec, quantize_gptq
+from dynamo.records import device_info, package_versions, write_json_atomic
 
-TOKENIZER = REPO / "assets" / "tokenizer"
+TOKENIZER = REPO_ROOT / "assets" / "tokenizer"
 EVAL = ["dataset.known=[code,docs]", "eval.datasets=[code,docs]", "eval.seqlen=128", "eval.max_windows=2",
         "eval.batch_size=2", "eval.lm_eval.enabled=false", "logger=none"]
 # The full run the extrapolation is for: the README's main command (dataset=embedded, 4 known
@@ -68,7 +66,7 @@ def timed(cmd: list[str], log: Path, record: Path) -> dict:
     t = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(stats), *cmd], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO)
+                                stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         sampler = RssSampler(proc.pid)
         sampler.start()
         rc = proc.wait()
@@ -88,7 +86,7 @@ def timed(cmd: list[str], log: Path, record: Path) -> dict:
 def refusal(cmd: list[str], log: Path) -> str:
     """Run cmd, which must stop with run.py's bad-input exit (2) and one `error:` line; that line."""
     with log.open("w") as out:
-        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
     if rc != 2 or len(errors) != 1:
         sys.exit(f"error: expected the packed export to refuse ModuleList experts (exit 2, one error line), got "
@@ -162,7 +160,7 @@ def main() -> None:
     shrink = shrink_overrides(values) if args.shrink else None
     dry_values = {**values, **(shrink or {})}
     out_path = args.out or (args.work / f"dryrun_{args.model}-shrunk.json" if shrink else
-                            REPO / "results" / "benchmarks" / f"dryrun_{args.model}.json")
+                            REPO_ROOT / "results" / "benchmarks" / f"dryrun_{args.model}.json")
     layers = dense_prefix(values) + args.moe_layers
     remote = values["model_type"] in REMOTE_CODE  # the stand-in: remote code, ModuleList experts
     work = args.work / args.model
@@ -270,7 +268,7 @@ def main() -> None:
             d: abs(ppl[d] / record["metrics"]["ppl_bq"][d] - 1) < 1e-2 for d in ppl}}}
     out = {
         "benchmark": "dryrun", "model": args.model, "source": json.loads(
-            (REPO / "assets" / "configs" / f"{args.model}.json").read_text())["_source"],
+            (REPO_ROOT / "assets" / "configs" / f"{args.model}.json").read_text())["_source"],
         "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python scripts/dryrun.py --model {args.model} "
                    f"--moe-layers {args.moe_layers} --dtype {args.dtype} --device {args.device}"
                    + (" --offload" if args.offload else "") + (" --no-export" if args.no_export else "")

@@ -26,17 +26,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dynamo.records import write_json_atomic  # noqa: E402
+from dynamo.config import REPO_ROOT
+from dynamo.records import write_json_atomic
 
 GIB = 1024 ** 3
 OVERRIDES = ["quant.method=rtn", "quant.allocation.method=fcm"]
 
 
 def depth_command(model: str, n: int, out: Path, work: Path, extra: list[str]) -> list[str]:
-    cmd = [sys.executable, str(REPO / "scripts" / "dryrun.py"), "--model", model, "--moe-layers", str(n),
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "dryrun.py"), "--model", model, "--moe-layers", str(n),
            "--no-export", "--work", str(work / f"d{n}"), "--out", str(out)]
     for o in OVERRIDES + extra:
         cmd += ["--set", o]
@@ -94,16 +92,16 @@ def main() -> None:
     depths = sorted(set(args.depths))
     if len(depths) < 2:
         p.error("--depths needs at least two depths to compare")
-    out = args.out or REPO / "results" / "benchmarks" / f"dryrun_depth_{args.model}.json"
+    out = args.out or REPO_ROOT / "results" / "benchmarks" / f"dryrun_depth_{args.model}.json"
     args.work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     rows, commands = [], []
     for n in depths:
         json_path = args.work / f"depth_{args.model}_{n}.json"
         cmd = depth_command(args.model, n, json_path, args.work, args.overrides)
-        commands.append(" ".join(["python", *cmd[1:]]).replace(str(REPO) + "/", ""))
+        commands.append(" ".join(["python", *cmd[1:]]).replace(str(REPO_ROOT) + "/", ""))
         if not (args.reuse and json_path.is_file()):
-            subprocess.run(cmd, check=True, cwd=REPO, env=env)
+            subprocess.run(cmd, check=True, cwd=REPO_ROOT, env=env)
         rows.append(row(n, json.loads(json_path.read_text())))
     result = {"benchmark": "dryrun_depth", "model": args.model,
               "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python scripts/dryrun_depth.py "

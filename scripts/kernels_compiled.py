@@ -25,16 +25,14 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, set to silence its warning
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+from dynamo.config import REPO_ROOT  # noqa: E402  (after the Triton setting, as every import below)
 from dynamo_kernels.specializations import (TARGETS, enumerate_specializations, expert_shape,  # noqa: E402
                                             resources)
 
-OUT = REPO / "results" / "benchmarks" / "kernels_compiled.json"
+OUT = REPO_ROOT / "results" / "benchmarks" / "kernels_compiled.json"
 
 
-def paper_shapes(configs: Path = REPO / "assets" / "configs"):
+def paper_shapes(configs: Path = REPO_ROOT / "assets" / "configs"):
     return [expert_shape(p.stem, json.loads(p.read_text())) for p in sorted(configs.glob("*.json"))]
 
 
