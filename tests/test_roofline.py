@@ -1,4 +1,4 @@
-"""scripts/decode_roofline.py: the predicted decode speed (a bandwidth roofline) and the README table it feeds."""
+"""dynamo.bench.roofline (scripts/decode_roofline.py): the predicted decode speed (a bandwidth roofline) and the README table it feeds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.decode_roofline import distinct_experts, main, readme_table
+from dynamo.bench.roofline import distinct_experts, main, readme_table
 
 REPO = Path(__file__).resolve().parents[1]
 
