@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from dynamo.bench.roofline import distinct_experts, main, readme_table
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_distinct_experts():
