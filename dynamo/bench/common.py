@@ -7,9 +7,20 @@ import re
 
 import torch
 
+from ..config import SourceConfig
+from ..data import load_documents
+from ..eval.perplexity import make_windows, tokenize_corpus
+
 MIXED_WIDTHS = (2, 3, 4)  # cycled over the experts: about 3.0 average code bits, as a DynaMo 3-bit budget gives
 GROUP_SIZE = 128
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2}  # max relative error of a kernel against its reference
+
+
+def domain_windows(tokenizer, source: SourceConfig, split: str, seqlen: int, n: int | None,
+                   bos_id: int | None) -> torch.Tensor:
+    """Up to n windows of one split of a dataset, tokenized as the harness does (BOS-led where bos_id is set)."""
+    ids = tokenize_corpus(tokenizer, load_documents(source, split), source.separator)
+    return make_windows(ids, seqlen, n, source.path, bos_id=bos_id)
 
 
 def mixed_widths(n_experts: int) -> list[int]:

@@ -29,25 +29,20 @@ import numpy as np
 import torch
 
 from ..config import REPO_ROOT, ModelConfig, SourceConfig
-from ..data import embedded_split, load_documents
+from ..data import embedded_split
 from ..eval.fidelity import ReferenceLogprobs
-from ..eval.perplexity import make_windows, token_perplexity, tokenize_corpus
+from ..eval.perplexity import token_perplexity
 from ..packed.model import attach_packed, pack_experts, write_dequantized
 from ..quant import QSpec, QuantPlan, apply_plan
 from ..records import device_info, package_versions, write_json_atomic
 from ..switching.adaptive import AdaptiveSwitcher, ExpertMaster
 from ..switching.slotset import packed_fingerprint, save_slot_set
 from ..tokens import bos_id_as_trained
+from .common import domain_windows
 
 NOVEL = embedded_split().novel
 TARGETS = {"ppl_and_kl_relative_difference": 1e-4, "forward_with_slots_over_without": 1.10,
            "switch_from_saved_set_ms": 10.0}
-
-
-def windows_of(tokenizer, domain: str, split: str, seqlen: int, n: int, bos_id) -> torch.Tensor:
-    source = SourceConfig(path=domain)
-    ids = tokenize_corpus(tokenizer, load_documents(source, split), source.separator)
-    return make_windows(ids, seqlen, n, domain, bos_id=bos_id)
 
 
 def evaluate(model, windows: torch.Tensor, reference: ReferenceLogprobs, key: str) -> dict:
@@ -85,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     bos_id = bos_id_as_trained(ModelConfig(name=args.model, path=str(model_dir)), tokenizer)
-    data = {d: {"switch": windows_of(tokenizer, d, "calib", args.seqlen, args.switch_windows, bos_id),
-                "test": windows_of(tokenizer, d, "test", args.seqlen, args.test_windows, bos_id)} for d in args.domains}
+    data = {d: {"switch": domain_windows(tokenizer, SourceConfig(path=d), "calib", args.seqlen, args.switch_windows,
+                                         bos_id),
+                "test": domain_windows(tokenizer, SourceConfig(path=d), "test", args.seqlen, args.test_windows, bos_id)}
+            for d in args.domains}
 
     with ReferenceLogprobs() as reference, tempfile.TemporaryDirectory() as tmp:
         vocab = model.get_output_embeddings().out_features

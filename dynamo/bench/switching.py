@@ -10,9 +10,6 @@ from pathlib import Path
 
 import torch
 
-from ..config import SourceConfig
-from ..data import load_documents
-from ..eval.perplexity import make_windows, tokenize_corpus
 from ..switching.adaptive import AdaptiveSwitcher
 from ..switching.slotset import fingerprint, load_slot_set, save_slot_set
 
@@ -28,11 +25,6 @@ def timed(fn):
     t = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t
-
-
-def test_windows(tokenizer, source: SourceConfig, seqlen: int, n: int, bos_id: int | None) -> torch.Tensor:
-    ids = tokenize_corpus(tokenizer, load_documents(source, "test"), source.separator)
-    return make_windows(ids, seqlen, n, source.path, bos_id=bos_id)
 
 
 def saved_set_switch(switcher: AdaptiveSwitcher, sets: dict, folder: Path, model: str, repeats: int):

@@ -50,8 +50,8 @@ from ..records import device_info, package_versions, write_json_atomic
 from ..switching import ChannelCache, DynamicSwitcher
 from ..switching.adaptive import AdaptiveSwitcher, ExpertMaster
 from ..tokens import RunTokens, bos_id_as_trained
-from .switching import (ADAPTIVE_PARTS, ADAPTIVE_TARGETS, PARTS, TARGETS, packed_with_slots, saved_set_switch,
-                        test_windows, timed)
+from .common import domain_windows
+from .switching import ADAPTIVE_PARTS, ADAPTIVE_TARGETS, PARTS, TARGETS, packed_with_slots, saved_set_switch, timed
 
 KNOWN, NOVEL = embedded_split()
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     cache, cache_s = timed(lambda: ChannelCache.build(fp16_model, sig, args.frac, widths=list(allocation.widths),
                                                       group_size=128, sym=False))
     novel = calibration_windows(tokens, NOVEL, switch_cfg)
-    ppl_windows = {d: test_windows(tokenizer, sources[d], args.seqlen, args.ppl_windows, bos_id)
+    ppl_windows = {d: domain_windows(tokenizer, sources[d], "test", args.seqlen, args.ppl_windows, bos_id)
                    for d in NOVEL} if args.ppl_windows else {}
     ppl = lambda model, d: token_perplexity(model, ppl_windows[d], batch_size=8).ppl  # noqa: E731
     ppl_fp16 = {d: ppl(fp16_model, d) for d in ppl_windows}

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_olmoe_config
+from conftest import REPO, tiny_olmoe_config
 from dynamo.adapters import moe_layers
-from dynamo.bench.common import MIXED_WIDTHS, device_slug, mixed_widths, pack_mixed, param_bytes, rel_err
+from dynamo.bench.common import (MIXED_WIDTHS, device_slug, domain_windows, mixed_widths, pack_mixed, param_bytes,
+                                 rel_err)
+from dynamo.config import SourceConfig
 
 
 def test_mixed_widths_cycle_2_3_4_over_the_experts():
@@ -37,3 +39,11 @@ def test_rel_err_and_device_slug():
     # max |diff| / max |ref|, within float32 rounding of 0.2 (one ulp, ~1e-8 relative)
     assert rel_err(ref + torch.tensor([0.0, 0.2]), ref) == pytest.approx(0.05, rel=1e-6)
     assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_domain_windows_are_the_harness_windows_of_one_split():
+    tok = AutoTokenizer.from_pretrained(REPO / "assets" / "tokenizer")
+    plain = domain_windows(tok, SourceConfig(path="code"), "test", 32, 3, None)
+    led = domain_windows(tok, SourceConfig(path="code"), "test", 32, 3, tok.eos_token_id)
+    assert plain.shape == led.shape == (3, 32)
+    assert (led[:, 0] == tok.eos_token_id).all() and torch.equal(led[0, 1:], plain[0, :31])  # BOS + 31 text tokens
