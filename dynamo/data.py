@@ -9,11 +9,33 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
+
+import yaml
 
 from .config import REPO_ROOT, SourceConfig, SourceKind
 from .errors import UserError
 
 EMBEDDED_DIR = REPO_ROOT / "assets" / "data"
+EMBEDDED_SUITE = REPO_ROOT / "conf" / "dataset" / "embedded.yaml"
+
+
+class DomainSplit(NamedTuple):
+    """The embedded domains the testbed models were trained on (known) and the others (novel), in config order."""
+
+    known: list[str]
+    novel: list[str]
+
+
+def embedded_split(path: Path = EMBEDDED_SUITE) -> DomainSplit:
+    """The known/novel split of the embedded suite, read from its config (conf/dataset/embedded.yaml)
+    so that training, probes and benchmarks never type the domain names again."""
+    suite = yaml.safe_load(path.read_text())
+    known = list(suite["known"])
+    missing = [d for d in known if d not in suite["sources"]]
+    if missing:
+        raise UserError(f"{path}: known names {missing}, which are not among its sources")
+    return DomainSplit(known, [d for d in suite["sources"] if d not in known])
 
 
 def local_source_name(dataset_cfg) -> str | None:

@@ -20,15 +20,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dynamo.calibration import capture  # noqa: E402
-from dynamo.config import ModelConfig, SourceConfig, SourceKind  # noqa: E402
-from dynamo.data import load_documents  # noqa: E402
-from dynamo.eval.perplexity import make_windows, tokenize_corpus  # noqa: E402
-from dynamo.models import load_model  # noqa: E402
-from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
+from dynamo.calibration import capture
+from dynamo.config import REPO_ROOT, ModelConfig, SourceConfig, SourceKind
+from dynamo.data import load_documents
+from dynamo.eval.perplexity import make_windows, tokenize_corpus
+from dynamo.models import load_model
+from dynamo.records import device_info, package_versions, write_json_atomic
 
 
 def stats_bytes(stats) -> int:
@@ -49,10 +46,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-hessians", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "calibration_overhead.json")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks" / "calibration_overhead.json")
     args = parser.parse_args()
 
-    loaded = load_model(ModelConfig(name=args.model, path=str(REPO / "assets" / "models" / args.model)))
+    loaded = load_model(ModelConfig(name=args.model, path=str(REPO_ROOT / "assets" / "models" / args.model)))
     model = loaded.model
     ids = tokenize_corpus(loaded.tokenizer, load_documents(SourceConfig(kind=SourceKind.embedded, path=args.domain),
                                                            "calib"), "\n\n")

@@ -17,14 +17,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dynamo.config import ModelConfig, SourceConfig, SourceKind  # noqa: E402
-from dynamo.data import load_documents  # noqa: E402
-from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
-from dynamo.models import load_model  # noqa: E402
-from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
+from dynamo.config import REPO_ROOT, ModelConfig, SourceConfig, SourceKind
+from dynamo.data import load_documents
+from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus
+from dynamo.models import load_model
+from dynamo.records import device_info, package_versions, write_json_atomic
 
 
 @torch.no_grad()
@@ -43,10 +40,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "eval_throughput.json")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks" / "eval_throughput.json")
     args = parser.parse_args()
 
-    loaded = load_model(ModelConfig(name=args.model, path=str(REPO / "assets" / "models" / args.model)))
+    loaded = load_model(ModelConfig(name=args.model, path=str(REPO_ROOT / "assets" / "models" / args.model)))
     ids = tokenize_corpus(loaded.tokenizer, load_documents(SourceConfig(kind=SourceKind.embedded, path=args.domain),
                                                            "test"), "\n\n")
     windows = make_windows(ids, args.seqlen, args.windows, args.domain).to(loaded.device)

@@ -23,19 +23,16 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dynamo.config import REPO_ROOT, SourceConfig
+from dynamo.data import load_documents
+from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus
+from dynamo.export.dequantized import save_dequantized
+from dynamo.export.files import nbytes
+from dynamo.export.packed import save_packed
+from dynamo.quant import QSpec, QuantPlan, apply_plan, bit_accounting
+from dynamo.records import device_info, package_versions, write_json_atomic
 
-from dynamo.config import SourceConfig  # noqa: E402
-from dynamo.data import load_documents  # noqa: E402
-from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
-from dynamo.export.dequantized import save_dequantized  # noqa: E402
-from dynamo.export.files import nbytes  # noqa: E402
-from dynamo.export.packed import save_packed  # noqa: E402
-from dynamo.quant import QSpec, QuantPlan, apply_plan, bit_accounting  # noqa: E402
-from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
-
-MODEL = REPO / "assets" / "models" / "tiny-olmoe"
+MODEL = REPO_ROOT / "assets" / "models" / "tiny-olmoe"
 
 
 def param_nbytes(model) -> int:
@@ -47,7 +44,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "export.json")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks" / "export.json")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

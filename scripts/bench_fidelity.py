@@ -21,15 +21,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dynamo.config import ModelConfig, SourceConfig, SourceKind  # noqa: E402
-from dynamo.data import load_documents  # noqa: E402
-from dynamo.eval.fidelity import ReferenceLogprobs  # noqa: E402
-from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus  # noqa: E402
-from dynamo.models import load_model  # noqa: E402
-from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
+from dynamo.config import REPO_ROOT, ModelConfig, SourceConfig, SourceKind
+from dynamo.data import load_documents
+from dynamo.eval.fidelity import ReferenceLogprobs
+from dynamo.eval.perplexity import make_windows, token_perplexity, tokenize_corpus
+from dynamo.models import load_model
+from dynamo.records import device_info, package_versions, write_json_atomic
 
 TARGET = 1.25
 
@@ -43,11 +40,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--topk", type=int, default=None, help="eval.kl_topk (default: the full vocabulary)")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "fidelity_overhead.json")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks" / "fidelity_overhead.json")
     args = parser.parse_args()
     started = time.perf_counter()
 
-    loaded = load_model(ModelConfig(name=args.model, path=str(REPO / "assets" / "models" / args.model)))
+    loaded = load_model(ModelConfig(name=args.model, path=str(REPO_ROOT / "assets" / "models" / args.model)))
     source = SourceConfig(kind=SourceKind.embedded, path=args.domain)
     ids = tokenize_corpus(loaded.tokenizer, load_documents(source, "test"), source.separator)
     windows = make_windows(ids, args.seqlen, args.windows, args.domain)

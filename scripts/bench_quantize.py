@@ -17,11 +17,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dynamo.quant import QSpec, quantize_gptq, quantize_rtn  # noqa: E402
-from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
+from dynamo.config import REPO_ROOT
+from dynamo.quant import QSpec, quantize_gptq, quantize_rtn
+from dynamo.records import device_info, package_versions, write_json_atomic
 
 SHAPES = {"tiny-olmoe": (128, 256), "olmoe-1b-7b": (2048, 1024)}  # (hidden, expert intermediate)
 
@@ -30,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bits", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "quantize_speed.json")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks" / "quantize_speed.json")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     spec = QSpec(args.bits, group_size=128)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dynamo.assets import ensure_unpacked, pack  # noqa: E402
+from dynamo.assets import ensure_unpacked, pack
 
 
 def main(argv: list[str]) -> int:

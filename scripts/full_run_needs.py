@@ -20,24 +20,20 @@ its FP16 master copy in host RAM (quant.switching.master=host) or read from disk
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dynamo.adapters import moe_layers  # noqa: E402
-from dynamo.dryrun import REAL_MODELS, build_model, load_real_config, param_bytes  # noqa: E402
-from dynamo.dryrun.extrapolate import (GIB, layer_stats_nbytes, memory_model, switch_held_nbytes,  # noqa: E402
+from dynamo.adapters import moe_layers
+from dynamo.config import REPO_ROOT
+from dynamo.dryrun import REAL_MODELS, build_model, load_real_config, param_bytes
+from dynamo.dryrun.extrapolate import (GIB, layer_stats_nbytes, memory_model, switch_held_nbytes,
                                        switch_needs, switch_select_flops)
-from dynamo.records import write_json_atomic  # noqa: E402
+from dynamo.records import write_json_atomic
 
 CALIB_TOKENS = 4 * 32 * 512
 DQS_FRAC = 0.01
 PACKED_BITS = 4.0 + 2 * 16 / 128
 SWITCH_BUDGET_FRAC = 0.01   # quant.switching.budget_frac
 SWITCH_TOKENS = 4 * 512     # quant.switching.sample_windows x analysis.seqlen
-OUT = REPO / "results" / "benchmarks" / "full_run_needs.json"
+OUT = REPO_ROOT / "results" / "benchmarks" / "full_run_needs.json"
 
 
 def needs(name: str) -> dict:
@@ -47,15 +43,15 @@ def needs(name: str) -> dict:
     dqs = round(2 * 2 * DQS_FRAC * params["routed_expert_params"])
     mem = memory_model(model, calib_tokens=CALIB_TOKENS, hidden=values["hidden_size"], dqs_cache=dqs)
     disk = 2 * (params["params"] - params["routed_expert_params"]) + params["routed_expert_params"] * PACKED_BITS / 8
-    dry = REPO / "results" / "benchmarks" / f"dryrun_{name}.json"
+    dry = REPO_ROOT / "results" / "benchmarks" / f"dryrun_{name}.json"
     dry_json = json.loads(dry.read_text()) if dry.is_file() else {}
     hours = dry_json["extrapolation"]["offline_gpu_hours"] if dry_json else None
     n_moe = len(list(moe_layers(model)))
     budget = int(SWITCH_BUDGET_FRAC * 2 * params["routed_expert_params"])
     held = switch_held_nbytes(model, budget)
     measured = dry_json.get("switch") or None  # a dry run with the per-layer switch (older ones have none)
-    depth = REPO / "results" / "benchmarks" / f"dryrun_depth_{name}.json"
-    switch_only = REPO / "results" / "benchmarks" / f"dryrun_switch_{name}.json"  # dryrun.py --no-export, RTN BQ
+    depth = REPO_ROOT / "results" / "benchmarks" / f"dryrun_depth_{name}.json"
+    switch_only = REPO_ROOT / "results" / "benchmarks" / f"dryrun_switch_{name}.json"  # dryrun.py --no-export, RTN BQ
     if measured is None and depth.is_file():  # else the depth study's deepest run (scripts/dryrun_depth.py)
         measured, dry = json.loads(depth.read_text())["depths"][-1]["switch"], depth
     elif measured is None and switch_only.is_file():
@@ -65,12 +61,12 @@ def needs(name: str) -> dict:
     if measured and measured.get("full"):  # seconds: scripts/dryrun.py's switch_needs of its per-layer seconds
         switch.update({k: measured["full"][k] for k in ("profile_s", "select_s", "write_s", "seconds")})
     switch.update(select_tflop=round(switch_select_flops(model) / 1e12, 1), held_accounting=held, held_measured_nbytes=measured["held_nbytes_peak"] if measured else None,
-                  seconds_from=str(dry.relative_to(REPO)) if measured else "no dry run with the per-layer switch",
+                  seconds_from=str(dry.relative_to(REPO_ROOT)) if measured else "no dry run with the per-layer switch",
                   seconds_basis="this CPU (the dry run's threads), not a GPU")
     return {"model": name, "params_b": round(params["params"] / 1e9, 2), "bf16_gib": round(params["bytes"] / GIB, 1),
             "layer_stats_gib": round(layer_stats_nbytes(model)["total"] / GIB, 2), **mem.to_dict(),
             "packed_checkpoint_gib": round(disk / GIB, 1), "offline_gpu_hours": hours,
-            "hours_from": str(dry.relative_to(REPO)) if hours else "no dry run", "switch": switch}
+            "hours_from": str(dry.relative_to(REPO_ROOT)) if hours else "no dry run", "switch": switch}
 
 
 def main() -> None:

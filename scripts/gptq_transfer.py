@@ -22,19 +22,16 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dynamo.adapters import moe_layers
+from dynamo.calibration import capture
+from dynamo.calibration.stage import calibration_windows
+from dynamo.config import REPO_ROOT, CalibConfig, SourceConfig
+from dynamo.data import embedded_split
+from dynamo.quant import QSpec, quantize_gptq, quantize_rtn
+from dynamo.records import write_json_atomic
+from dynamo.tokens import RunTokens
 
-from dynamo.adapters import moe_layers  # noqa: E402
-from dynamo.calibration import capture  # noqa: E402
-from dynamo.calibration.stage import calibration_windows  # noqa: E402
-from dynamo.tokens import RunTokens  # noqa: E402
-from dynamo.config import CalibConfig, SourceConfig  # noqa: E402
-from dynamo.quant import QSpec, quantize_gptq, quantize_rtn  # noqa: E402
-from dynamo.records import write_json_atomic  # noqa: E402
-
-KNOWN = ["code", "docs", "speeches", "literature"]
-NOVEL = ["email", "legal", "math", "chat"]
+KNOWN, NOVEL = embedded_split()
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -43,7 +40,7 @@ def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=REPO / "assets" / "models" / "tiny-olmoe")
+    parser.add_argument("--model", type=Path, default=REPO_ROOT / "assets" / "models" / "tiny-olmoe")
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--windows", type=int, default=32, help="calibration windows per known domain")
     parser.add_argument("--eval-windows", type=int, default=16, help="windows per domain for the error")
@@ -93,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'domain':<12}{'role':<7}{'GPTQ/RTN':>10}{'GPTQ worse on':>16}")
     for d, s in summary.items():
         print(f"{d:<12}{s['role']:<7}{s['gptq_over_rtn']:>10.3f}{s['gptq_worse_share']:>15.1%}")
-    out = args.out or REPO / "results" / "diagnostics" / f"gptq_transfer_{args.model.name}_{args.bits}bit.json"
+    out = args.out or REPO_ROOT / "results" / "diagnostics" / f"gptq_transfer_{args.model.name}_{args.bits}bit.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, {"command": "python scripts/gptq_transfer.py " + " ".join(argv or sys.argv[1:]),
-                            "model": str(args.model.relative_to(REPO) if args.model.is_relative_to(REPO)
+                            "model": str(args.model.relative_to(REPO_ROOT) if args.model.is_relative_to(REPO_ROOT)
                                          else args.model),
                             "bits": args.bits, "calibration": {"domains": KNOWN, "windows": args.windows,
                                                                "seqlen": args.seqlen},

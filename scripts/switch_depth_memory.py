@@ -23,10 +23,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dynamo.records import device_info, package_versions, write_json_atomic  # noqa: E402
+from dynamo.config import REPO_ROOT
+from dynamo.records import device_info, package_versions, write_json_atomic
 
 GIB = 1024 ** 3
 
@@ -90,7 +88,7 @@ def main() -> None:
     if args.one is not None:
         print(json.dumps(one_depth(args.model, args.one, args.dtype, args.windows, args.seqlen)))
         return
-    out = args.out or REPO / "results" / "benchmarks" / f"switch_depth_memory_{args.model}.json"
+    out = args.out or REPO_ROOT / "results" / "benchmarks" / f"switch_depth_memory_{args.model}.json"
     rows = []
     for depth in args.depths:
         cmd = [sys.executable, __file__, "--model", args.model, "--dtype", args.dtype, "--windows",

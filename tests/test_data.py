@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import REPO
 from dynamo.config import DatasetConfig, SourceConfig, SourceKind
-from dynamo.data import EMBEDDED_DIR, known_datasets, load_documents, sources_of
+from dynamo.data import EMBEDDED_DIR, embedded_split, known_datasets, load_documents, sources_of
 from dynamo.errors import UserError
+from dynamo.testbed.corpora import split_documents
 
 DOMAINS = ["code", "docs", "speeches", "literature", "email", "legal", "math", "chat"]
-
-
-def _build_corpora():
-    spec = importlib.util.spec_from_file_location("build_corpora", REPO / "scripts" / "build_corpora.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
@@ -43,14 +35,24 @@ def test_manifest_matches_the_shipped_files():
             assert hashlib.sha256(data).hexdigest() == entry[split]["sha256"], f"{domain}/{split} changed"
 
 
+def test_embedded_split_is_read_from_the_suite_config(tmp_path):
+    known, novel = embedded_split()
+    assert known == ["code", "docs", "speeches", "literature"] and sorted(known + novel) == sorted(DOMAINS)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("known: [code]\nsources: {code: {path: code}, chat: {path: chat}, math: {path: math}}\n")
+    assert embedded_split(suite) == (["code"], ["chat", "math"])  # novel: the other sources, in config order
+    suite.write_text("known: [code, poems]\nsources: {code: {path: code}}\n")
+    with pytest.raises(UserError, match=r"known names \['poems'\]"):
+        embedded_split(suite)
+
+
 def test_split_is_by_document_and_deterministic():
-    build = _build_corpora()
     docs = [f"document {i}\n" + "x" * (i % 50) for i in range(400)]
-    a, b = build.split_documents(docs), build.split_documents(docs)
+    a, b = split_documents(docs), split_documents(docs)
     assert a == b
     assert not set(a["test"]) & set(a["calib"]) and not set(a["test"]) & set(a["train"])
     assert len(a["test"]) + len(a["calib"]) + len(a["train"]) == len(docs)
-    assert build.split_documents(docs, seed=1) != a
+    assert split_documents(docs, seed=1) != a
 
 
 def test_local_jsonl_holds_the_head_for_calibration(tmp_path):

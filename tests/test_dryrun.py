@@ -185,15 +185,6 @@ def test_stage_peaks_attribute_each_rss_sample_to_the_stage_running_then():
                                                      "quantize": 900, "export": 700, "other": 50}
 
 
-def _script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / "scripts" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_switch_accounting_holds_one_moe_layer_at_every_depth():
     """The switch's held bytes (one layer's Hessians and candidates) are the same for a truncated and the full
     model; its seconds are per-layer seconds x MoE layers (the profile scaled to the switch sample)."""
@@ -214,16 +205,18 @@ def test_switch_accounting_holds_one_moe_layer_at_every_depth():
 
 
 def test_dry_run_switch_summary_and_depth_check():
-    dryrun, depth = _script("dryrun.py"), _script("dryrun_depth.py")
+    from dynamo.dryrun import depth
+    from dynamo.dryrun.switches import switch_summary
+
     report = {"profile_s": 2.0, "select_s": 0.5, "write_s": 0.3, "total_s": 2.8, "held_nbytes_peak": 7,
               "held_nbytes_by_layer": [5, 7]}
-    sw = dryrun.switch_summary({"policy": "adaptive", "switches": {"code": report, "docs": report},
-                                "master_location": "host", "master_nbytes": 9, "budget_nbytes": 3}, 2,
-                               {"eval_ppl_bq": 1.0, "eval_ppl": 1.5})
+    sw = switch_summary({"policy": "adaptive", "switches": {"code": report, "docs": report},
+                         "master_location": "host", "master_nbytes": 9, "budget_nbytes": 3}, 2,
+                        {"eval_ppl_bq": 1.0, "eval_ppl": 1.5})
     assert sw["switches"]["code"]["select_write_over_profile"] == 0.4 and sw["held_nbytes_peak"] == 7
     assert sw["per_moe_layer_s"] == {"profile_s": 1.0, "select_s": 0.25, "write_s": 0.15}
     assert (sw["peak_rss_gib"], sw["peak_rss_gib_before"]) == (1.5, 1.0)
-    assert dryrun.switch_summary({"policy": "paper", "switches": {"code": {}}}, 1, None) is None
+    assert switch_summary({"policy": "paper", "switches": {"code": {}}}, 1, None) is None
 
     def depth_json(n: int, switch_gib: float, held: int) -> dict:
         return {"truncated": {"layers": n}, "weights_nbytes_run_dtype": n * GIB_, "routed_expert_nbytes_run_dtype": n,

@@ -112,8 +112,8 @@ def test_every_specialization_compiles(spec, request):
 
 
 def test_resource_report_quick(tmp_path):
-    """scripts/kernels_compiled.py --quick: one specialization per kernel and target, resources read off the cubin."""
-    from scripts.kernels_compiled import main
+    """dynamo.bench.compiled (scripts/kernels_compiled.py) --quick: one specialization per kernel and target, resources read off the cubin."""
+    from dynamo.bench.compiled import main
 
     out = tmp_path / "kc.json"
     assert main(["--quick", "--out", str(out)]) == 0
@@ -135,7 +135,7 @@ def test_split_k_values_above_one_share_one_cubin():
 
 
 def test_readme_compile_table_is_the_committed_report():
-    from scripts.kernels_compiled import readme_table
+    from dynamo.bench.compiled import readme_table
 
     path = REPO / "results" / "benchmarks" / "kernels_compiled.json"
     record = json.loads(path.read_text())

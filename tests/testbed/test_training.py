@@ -1,4 +1,5 @@
-"""scripts/train_embedded.py: a run stopped and resumed ends with the same weights as one that never stopped.
+"""dynamo.testbed.training (scripts/train_embedded.py): a run stopped and resumed ends with the same weights
+as one that never stopped.
 
 Trained on the shipped calib splits (the real training splits are not in the repository) with a
 toy architecture and recipe registered for the test; a few steps on the CPU.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -16,15 +17,14 @@ from safetensors.torch import load_file
 from transformers import Qwen2MoeConfig
 
 from conftest import REPO
+from dynamo.testbed import training, training_data
+from dynamo.testbed.recipes import ARCHITECTURES, KNOWN, SEQLEN, VOCAB_SIZE, Recipe
 
-sys.path.insert(0, str(REPO / "scripts"))
-import train_embedded as te  # noqa: E402
-
-TOY = dict(vocab_size=te.VOCAB_SIZE, max_position_embeddings=te.SEQLEN, hidden_size=32, num_hidden_layers=2,
+TOY = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=SEQLEN, hidden_size=32, num_hidden_layers=2,
            num_attention_heads=2, num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=32,
            shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
            output_router_logits=True, router_aux_loss_coef=0.01, decoder_sparse_step=1, mlp_only_layers=[])
-RECIPE = te.Recipe(mix_tokens={d: 20_000 for d in te.KNOWN}, min_total_tokens=10_000, epochs=2, batch_size=2,
+RECIPE = Recipe(mix_tokens={d: 20_000 for d in KNOWN}, min_total_tokens=10_000, epochs=2, batch_size=2,
                    lr=5e-3, min_lr=5e-4, warmup_steps=2, bos_windows=True, eval_every=4, eval_windows=4,
                    track_sensitivity=True)
 
@@ -32,21 +32,21 @@ RECIPE = te.Recipe(mix_tokens={d: 20_000 for d in te.KNOWN}, min_total_tokens=10
 @pytest.fixture
 def sandbox(tmp_path, monkeypatch):
     corpora = tmp_path / "corpora"
-    for domain in te.KNOWN:
+    for domain in KNOWN:
         (corpora / domain).mkdir(parents=True)
         shutil.copy(REPO / "assets" / "data" / domain / "calib.jsonl", corpora / domain / "train.jsonl")
     assets = tmp_path / "assets"
     shutil.copytree(REPO / "assets" / "tokenizer", assets / "tokenizer")
     (assets / "data").symlink_to(REPO / "assets" / "data")  # the held-out windows: the calib splits
-    monkeypatch.setattr(te, "CACHE", corpora)
-    monkeypatch.setattr(te, "ASSETS", assets)
-    monkeypatch.setitem(te.ARCHITECTURES, "toy", (lambda ids: Qwen2MoeConfig(**TOY, **ids), RECIPE))
+    monkeypatch.setattr(training_data, "CACHE", corpora)
+    monkeypatch.setattr(training_data, "ASSETS", assets)
+    monkeypatch.setitem(ARCHITECTURES, "toy", (lambda ids: Qwen2MoeConfig(**TOY, **ids), RECIPE))
     return tmp_path
 
 
 def _train(sandbox, monkeypatch, root: str, **kwargs) -> None:
-    monkeypatch.setattr(te, "CHECKPOINT_ROOT", sandbox / root)
-    te.train_model("toy", max_steps=10, resume=kwargs.pop("resume", False), checkpoint_minutes=60,
+    monkeypatch.setattr(training, "CHECKPOINT_ROOT", sandbox / root)
+    training.train_model("toy", max_steps=10, resume=kwargs.pop("resume", False), checkpoint_minutes=60,
                    stop_after_minutes=None, **kwargs)
 
 
@@ -74,7 +74,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(sandbox, monkeypatch
 
 def test_a_checkpoint_of_another_recipe_is_refused(sandbox, monkeypatch):
     _train(sandbox, monkeypatch, "ckpt", stop_at_step=1)
-    other = te.Recipe(**{**te.asdict(RECIPE), "lr": 1e-3})
-    monkeypatch.setitem(te.ARCHITECTURES, "toy", (lambda ids: Qwen2MoeConfig(**TOY, **ids), other))
+    other = Recipe(**{**asdict(RECIPE), "lr": 1e-3})
+    monkeypatch.setitem(ARCHITECTURES, "toy", (lambda ids: Qwen2MoeConfig(**TOY, **ids), other))
     with pytest.raises(SystemExit, match="another recipe"):
         _train(sandbox, monkeypatch, "ckpt", resume=True)

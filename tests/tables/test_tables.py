@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
 import numpy as np
 
-from conftest import REPO
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+from dynamo.tables import cli as tables
+from dynamo.tables import paired
+from dynamo.tables.overheads import render_overheads
 
 
 def _windows(ppl: float, noise: np.ndarray) -> list[float]:
@@ -44,7 +36,6 @@ def _record(root, folder, model, quant, ppl, experiment="baselines_embedded", cr
 
 
 def test_tables_use_the_newest_record_of_their_experiments_and_check_detects_drift(tmp_path):
-    tables = _load("make_tables")
     runs, out = tmp_path / "runs", tmp_path / "tables"
     bits = {"experts": 3.15, "all": 6.6, "experts_codes_only": 3.0}
     _record(runs, "a/fp16", "tiny-olmoe", "fp16", {"code": 20.0, "chat": 100.0})
@@ -99,7 +90,6 @@ def _ablation_runs(runs, kl: bool = False):
 
 
 def test_every_compared_cell_says_whether_its_interval_excludes_no_change(tmp_path):
-    tables = _load("make_tables")
     runs, out = tmp_path / "runs", tmp_path / "tables"
     _ablation_runs(runs)
     _record(runs, "gptq4", "tiny-olmoe", "gptq_4bit", {"code": 20.2, "chat": 101.0}, bits={"experts": 4.1, "all": 7.0})
@@ -120,7 +110,6 @@ def test_every_compared_cell_says_whether_its_interval_excludes_no_change(tmp_pa
 
 
 def test_a_window_file_that_does_not_give_the_recorded_ppl_is_an_error_and_nothing_is_written(tmp_path, capsys):
-    tables = _load("make_tables")
     runs, out = tmp_path / "runs", tmp_path / "tables"
     dyn = _ablation_runs(runs)
     (dyn / "window_nll.json").write_text(json.dumps({"code": [3.0] * 60, "chat": [4.6] * 40}))
@@ -131,7 +120,6 @@ def test_a_window_file_that_does_not_give_the_recorded_ppl_is_an_error_and_nothi
 
 
 def test_kl_tables_appear_with_intervals_when_the_records_have_kl(tmp_path):
-    tables = _load("make_tables")
     runs, out = tmp_path / "runs", tmp_path / "tables"
     _ablation_runs(runs, kl=True)
     assert tables.main(["--runs", str(runs), "--out", str(out), "dynamo_ablation"]) == 0
@@ -143,7 +131,6 @@ def test_kl_tables_appear_with_intervals_when_the_records_have_kl(tmp_path):
 
 
 def test_table2_embedded_gives_accuracy_intervals_or_says_the_record_predates_them(tmp_path):
-    tables = _load("make_tables")
     runs, out = tmp_path / "runs", tmp_path / "tables"
     noise = {"math": np.random.default_rng(1).normal(0, 0.3, 30)}
     acc_fp16 = np.array([1, 0, 0, 1] * 50)
@@ -165,7 +152,7 @@ def test_table2_embedded_gives_accuracy_intervals_or_says_the_record_predates_th
 
 
 def test_committed_tables_match_the_committed_records():
-    assert _load("make_tables").main(["--check"]) == 0
+    assert tables.main(["--check"]) == 0
 
 
 def _runs_with_windows(tmp_path, shift: np.ndarray):
@@ -178,7 +165,6 @@ def _runs_with_windows(tmp_path, shift: np.ndarray):
 
 
 def test_paired_ppl_resolves_a_consistent_difference_and_not_noise(tmp_path, capsys):
-    paired = _load("paired_ppl")
     a, b = _runs_with_windows(tmp_path / "better", np.full(200, -0.01))
     assert paired.main([str(a), str(b), "--json", str(tmp_path / "cmp.json")]) == 0
     row = json.loads((tmp_path / "cmp.json").read_text())["datasets"]["code"]
@@ -189,7 +175,6 @@ def test_paired_ppl_resolves_a_consistent_difference_and_not_noise(tmp_path, cap
 
 
 def test_paired_ppl_refuses_unpaired_or_missing_windows_with_one_error_line(tmp_path, capsys):
-    paired = _load("paired_ppl")
     a, b = _runs_with_windows(tmp_path, np.zeros(20))
     (b / "window_nll.json").write_text(json.dumps({"code": [1.0] * 10}))
     assert paired.main([str(a), str(b)]) == 2
@@ -202,7 +187,6 @@ def test_paired_ppl_refuses_unpaired_or_missing_windows_with_one_error_line(tmp_
 
 def test_overheads_table_reads_both_switching_policies():
     """The paper policy records a channel cache and requant times; the adaptive one slot bytes and write times."""
-    tables = _load("make_tables")
 
     def record(quant, switching):
         return {"overrides": ["experiment=dynamo_embedded"], "quant": {"name": quant},
@@ -215,7 +199,7 @@ def test_overheads_table_reads_both_switching_policies():
     adaptive = record("dynamo_3bit", {"expert_fp16_nbytes": 100_000,
                                       "switches": {"chat": {"total_s": 1.0, "write_s": 0.2, "extra_nbytes": 900},
                                                    "math": {"total_s": 3.0, "write_s": 0.4, "extra_nbytes": 1000}}})
-    rows = [line for line in tables.render_overheads([paper, adaptive]).splitlines() if line.startswith("| tiny")]
+    rows = [line for line in render_overheads([paper, adaptive]).splitlines() if line.startswith("| tiny")]
     assert rows[0].split(" | ")[2] == "2", "the thread count the seconds were measured at"
     assert rows[0].split(" | ")[6:] == ["3000", "400.0", "40.0%", "1000", "1.000% |"]   # adaptive: max slot bytes
     assert rows[1].split(" | ")[6:] == ["500", "100.0", "5.0%", "1000", "1.000% |"]    # paper: its cache

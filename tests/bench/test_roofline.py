@@ -1,15 +1,14 @@
-"""scripts/decode_roofline.py: the predicted decode speed (a bandwidth roofline) and the table it feeds (docs/scaling.md)."""
+"""dynamo.bench.roofline (scripts/decode_roofline.py): the predicted decode speed (a bandwidth roofline) and the table it feeds
+(docs/scaling.md)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from scripts.decode_roofline import distinct_experts, main, readme_table
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+from dynamo.bench.roofline import distinct_experts, main, readme_table
 
 
 def test_distinct_experts():

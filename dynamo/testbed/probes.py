@@ -1,9 +1,10 @@
 """How quantization-sensitive a MoE model is: outlier channels of the expert inputs, and
 weight-only fake-quantization of its experts (routed and shared) that can be undone.
 
-Used by `scripts/probe_sensitivity.py` (the model-card numbers) and by
-`scripts/train_embedded.py` (the same statistics at every training checkpoint, so the effect
-of tokens per parameter is visible in the curves).
+Used by `dynamo.testbed.sensitivity` (the model-card numbers) and by `dynamo.testbed.training`
+(the same statistics at every training checkpoint, so the effect of tokens per parameter is
+visible in the curves). They probe the testbed models, not a DynaMo run: they live here, not in
+`dynamo.analysis` (DynaMo's significance analysis).
 
 Outlier statistics follow He et al. 2024 ("Understanding and Minimising Outlier Features"):
 per MoE layer, the root-mean-square s_c of each hidden channel c of the expert input (the
@@ -24,7 +25,6 @@ from torch import nn
 from ..adapters import moe_layers
 from ..quant.rtn import quantize_rtn
 from ..quant.spec import QSpec
-from ..switching.detector import js_divergence  # noqa: F401  (re-exported for the scripts)
 
 
 def _channel_summary(sum_sq: torch.Tensor, count: int) -> dict:

@@ -1,30 +1,21 @@
-"""Quantization-sensitivity probes: outlier statistics, undoable fake quantization,
-BOS windows, training checkpoints that resume bit for bit, and the probe script end to end."""
+"""Quantization-sensitivity probes (dynamo.testbed): outlier statistics, undoable fake quantization,
+BOS windows, training checkpoints that resume bit for bit, the probe end to end, and the model card."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, tiny_olmoe_config
+from conftest import tiny_olmoe_config
 from dynamo.adapters import moe_layers
-from dynamo.analysis.sensitivity import _channel_summary, expert_input_outliers, fake_quantized_experts
 from dynamo.eval.windows import cut_windows
 from dynamo.quant.rtn import quantize_rtn
 from dynamo.quant.spec import QSpec
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module while the script executes
-    spec.loader.exec_module(module)
-    return module
+from dynamo.testbed import checkpoints, model_card, sensitivity
+from dynamo.testbed.probes import _channel_summary, expert_input_outliers, fake_quantized_experts
 
 
 def test_cut_windows_with_and_without_bos():
@@ -82,7 +73,6 @@ def test_expert_input_outliers_reports_every_moe_layer_with_and_without_position
 
 
 def test_training_checkpoint_resumes_bit_for_bit(tmp_path):
-    train = _script("train_embedded")
 
     def fresh():
         torch.manual_seed(0)
@@ -101,9 +91,9 @@ def test_training_checkpoint_resumes_bit_for_bit(tmp_path):
     first, opt1 = fresh()
     for s in range(2):
         step(first, opt1, s)
-    train.save_checkpoint(tmp_path, first, opt1, {"step": 1})
+    checkpoints.save_checkpoint(tmp_path, first, opt1, {"step": 1})
     resumed, opt2 = fresh()
-    assert train.load_checkpoint(tmp_path, resumed, opt2)["step"] == 1
+    assert checkpoints.load_checkpoint(tmp_path, resumed, opt2)["step"] == 1
     step(resumed, opt2, 2)
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
@@ -111,9 +101,8 @@ def test_training_checkpoint_resumes_bit_for_bit(tmp_path):
 
 def test_probe_sensitivity_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "sensitivity.json"
-    assert _script("probe_sensitivity").main([str(tiny_model_dir), "--seqlen", "64", "--max-windows", "3",
-                                               "--calib-windows", "3", "--bits", "3", "--threads", "1",
-                                               "--out", str(out)]) == 0
+    assert sensitivity.main([str(tiny_model_dir), "--seqlen", "64", "--max-windows", "3", "--calib-windows", "3",
+                             "--bits", "3", "--threads", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["fp16_ppl"]) == {"code", "docs", "speeches", "literature"}
     assert len(result["outliers"]) == 2
@@ -128,7 +117,7 @@ def test_probe_sensitivity_end_to_end(tiny_model_dir, tmp_path):
 def test_model_card_judges_the_cost_targets_from_the_benchmark(tmp_path, monkeypatch):
     """The default model's run and suite rows come from scripts/bench_default_run.py's JSON, and only for
     the model that JSON measured."""
-    card = _script("make_model_card")
+    card = model_card
     bench = tmp_path / "default_run.json"
     monkeypatch.setattr(card, "DEFAULT_RUN", bench)
     assert card.default_run_rows("testbed-qwen-moe") == []

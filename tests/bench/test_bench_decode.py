@@ -1,4 +1,4 @@
-"""scripts/bench_decode.py at toy size on CPU: FP16, packed BQ, and packed BQ with full slot tables."""
+"""dynamo.bench.decode (scripts/bench_decode.py) at toy size on CPU: FP16, packed BQ, and packed BQ with full slot tables."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-bench_decode = pytest.importorskip("scripts.bench_decode")
+from dynamo.bench import decode as bench_decode
+
 TOY = ["--toy", "--model", "olmoe", "--layers", "1", "--prompt", "6", "--new-tokens", "2", "--reps", "1"]
 
 
