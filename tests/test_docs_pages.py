@@ -161,10 +161,29 @@ def command_problems(command: str) -> list[str]:
     script = REPO / rest[0]
     if not script.is_file():
         return [f"{command}: no {rest[0]}"]
-    source = script.read_text()
+    source = cli_source(script)
     options = {w.split("=")[0] for w in rest[1:] if w.startswith("--")}
     return [f"{command}: {rest[0]} has no option {o}" for o in sorted(options)
             if f'"{o}"' not in source and f"'{o}'" not in source]
+
+
+def cli_source(script: Path, depth: int = 2) -> str:
+    """A script's source and that of the package modules it imports (scripts are thin command lines: their
+    options are declared where their logic lives), `depth` imports deep."""
+    source = script.read_text()
+    texts, todo, seen = [source], [source], set()
+    for _ in range(depth):
+        found = []
+        for text in todo:
+            for module in re.findall(r"^\s*from (dynamo(?:\.\w+)*) import", text, re.M):
+                path = REPO / Path(*module.split("."))
+                for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+                    if candidate.is_file() and candidate not in seen:
+                        seen.add(candidate)
+                        found.append(candidate.read_text())
+        texts += found
+        todo = found
+    return "\n".join(texts)
 
 
 def shown_file_problems(block: Block) -> list[str]:
