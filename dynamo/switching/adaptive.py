@@ -9,16 +9,20 @@ read by slice from the checkpoint on disk). On the device: BQ, plus slots worth 
 `budget_frac` of the routed experts' FP16 bytes. A slot is an additive *correction* of BQ
 (dynamo_kernels/slots.py): a row r gets W_bq[r] + delta, an input column j gets W[:, j] + delta
 (measured after the rows were applied), deltas held as RTN-8 codes with an fp16 scale and zero per
-group (`slot_bits=8`, about one byte a value) or fp16 values (16) + an int32 index each; an expert
-raised to 8 bits (`candidates=experts8|all`, fake-quantized models only) costs the extra bytes of
-its 8-bit codes over its BQ codes.
+group (`slot_bits=8`, about one byte a value) or fp16 values (16) + an int32 index each; a low-rank
+component (`candidates=lowrank|rows_cols_lowrank|all`) adds b (a . x) to the output, the pair (a [K],
+b [N]) held like a K-slot and an N-slot (EoRA's construction: the rank-r optimum of the same output
+error the rows are scored with); an expert raised to 8 bits (`candidates=experts8|all`, fake-quantized
+models only) costs the extra bytes of its 8-bit codes over its BQ codes. Every kind competes for one
+byte budget by reduction per byte.
 
 `switch_to(windows)`, one MoE layer at a time (memory flat in depth):
 1. profile the layer on the windows (`capture_sequential`: the model as it is, quantized), with
    per-expert router-weighted Hessians H = sum r x x^T of the routed inputs of gate/up and of down;
 2. score every candidate of the layer by the output-error reduction of restoring it, with
    D = W_master - W_bq: row r: d_r H d_r^T; column j: sum_r (2 d_rj (d_r H)_j - d_rj^2 H_jj);
-   a whole expert at 8 bits: its error at BQ minus its error at RTN-8. `scoring=output`/`local`
+   a whole expert at 8 bits: its error at BQ minus its error at RTN-8; low-rank component k of a matrix:
+   its exact marginal reduction (`lowrank_components`). `scoring=output`/`local`
    keep H's diagonal only (far cheaper); with `output` (and `hessian`) errors of gate/up rows are
    carried to the expert's output (first order: ||W_down[:, r]||^2 E[h_r^2] / E[y_r^2]);
 3. merge the layer's candidates into the running best set (per kind, sorted by reduction per byte and cut
@@ -26,7 +30,8 @@ its 8-bit codes over its BQ codes.
    statistics: nothing of size [I, I] outlives its layer. After the last layer, ONE global byte budget
    is filled greedily from that set (a piece that no longer fits is skipped, smaller ones go on);
    rows and columns of an expert raised to 8 bits whole are dropped and the budget refilled;
-4. compute the chosen slots' deltas from the master (one matrix at a time) into a `SlotSet`, and
+4. compute the chosen slots' deltas from the master (one matrix at a time; low-rank factors were kept from
+   the profile for the running set's components only) into a `SlotSet`, and
    write it: on a fake-quantized model into the dense weights (BQ slices backed up per matrix,
    batched), on a packed model into each layer's slot table (the codes are never touched). Every
    value is computed before any write; a failed write puts every touched slice back.
