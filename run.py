@@ -35,7 +35,7 @@ GROUPS = (*SCHEMAS, "experiment")
 # Sweep jobs refused before they had a folder of their own to hold failed.json (it escaped the sweep's
 # folder, or holds another run's record): cli() lists them with the others and exits 1.
 REFUSED_JOBS: list[dict] = []
-# Exit statuses of a run ended by a signal: the shell's 128 + signal number (README "Bad input, ...").
+# Exit statuses of a run ended by a signal: the shell's 128 + signal number (docs/operations.md, "Bad input, ...").
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 

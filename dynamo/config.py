@@ -3,7 +3,10 @@
 Each YAML under conf/<group>/ starts with `defaults: [<group>_schema, _self_]`, so a misspelt
 key or a value of the wrong type fails at start-up. Fields that name an extension (quant.method,
 quant.allocation.method, quant.switching.policy, analysis.channel_metric) are strings checked
-against their tables in dynamo/registry.py, where implementations and plugins register. The schemas mirror the code: a stage
+against their tables in dynamo/registry.py, where implementations and plugins register. Beside the
+name, a `params` block holds the settings that entry declares itself (a dataclass of its own,
+checked by dynamo.registry.parse_params), so a new entry's settings need no field here.
+The schemas mirror the code: a stage
 receives its own node (cfg.model, cfg.eval, ...), never the whole config.
 """
 
@@ -126,6 +129,7 @@ class AllocationConfig:
     fuse: Fuse = Fuse.mean
     fcm: FcmConfig = field(default_factory=FcmConfig)
     seed: int = 0                           # random allocation
+    params: dict[str, Any] = field(default_factory=dict)  # the rule's own settings (its registered dataclass)
 
 
 class ChannelMode(Enum):
@@ -182,6 +186,7 @@ class SwitchingConfig:
                                             #   ones (1.0: the paper re-clusters on the new dataset alone)
     sample_windows: int = 4                 # calib-split windows (analysis.seqlen) a switch profiles; never test
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    params: dict[str, Any] = field(default_factory=dict)  # the policy's own settings (its registered dataclass)
 
 
 class ExportFormat(Enum):
@@ -211,6 +216,8 @@ class QuantConfig:
     export: ExportFormat = ExportFormat.none
     export_dataset: Optional[str] = None    # DQS runs, export=dequantized: the model as switched to this dataset
     export_packed: bool = False             # replaced by export=packed; true is refused with that message
+    params: dict[str, Any] = field(default_factory=dict)         # quant.method's own settings (its dataclass)
+    export_params: dict[str, Any] = field(default_factory=dict)  # quant.export's own settings (its dataclass)
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 `config_hash` names files by path: replace the data file at the same path and resume used to hand
 back the old record (its PPL computed on other text). A run now also records `inputs` (each local
-input file's size and SHA-256) and `inputs_hash`; resume (dynamo/resume.py) reuses a record only
-when both hashes match. Hashing a checkpoint on every launch would cost seconds to minutes, so a
+input file's size and SHA-256) and their `inputs_hash` (dynamo/records.py); resume (dynamo/resume.py)
+reuses a record only when both hashes match. Hashing a checkpoint on every launch would cost seconds to minutes, so a
 digest is cached by (path, size, mtime_ns): a file is read again only when it changed.
 Hub models and datasets are named by id and revision in the config itself and are not hashed.
 """
@@ -115,8 +115,3 @@ def fingerprint_inputs(cfg: DictConfig) -> dict[str, str]:
     if cache != before:
         _save_cache(cache)
     return out
-
-
-def inputs_hash(inputs: dict[str, str]) -> str:
-    """One short hash of the fingerprints (stable key order)."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]

@@ -11,7 +11,6 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
-from .export.guard import base_config, is_guarded, read_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +82,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .packed.format import base_config, is_guarded, read_config_dict  # registers quant_method "dynamo"
+
     hf_logging.disable_progress_bar()  # one line per run, not one per weight shard
 
     path = str(Path(cfg.path).expanduser()) if _looks_local(cfg.path) else cfg.path
@@ -107,8 +108,6 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             config = base_config(config_dict)
         else:
             config = AutoConfig.from_pretrained(path, **common)
-            if is_packed(config):  # a plain save_pretrained of a packed model
-                import dynamo.packed.hf_quantizer  # noqa: F401  (registers quant_method "dynamo")
         tokenizer = AutoTokenizer.from_pretrained(path, config=config, **common)
         # loading info + mismatches reported, not raised: check_loading_info refuses every kind in one line
         model, info = AutoModelForCausalLM.from_pretrained(path, config=config, output_loading_info=True,

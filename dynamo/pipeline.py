@@ -195,11 +195,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunResult:
     export = None
     if cfg.quant.export != ExportFormat.none:
         t = time.perf_counter()
-        switched = {}
-        if cfg.quant.export_dataset is not None:  # DQS: export the model as switched to that dataset
+        if cfg.quant.export_dataset is None:
+            export = write_export(loaded, stage, cfg.quant, cfg.model, run_dir)
+        else:  # DQS: export the model as switched to that dataset
             name = cfg.quant.export_dataset
-            switched[name] = switch_step(stage.switcher, tokens, cfg.analysis, cfg.quant.switching, name)
-        export = write_export(loaded, stage, cfg.quant, cfg.model, run_dir) | ({"switch": switched} if switched else {})
+            windows = sample_windows(tokens, cfg.analysis, cfg.quant.switching, name)
+            with stage.switcher.switched(name, windows) as report:
+                switched = {name: switch_record(stage.switcher, name, report)}
+                export = write_export(loaded, stage, cfg.quant, cfg.model, run_dir)
+            export["switch"] = switched
         timings["export_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
     result = RunResult(run_id=run_id_of(run_dir, cfg.results_dir), config=to_container(cfg), overrides=overrides,
@@ -239,7 +243,7 @@ class QuantStage:
     calibration: dict | None = None
     quantization: dict | None = None
     analysis: dict | None = None
-    switcher: object | None = None   # dynamo.switching.DynamicSwitcher when DQS is on
+    switcher: object | None = None   # a dynamo.switching.base.Switcher (the policy's) when DQS is on
     cache_s: float = 0.0             # the DQS policy's preparation on the FP16 model (cache or master copy)
     timings: dict[str, float] = field(default_factory=dict)  # analysis_s, quantize_s or calibration_s
     codes: InitVar[dict | None] = None  # the quantizer's integer codes, kept for quant.export=packed
@@ -272,26 +276,36 @@ def evaluate_run(loaded, tokens: RunTokens, names: list[str], eval_cfg: EvalConf
     def switch(name: str) -> None:
         switches[name] = switch_step(switcher, tokens, analysis, switching, name)
 
-    run_pass = evaluate_perplexity(loaded, tokens, names, eval_cfg, before=switch, reference=reference)
-    switcher.restore_bq()  # lm-eval and anything after see BQ
+    with switcher.restored():  # lm-eval and anything after see BQ
+        run_pass = evaluate_perplexity(loaded, tokens, names, eval_cfg, before=switch, reference=reference)
     evaluation = Evaluation(run=run_pass, bq=bq, switching=Switching(switches, stage.switching_summary()))
     if eval_cfg.stream:
         t = time.perf_counter()
-        evaluation.stream = evaluate_stream(loaded, tokens, eval_cfg, switching.detector, switcher, reference)
-        switcher.restore_bq()
+        with switcher.restored():
+            evaluation.stream = evaluate_stream(loaded, tokens, eval_cfg, switching.detector, switcher, reference)
         evaluation.stream_s = time.perf_counter() - t
     return evaluation
 
 
-def switch_step(switcher, tokens: RunTokens, analysis: AnalysisConfig, switching: SwitchingConfig,
-                name: str) -> dict:
-    """DQS before evaluating `name`: profile its calib split (never test) and switch to it; returns
-    the switch's report as the record keeps it."""
+def sample_windows(tokens: RunTokens, analysis: AnalysisConfig, switching: SwitchingConfig, name: str) -> torch.Tensor:
+    """The windows a switch to `name` profiles: quant.switching.sample_windows of its calib split (never test)."""
     from .calibration.stage import calibration_windows
 
     sample = OmegaConf.merge(analysis, {"windows": switching.sample_windows})
-    windows = calibration_windows(tokens, [name], sample, node="analysis")[name]
-    report = switcher.switch_for(name, windows)
+    return calibration_windows(tokens, [name], sample, node="analysis")[name]
+
+
+def switch_step(switcher, tokens: RunTokens, analysis: AnalysisConfig, switching: SwitchingConfig,
+                name: str) -> dict:
+    """DQS before evaluating `name` (the model stays switched until the caller's `restored()` block ends);
+    returns the switch's report as the record keeps it."""
+    report = switcher.switch_for(name, sample_windows(tokens, analysis, switching, name))
+    return switch_record(switcher, name, report)
+
+
+def switch_record(switcher, name: str, report) -> dict:
+    """Keep the switched state under `name` (the adaptive policy's slot sets) and the report as the record
+    keeps it (without the per-layer shares and the top slots, which only the log needs)."""
     switcher.remember(name)
     summary = report.to_dict()
     summary.pop("shares", None)
@@ -435,15 +449,9 @@ def check_switching(cfg: DictConfig) -> None:
     if not needs_analysis(cfg.quant):
         raise UserError("quant.switching.enabled=true needs a DynaMo allocation (a quant.allocation.method that "
                         "needs significance: fcm, budget) and no quant.plan file")
-    if sw.policy == "paper" and sw.channel_mode.value == "requant" and cfg.analysis.channel_unit.value == "neuron":
-        raise UserError("quant.switching.channel_mode=requant needs analysis.channel_unit=row (a neuron's down "
-                        "column shares its quantization groups); use channel_mode=fp16")
-    if not 0.0 < sw.budget_frac < 1.0:
-        raise UserError(f"quant.switching.budget_frac must be in (0, 1) (a share of the routed experts' FP16 bytes), "
-                        f"got {sw.budget_frac}")
-    if not 0.0 <= sw.mix <= 1.0 or sw.sample_windows < 1:
-        raise UserError(f"quant.switching: mix must be in [0, 1] and sample_windows >= 1, got mix={sw.mix}, "
-                        f"sample_windows={sw.sample_windows}")
+    if sw.sample_windows < 1:
+        raise UserError(f"quant.switching.sample_windows must be >= 1, got {sw.sample_windows}")
+    SWITCH_POLICIES.get(sw.policy).check(cfg.quant, cfg.analysis)  # the policy's own settings
 
 
 def quantize_or_calibrate(loaded, tokens: RunTokens, cfg: DictConfig, run_dir: Path) -> QuantStage:

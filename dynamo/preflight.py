@@ -70,6 +70,10 @@ def unknown_key_message(key: str, reference: DictConfig) -> str:
     if where is None:
         return f"unknown key '{key}'; see dynamo/config.py for the keys each group has"
     parent, keys = where
+    if parent.rsplit(".", 1)[-1] in ("params", "export_params") and parent == key.rsplit(".", 1)[0]:
+        # an entry's own settings block (dynamo.registry.parse_params): its keys are the entry's, not the schema's
+        return (f"unknown key '{key}'; {parent} holds the chosen entry's own settings, which a preset may leave "
+                f"out: add one with +{key}=... (checked against the parameters the entry declares)")
     return f"unknown key '{key}'; {parent} has: {', '.join(keys)}"
 
 

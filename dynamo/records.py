@@ -48,7 +48,9 @@ UNHASHED_KEYS = ("logger", "results_dir", "hf_home", "tag", "force")
 UNHASHED_NESTED = {"analysis": ("cache", "cache_dir", "figures")}
 # Keys added after records existed: left out of the hash while at their default, so a config that
 # does not use them keeps the hash of the records written before they existed.
-NEW_KEY_DEFAULTS = {"quant": {"export": "none", "export_dataset": None}, "model": {"bos_windows": False, "offload": False}}
+NEW_KEY_DEFAULTS = {"quant": {"export": "none", "export_dataset": None, "params": {}, "export_params": {}},
+                    "model": {"bos_windows": False, "offload": False},
+                    "quant.allocation": {"params": {}}, "quant.switching": {"params": {}}}  # dotted: a nested node
 NEW_TOP_KEY_DEFAULTS = {"plugins": []}  # the same, at the top level
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "lm_eval", "hydra-core", "omegaconf",
             "accelerate", "safetensors", "numpy", "wandb", "bitsandbytes", "triton")
@@ -61,11 +63,22 @@ def config_hash(config: dict) -> str:
     for key, inner in UNHASHED_NESTED.items():
         if isinstance(relevant.get(key), dict):
             relevant[key] = {k: v for k, v in relevant[key].items() if k not in inner}
-    for key, defaults in NEW_KEY_DEFAULTS.items():
-        if isinstance(relevant.get(key), dict):
-            relevant[key] = {k: v for k, v in relevant[key].items() if k not in defaults or v != defaults[k]}
+    for path, defaults in NEW_KEY_DEFAULTS.items():
+        node = relevant
+        for part in path.split("."):  # copied on the way down: the caller's config is left as it was
+            if not isinstance(node.get(part), dict):
+                break
+            node[part] = dict(node[part])
+            parent, node = node, node[part]
+        else:
+            parent[part] = {k: v for k, v in node.items() if k not in defaults or v != defaults[k]}
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def inputs_hash(inputs: dict[str, str]) -> str:
+    """One short hash of a run's input fingerprints (dynamo/fingerprint.py), stable in key order."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def git_state(root: Path = REPO_ROOT) -> dict:
@@ -161,8 +174,6 @@ def provenance(device: torch.device) -> dict:
 
 def record_of(result: RunResult) -> dict:
     """The one serialisation of a RunResult into result.json (schema: results/README.md)."""
-    from .fingerprint import inputs_hash
-
     config, evaluation = result.config, result.evaluation
     metrics = {"ppl": evaluation.run.ppl}
     if result.fp16 is not None:

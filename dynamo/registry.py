@@ -6,6 +6,13 @@
     @register_policy("adaptive")
     @register_eval_task("suite")
 
+Settings of its own. An entry may declare a dataclass of its parameters (`params=MyParams`); the user
+sets them in a block of their own beside the name (quant.allocation.params, quant.switching.params,
+quant.params), so a new rule with a new hyperparameter needs no edit of dynamo/config.py. The block is
+checked against the dataclass with the names (a misspelt or unknown parameter, a value of the wrong
+type, or a ValueError from the dataclass's __post_init__ is one UserError line), and the entry gets
+the dataclass instance (`Registry.params_of(node)`; an allocation rule finds it as `layer.params`).
+
 Why names are validated at stage entry and not by an Enum in the structured config: dynamo.config is
 imported before torch and before the implementations (they import dynamo.config, so importing them
 from there would be circular), and a user's plugin module (`plugins=[...]`, imported once the config
@@ -22,18 +29,53 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import UserError
 
 
+def parse_params(schema: type | None, given, where: str, owner: str) -> Any:
+    """`given` (a mapping from the config, or None) as an instance of the entry's `schema` dataclass, or one
+    UserError naming `where` (the config key of the block) and `owner` (the entry, for the message)."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    given = OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else dict(given or {})
+    if schema is None:
+        if given:
+            raise UserError(f"{where}: {owner} takes no parameters, got {', '.join(map(str, given))}")
+        return None
+    names = [f.name for f in fields(schema)]
+    unknown = [str(k) for k in given if k not in names]
+    if unknown:
+        raise UserError(f"{where}.{unknown[0]}: not a parameter of {owner}; its parameters: {', '.join(names)}")
+    required = [f.name for f in fields(schema) if f.default is MISSING and f.default_factory is MISSING]
+    absent = [name for name in required if name not in given]
+    if absent:
+        raise UserError(f"{where}.{absent[0]}: {owner} needs it (no default); set {where}.{absent[0]}=...")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), given))
+    except OmegaConfBaseException as err:  # a value of the wrong type: OmegaConf's first line, under our key
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{where}: {first} ({owner})") from None
+    except ValueError as err:  # the dataclass's own check (__post_init__)
+        raise UserError(f"{where}: {err} ({owner})") from None
+
+
+def check_params_schema(schema: type | None, owner: str) -> type | None:
+    if schema is not None and not (isinstance(schema, type) and is_dataclass(schema)):
+        raise ValueError(f"{owner}: params must be a dataclass type, got {schema!r}")
+    return schema
+
+
 class Registry:
     """name -> implementation, filled by the decorator of each implementation."""
 
-    def __init__(self, option: str, builtins: Iterable[str]):
+    def __init__(self, option: str, builtins: Iterable[str], params: str | None = None):
         self.option = option             # the config key that names an entry, for messages
+        self.params = params             # the config key of an entry's own settings (a sibling of `option`)
         self.builtins = tuple(builtins)  # modules whose import registers the built-in entries
         self._entries: dict[str, Any] = {}
         self._order: dict[str, tuple[int, int]] = {}  # name -> (its module's place in builtins, registration)
@@ -72,6 +114,14 @@ class Registry:
 
     def get(self, name) -> Any:
         return self._entries[self.check(name)]
+
+    def params_of(self, node) -> Any:
+        """The settings of the entry that `node` (the config node holding `option` and `params`) names, as the
+        entry's dataclass (None when it declares none): checked, defaults filled in."""
+        name = self.check(getattr(node, self.option.rsplit(".", 1)[1]))
+        given = getattr(node, self.params.rsplit(".", 1)[1], None) if self.params else None
+        return parse_params(getattr(self._entries[name], "params", None), given, self.params or self.option,
+                            f"{self.option}={name}")
 
     def decorator(self, name: str, make: Callable[[Any], Any] = lambda obj: obj) -> Callable:
         """A decorator registering make(obj) under `name` (ranked by obj's module) and returning obj."""
@@ -131,7 +181,9 @@ class AllocationRule:
     records: the quant.allocation fields the plan's created_by records.
     check: cfg -> None, raises UserError on a setting the rule cannot use (run before any model work).
     offers: cfg -> the widths it can give a routed expert (export checks); None: cfg.widths; empty:
-      none of its own, the plan's uniform width quant.bits."""
+      none of its own, the plan's uniform width quant.bits.
+    params: a dataclass of its own settings, set under quant.allocation.params and handed to fn as
+      `layer.params` (module docstring: "Settings of its own")."""
     name: str
     fn: Callable
     needs: str = "nothing"
@@ -140,18 +192,22 @@ class AllocationRule:
     records: tuple[str, ...] = ()
     check: Callable | None = None
     offers: Callable | None = None
+    params: type | None = None  # a dataclass of the rule's own settings (quant.allocation.params): layer.params
 
 
-ALLOCATIONS = Registry("quant.allocation.method", ["dynamo.quant.allocation", "dynamo.quant.fcm", "dynamo.quant.budget"])
+ALLOCATIONS = Registry("quant.allocation.method", ["dynamo.quant.allocation", "dynamo.quant.fcm", "dynamo.quant.budget"],
+                       params="quant.allocation.params")
 NEEDS = ("nothing", "routing", "significance")
 
 
 def register_allocation(name: str, needs: str = "nothing", error_table: bool = False, shared_high: bool = False,
-                        records: tuple[str, ...] = (), check: Callable | None = None, offers: Callable | None = None):
+                        records: tuple[str, ...] = (), check: Callable | None = None, offers: Callable | None = None,
+                        params: type | None = None):
     if needs not in NEEDS:
         raise ValueError(f"allocation rule '{name}': needs must be one of {', '.join(NEEDS)}, got '{needs}'")
+    check_params_schema(params, f"allocation rule '{name}'")
     return ALLOCATIONS.decorator(name, lambda fn: AllocationRule(name, fn, needs, error_table, shared_high,
-                                                                 tuple(records), check, offers))
+                                                                 tuple(records), check, offers, params))
 
 
 # --- quantizers ----------------------------------------------------------------------------------
@@ -159,28 +215,44 @@ def register_allocation(name: str, needs: str = "nothing", error_table: bool = F
 @dataclass(frozen=True)
 class Quantizer:
     """plan: it applies a QuantPlan of per-expert widths (allocations and DQS work on it).
-    calibration: it needs calibration windows (GPTQ's Hessians). fn: see dynamo/quant/stage.py."""
+    calibration: it needs calibration windows (GPTQ's Hessians). fn: see dynamo/quant/stage.py.
+    params: a dataclass of its own settings (quant.params), handed to a plan quantizer as `options.params`.
+    matrix: a plan quantizer's step on one weight matrix, what apply_plan dispatches to:
+      matrix(weight [out, in], hessian [in, in] or None, spec: QSpec, options) -> (QuantizedWeight,
+      its loss or None; NaN: it fell back to RTN). With calibration=True, apply_plan itself gives RTN
+      to a matrix without calibration signal (and lists it as a fallback)."""
     name: str
     fn: Callable | None
     plan: bool = False
     calibration: bool = False
+    params: type | None = None
+    matrix: Callable | None = None
 
 
-QUANTIZERS = Registry("quant.method", ["dynamo.quant.stage"])
+QUANTIZERS = Registry("quant.method", ["dynamo.quant.stage"], params="quant.params")
 
 
-def register_quantizer(name: str, plan: bool = False, calibration: bool = False):
-    return QUANTIZERS.decorator(name, lambda fn: Quantizer(name, fn, plan, calibration))
+def register_quantizer(name: str, plan: bool = False, calibration: bool = False, params: type | None = None,
+                       matrix: Callable | None = None):
+    check_params_schema(params, f"quantizer '{name}'")
+    if plan and matrix is None:
+        raise ValueError(f"quantizer '{name}': a plan quantizer needs its per-matrix step (matrix=...)")
+    return QUANTIZERS.decorator(name, lambda fn: Quantizer(name, fn, plan, calibration, params, matrix))
 
 
 # --- DQS switching policies ----------------------------------------------------------------------
 
-SWITCH_POLICIES = Registry("quant.switching.policy", ["dynamo.switching.policies"])
+SWITCH_POLICIES = Registry("quant.switching.policy", ["dynamo.switching.policies"], params="quant.switching.params")
 
 
 def register_policy(name: str):
-    """A class with prepare / quantize_errors / build (dynamo/switching/policies.py)."""
-    return SWITCH_POLICIES.decorator(name)
+    """A class with check / prepare / quantize_errors / build (dynamo/switching/policies.py), and optionally
+    `params`, a dataclass of its own settings (quant.switching.params; its steps read
+    SWITCH_POLICIES.params_of(quant.switching))."""
+    def add(cls):
+        check_params_schema(getattr(cls, "params", None), f"switching policy '{name}'")
+        return SWITCH_POLICIES.decorator(name)(cls)
+    return add
 
 
 # --- eval tasks we write ourselves (lm-eval's own tasks are lm-eval's registry) -------------------
@@ -248,7 +320,8 @@ NAMED = {"quant.method": QUANTIZERS, "quant.allocation.method": ALLOCATIONS,
 
 
 def check_names(cfg) -> None:
-    """Import the config's plugins, then refuse any name no table holds (one UserError)."""
+    """Import the config's plugins, then refuse any name no table holds, and any settings block its entry
+    cannot take (one UserError)."""
     from omegaconf import OmegaConf
 
     plugins = OmegaConf.select(cfg, "plugins", default=None) or ()
@@ -261,3 +334,5 @@ def check_names(cfg) -> None:
             except UserError as err:
                 hint = "" if plugins else "; a plugin's name needs plugins=[its module or .py file]"
                 raise UserError(f"{err}{hint}") from None
+            if table.params:
+                table.params_of(OmegaConf.select(cfg, key.rsplit(".", 1)[0]))

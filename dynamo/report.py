@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .switching.base import SwitchSummary
+
 
 def summary_table(record: dict, known: list[str]) -> str:
     ppl = record["metrics"]["ppl"]
@@ -36,17 +38,13 @@ def summary_table(record: dict, known: list[str]) -> str:
         lines.append(f"avg bits: routed experts {bits['experts']:.3f} ({bits['experts_codes_only']:.3f} without "
                      f"group scales/zeros), all weights {bits['all']:.3f}")
     switching = record.get("switching")
-    if switching:
+    if switching:  # dynamo.switching.base.SwitchSummary's fields: the same whatever the policy
         switches = switching["switches"].values()
         slowest = max(s["total_s"] for s in switches) * 1e3
         exact = max(s["exact_bits"] for s in switches)
-        if switching.get("policy") == "adaptive":
-            lines.append(f"DQS (adaptive, {switching['candidates']}): slots up to "
-                         f"{max(s['extra_nbytes'] for s in switches)} bytes (budget {switching['budget_nbytes']}), "
-                         f"{slowest:.0f} ms per switch at most, exact bits up to {exact:.3f}")
-        else:
-            lines.append(f"DQS (paper, {switching['channel_mode']}): cache {switching['cache']['nbytes']} bytes, "
-                         f"{slowest:.0f} ms per switch at most, exact bits up to {exact:.3f}")
+        dqs = SwitchSummary.of_record(switching)
+        lines.append(f"DQS ({dqs.policy}, {dqs.variant}): {dqs.resident_as} {dqs.resident_nbytes} bytes, "
+                     f"{slowest:.0f} ms per switch at most, exact bits up to {exact:.3f}")
     analysis = record.get("analysis")
     if analysis:
         lines.append(f"analysis: {analysis['metric']} on {', '.join(analysis['datasets'])}, "

@@ -1,7 +1,7 @@
 """Resumable runs: a run whose configuration already has a record reuses it instead of recomputing.
 
 A record is found by its `config_hash` (records.py: what a run computes, not where it is logged)
-and its `inputs_hash` (dynamo/fingerprint.py: the bytes of every local input file), anywhere
+and its `inputs_hash` (records.py, of dynamo/fingerprint.py's digests: the bytes of every local input file), anywhere
 under `results_dir`. Records are written last and atomically, so a job killed mid-run
 leaves none, and re-launching a killed sweep recomputes only the jobs that are missing.
 `force=true` recomputes regardless.
@@ -51,7 +51,8 @@ def reusable_record(cfg: DictConfig) -> Path | None:
     from omegaconf.errors import InterpolationResolutionError
 
     from .errors import UserError
-    from .fingerprint import fingerprint_inputs, inputs_hash
+    from .fingerprint import fingerprint_inputs
+    from .records import inputs_hash
 
     try:
         if cfg.force or OmegaConf.missing_keys(cfg):

@@ -132,7 +132,7 @@ def check_model_config(cfg: DictConfig) -> None:
     """A local checkpoint's config.json, read without its weights: a model the run cannot quantize or
     calibrate (dense, or a family without an adapter; already packed) is refused before the FP16 pass."""
     from .adapters import adapter_for_type
-    from .export.guard import KEY, is_guarded
+    from .packed.format import KEY, is_guarded
 
     path = cfg.model.path
     folder = Path(path).expanduser() if path else None

@@ -101,7 +101,7 @@ def predict(f: dict, *, bits: float, group: int, slot_fraction: float, batch: in
 
 
 def readme_table(record: dict, bits: float = 3.0) -> str:
-    """The README's predicted-speed table (3-bit rows), regenerated from the JSON (tests/test_roofline.py)."""
+    """docs/scaling.md's predicted-speed table (3-bit rows), regenerated from the JSON (tests/test_roofline.py)."""
     gpus = list(record["gpus"])
     lines = ["| model | batch | FP16 GB read / step | BQ GB / step | predicted BQ speedup | predicted BQ + slots "
              "| experts alone <= 16/bits | " + " | ".join(f"predicted BQ tok/s {g}" for g in gpus)

@@ -50,7 +50,7 @@ from dynamo.records import device_info, package_versions, write_json_atomic  # n
 TOKENIZER = REPO / "assets" / "tokenizer"
 EVAL = ["dataset.known=[code,docs]", "eval.datasets=[code,docs]", "eval.seqlen=128", "eval.max_windows=2",
         "eval.batch_size=2", "eval.lm_eval.enabled=false", "logger=none"]
-# The full run the extrapolation is for: the README's main command (dataset=embedded, 4 known
+# The full run the extrapolation is for: the users' main command in docs/method.md (dataset=embedded, 4 known
 # datasets) with the schema defaults, 32 windows x 512 tokens per dataset for analysis and calibration.
 FULL_TOKENS = {"analysis": 4 * 32 * 512, "calib": 4 * 32 * 512, "switch": 4 * 512}
 DRY_TOKENS = {"analysis": 2 * 2 * 128, "calib": 2 * 2 * 128, "switch": 2 * 128}

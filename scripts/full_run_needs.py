@@ -8,7 +8,7 @@ MoE layers, the profile scaled to the switch sample's tokens; this CPU, where th
 
     python scripts/full_run_needs.py      # -> results/benchmarks/full_run_needs.json + a Markdown table
 
-Assumptions (the README's main command, quant=dynamo_4bit): bf16 weights; calibration 4 known
+Assumptions (the users' main command in docs/method.md, quant=dynamo_4bit): bf16 weights; calibration 4 known
 datasets x 32 windows x 512 tokens held as one layer's inputs and outputs; fp32 Hessians of one
 MoE layer (all of them for one-pass); DQS cache = analysis.dynamic_channel_frac (1%) of the routed
 weights in fp16, twice (the FP16 rows and the BQ copy for the way back); packed experts at

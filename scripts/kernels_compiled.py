@@ -57,7 +57,7 @@ def spill_reason(spec, res: dict) -> str | None:
 
 
 def readme_table(record: dict) -> str:
-    """The README's compile table, regenerated from the JSON (tests/kernels/test_compile.py)."""
+    """docs/scaling.md's compile table, regenerated from the JSON (tests/kernels/test_compile.py)."""
     lines = ["| kernel | target | specializations (cubins) | registers / thread | spilling cubins (bytes / thread) "
              "| shared memory (KB) | programs / SM (limited by) |", "|---|---|---|---|---|---|---|"]
     for key, s in record["summary"].items():

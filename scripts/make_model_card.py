@@ -227,7 +227,7 @@ def sensitivity_section(name: str) -> list[str]:
     lines += extra_target_rows(name, s)
     if not all(t["met"] for t in s["targets"].values()):
         lines += ["", "A target not met is a measured miss, not a rounded-up hit; what was tried and what to try next is "
-                  "in the repository README, \"The quantization-realistic testbed\"."]
+                  "in the repository's docs/testbed.md, \"The quantization-realistic testbed\"."]
     rows = [(method.upper(), bits, r) for method in ("rtn", "gptq") for bits, r in s[method].items()]
     lines += ["", "PPL ratio to FP16 (geometric mean over the known domains; per domain with its 95% CI):", "",
               "| method | bits | geomean | " + " | ".join(s["fp16_ppl"]) + " |",

@@ -1,66 +1,59 @@
-"""Every `python run.py ...` command in README.md runs, under smoke settings.
+"""Every `python run.py ...` command of README.md and docs/*.md is a run the harness accepts.
 
-Each command is run in process through run.py's command line with smaller settings prepended
-(`experiment=smoke` and SMOKE below: one 128-token window per dataset, no W&B, no figures, no
-lm-eval, which tests/test_run.py's smoke run covers; the code and chat domains only, one known and
-one novel, where the command does not choose) and the README's own overrides after them, so the
-command's choices win. A sweep runs its first job only (each
-swept key at its first value, an experiment preset's sweeper.params included). A command whose
-model or data live on the Hugging Face hub must end, offline, in the one `error:` line the README
-documents. The few that cannot run here are listed in SKIPPED with the reason; a SKIPPED entry
-that no longer matches a README command fails, and so does a README with too few commands.
+Each command is checked without model work, in this process: run.py's group check, then the
+preflight's composition of every job it describes (an experiment preset's sweeper.params swept as
+Hydra's sweeper would), schema, `${...}` and registry names, then for each job the checks the
+pipeline makes before it loads a model (`check_switching`, `validate_run`: value ranges, quantizer
+options, every data file it reads, a local checkpoint). The one error allowed is the hub's one
+`error:` line that the docs promise offline (a job whose data live on the hub reads them here). A
+command on a folder that an earlier run writes (`results/runs/<run>/...`) is composed only;
+tests/test_run.py runs the same overrides on a real export. A few commands, each taking a path that
+no other test runs end to end, really run under smoke settings (`SLOW_RUNS`, marked slow).
 """
 
 from __future__ import annotations
 
-import json
-import re
 import shlex
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import open_dict
 
 from conftest import REPO
 from dynamo.config import CONF_DIR, register_hydra
+from dynamo.errors import UserError
+from test_docs_pages import all_commands, words_of
+from test_launchers import LAUNCHERS
 
 register_hydra()
-README = REPO / "README.md"
 SMOKE = ["logger=none", "eval.max_windows=1", "eval.seqlen=128", "analysis.windows=1", "analysis.seqlen=128",
          "calib.windows=1", "calib.seqlen=128", "eval.lm_eval.limit=1", "eval.stream_windows=4",
          "quant.switching.sample_windows=1", "analysis.figures=false", "eval.lm_eval.enabled=false"]
-DOMAINS = ["code", "chat"]
-SKIPPED = {
-    "-m experiment=table1_ppl hydra/launcher=slurm": "submits to a SLURM cluster (tests/test_launchers.py checks the config)",
-    "-m hydra/launcher=slurm model=olmoe dataset=wikitext2 eval=paper quant=fp16,rtn_4bit,gptq_4bit":
-        "submits to a SLURM cluster (tests/test_launchers.py checks the config)",
-    "-m hydra/launcher=slurm hydra.launcher.partition=a100 hydra.launcher.timeout_min=600 "
-    "hydra.launcher.mem_gb=128 hydra.launcher.gpus_per_node=1 model=mixtral quant=gptq_3bit,gptq_4bit":
-        "submits to a SLURM cluster (tests/test_launchers.py checks the config)",
-}
+DOMAINS = ["code", "chat"]  # the smoke runs' datasets where the command does not choose: one known, one novel
+RUN_FLAGS = ("-m", "--multirun")
+PRODUCED = "results/runs/<run>/"  # a folder an earlier run writes: composed only (see the docstring)
 OFFLINE_ERROR = "Offline, use"  # the hint that ends the hub's one-line errors (data.py, models.py)
+# The real runs, each for a path nothing else runs end to end from the command line.
+SLOW_RUNS = {
+    "plugins=[experiments/ablation.py] quant=example_greedy analysis.channel_metric=act_l2_plain":
+        "a plugin's metric and allocation rule (tests/test_extension.py relies on it)",
+    "-m model=tiny-olmoe,tiny-qwen-moe eval.seqlen=256,512": "a sweep through run.py's multirun path",
+    "dataset=local dataset.path=/my/file.jsonl": "a user's own file, its first 25% held out for calibration",
+    "quant=bnb_nf4": "the bitsandbytes quantizer",
+}
 
 
-def readme_commands() -> list[str]:
-    """The argument strings of every `python run.py` command in README.md, once each, in order."""
-    text = re.sub(r"\\\n\s*", " ", README.read_text())  # join continued lines
+def run_py_commands() -> list[str]:
+    """The arguments of every `python run.py` command of the pages, once each, in order."""
     found = []
-    for line in text.splitlines():
-        for span in re.findall(r"`([^`]*python run\.py[^`]*)`", line) or [line]:
-            match = re.search(r"python run\.py(.*)", span)
-            if match:
-                args = " ".join(match.group(1).split(" #")[0].split())
-                if args not in found:
-                    found.append(args)
+    for command in all_commands():
+        words = words_of(command)
+        if words[:2] == ["python", "run.py"]:
+            found.append(" ".join(words[2:]))  # unquoted, as the pages mostly write them
     return found
 
 
-COMMANDS = readme_commands()
-
-
-def test_the_readme_has_commands_and_every_skip_names_one():
-    assert len(COMMANDS) >= 25, COMMANDS
-    assert set(SKIPPED) <= set(COMMANDS), set(SKIPPED) - set(COMMANDS)
+COMMANDS = run_py_commands()
 
 
 def _compose(overrides: list[str]):
@@ -68,88 +61,104 @@ def _compose(overrides: list[str]):
         return compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
 
-def first_job(args: list[str]) -> list[str]:
-    """A sweep's first job: each swept key at its first value, the preset's sweeper.params included."""
-    out = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if sep and "," in value and not value.startswith(("[", "{", "'", '"')):
-            value = value.split(",")[0]
-        out.append(f"{key}={value}" if sep else arg)
-    preset = next((a.split("=", 1)[1] for a in out if a.startswith("experiment=")), None)
-    if preset:
-        params = _compose([f"experiment={preset}"]).hydra.sweeper.params or {}
-        given = {a.split("=", 1)[0] for a in out}
-        out += [f"{k}={str(v).split(',')[0]}" for k, v in params.items() if k not in given]
-    return out
+def preset_sweep(overrides: list[str]) -> list[str]:
+    """An experiment preset's hydra.sweeper.params as overrides, for the keys the command leaves alone."""
+    preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), None)
+    params = (_compose([f"experiment={preset}"]).hydra.sweeper.params or {}) if preset else {}
+    given = {o.lstrip("+").split("=", 1)[0] for o in overrides}
+    return [f"{key}={value}" for key, value in params.items() if key not in given]
 
 
-def needs_hub(overrides: list[str]) -> bool:
-    cfg = _compose([o for o in overrides if o not in ("-m", "--multirun")])
-    path = OmegaConf.select(cfg, "model.path", throw_on_missing=False) or ""
-    local_model = path.startswith(("/", ".", "~")) or (REPO / path).exists()
-    hub_data = any(str(s.kind) in ("hub", "SourceKind.hub") for s in cfg.dataset.sources.values())
-    return not local_model or hub_data
+def check_command(run_py, args: list[str], files: bool = True) -> None:
+    """What run.py and the pipeline check before any model work, for every job of the command (without
+    `files`, what needs no file: a folder that an earlier run writes is not there yet)."""
+    from dynamo.pipeline import check_switching, selected_sources
+    from dynamo.preflight import compose_checked
+    from dynamo.validate import validate_run
+
+    run_py.check_group_choices(args)
+    overrides = [a for a in args if a not in RUN_FLAGS]
+    configs = compose_checked([*overrides, *preset_sweep(overrides)], multirun=len(overrides) < len(args))
+    if not files:
+        return
+    for cfg in configs:
+        with open_dict(cfg):
+            del cfg["hydra"]  # a job's config as the pipeline gets it, without Hydra's own node
+        check_switching(cfg)
+        validate_run(cfg, selected_sources(cfg))
 
 
 @pytest.fixture(scope="module")
 def placeholders(tmp_path_factory):
-    """Paths for the README's placeholders: a user's .jsonl, a checkpoint, an exported packed model."""
-    folder = tmp_path_factory.mktemp("readme")
-    data = folder / "file.jsonl"
+    """Paths for the pages' placeholders: a user's .jsonl, a checkpoint, a run's folder name."""
+    data = tmp_path_factory.mktemp("readme") / "file.jsonl"
     data.write_bytes((REPO / "assets/data/code/test.jsonl").read_bytes())
     return {"/my/file.jsonl": str(data), "/my/checkpoint": str(REPO / "assets/models/tiny-qwen-moe"),
-            "packed": {}}
+            "<run>": "2026-01-01_00-00-00-000-a1b2_testbed-qwen-moe_dynamo_3bit"}
+
+
+def with_placeholders(command: str, placeholders: dict) -> list[str]:
+    for placeholder, path in placeholders.items():
+        command = command.replace(placeholder, path)
+    return shlex.split(command)
+
+
+def test_the_pages_have_commands_and_every_slow_run_names_one():
+    assert len(COMMANDS) >= 40, COMMANDS
+    assert set(SLOW_RUNS) <= set(COMMANDS), set(SLOW_RUNS) - set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_composes_and_passes_the_checks_made_before_model_work(command, run_py_module, placeholders):
+    args = with_placeholders(command, placeholders)
+    launcher = next((a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")), None)
+    if launcher is not None:  # its schema comes with its plugin, the optional cluster extra
+        pytest.importorskip(LAUNCHERS[launcher][0], reason="pip install -e \".[cluster]\" composes it")
+    try:
+        check_command(run_py_module, args, files=PRODUCED not in command)
+    except UserError as err:
+        assert OFFLINE_ERROR in str(err), f"python run.py {command}: error: {err}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=typo"], "unknown model 'typo'"),
+    (["quant.bitz=3"], "unknown key 'quant.bitz'"),
+    (["-m", "eval.seqlen=1,512"], "eval.seqlen=1 must be >= 2"),
+    (["dataset=local", "dataset.path=/nonexistent/file.jsonl"], "/nonexistent/file.jsonl"),
+    (["quant=fp16", "eval=stream"], "eval.stream serves datasets through DQS"),
+])
+def test_a_command_the_run_would_refuse_is_refused_here(run_py_module, args, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        check_command(run_py_module, args)
 
 
 def smoke_settings(args: list[str]) -> list[str]:
-    """The settings prepended to a README command (see the module docstring)."""
+    """The settings prepended to a real run (the command's own overrides come after them and win)."""
     preset = any(a.startswith("experiment=") for a in args)
     smoke = [*([] if preset else ["experiment=smoke"]), *SMOKE]
-    cfg = _compose([*smoke, *[a for a in args if a not in ("-m", "--multirun")]])
+    cfg = _compose([*smoke, *[a for a in args if a not in RUN_FLAGS]])
     if not any(a.startswith("eval.datasets=") for a in args) and set(DOMAINS) <= set(cfg.dataset.sources) \
             and cfg.eval.datasets is None:
         smoke.append(f"eval.datasets=[{','.join(DOMAINS)}]")
     return smoke
 
 
-def run_command(cli, command: str, results) -> tuple[int, str, list[str]]:
-    args = first_job(shlex.split(command))
-    smoke = smoke_settings(args)
-    status, _, err = cli(*smoke, f"results_dir={results}", *args)
-    return status, err, [*smoke, *args]
-
-
-def _packed_model(cli, tmp_path, placeholders) -> str:
-    """results/runs/<run>/packed_model: from the README's own export command (run here if not yet)."""
-    if "path" not in placeholders["packed"]:
-        results = tmp_path / "export"
-        status, err, _ = run_command(cli, "quant.export=packed", results)
-        assert status == 0, err[-3000:]
-        placeholders["packed"]["path"] = str(next(results.rglob("packed_model")))
-    return placeholders["packed"]["path"]
+def first_job(args: list[str]) -> list[str]:
+    """A sweep's first job: each swept key at its first value."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and "," in value and not value.startswith(("[", "{", "'", '"')):
+            value = value.split(",")[0]
+        out.append(f"{key}={value}" if sep else arg)
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", COMMANDS)
-def test_readme_command_runs_under_smoke_settings(command, cli, tmp_path, placeholders):
-    if command in SKIPPED:
-        pytest.skip(SKIPPED[command])
-    for placeholder in ("/my/file.jsonl", "/my/checkpoint"):
-        command = command.replace(placeholder, placeholders[placeholder])
-    if "<run>/packed_model" in command:
-        command = command.replace("results/runs/<run>/packed_model", _packed_model(cli, tmp_path, placeholders))
+@pytest.mark.parametrize("command", SLOW_RUNS)
+def test_command_runs_under_smoke_settings(command, cli, tmp_path, placeholders):
+    args = first_job(with_placeholders(command, placeholders))
     results = tmp_path / "runs"
-    status, err, argv = run_command(cli, command, results)
-    if needs_hub(argv) and "-m" in argv:  # a sweep records the failed job and exits 1
-        failures = [json.loads(p.read_text()) for p in results.rglob("failed.json")]
-        assert status == 1 and failures and all(OFFLINE_ERROR in f["error"] for f in failures), err[-3000:]
-        return
-    if needs_hub(argv):
-        errors = [line for line in err.splitlines() if line.startswith("error:")]
-        assert status == 2 and len(errors) == 1 and OFFLINE_ERROR in errors[0], err[-3000:]
-        return
+    status, _, err = cli(*smoke_settings(args), f"results_dir={results}", *args)
     assert status == 0, err[-3000:]
     assert list(results.rglob("result.json")), "the command wrote no record"
-    if "quant.export=packed" in command:
-        placeholders["packed"]["path"] = str(next(results.rglob("packed_model")))

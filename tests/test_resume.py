@@ -66,7 +66,8 @@ def test_a_run_reuses_the_record_of_its_config_unless_forced(tmp_path):
     cfg = _compose(*SMOKE, f"results_dir={tmp_path}")
     assert cfg.force is False
     assert reusable_record(cfg) is None
-    from dynamo.fingerprint import fingerprint_inputs, inputs_hash
+    from dynamo.fingerprint import fingerprint_inputs
+    from dynamo.records import inputs_hash
 
     stale = _record(tmp_path / "old" / "result.json", config_hash(to_container(cfg)))
     assert reusable_record(cfg) is None, "a record without the inputs' fingerprint is not known to match them"

@@ -138,7 +138,7 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_line(tmp_path, tiny_mode
 
 def test_a_guarded_config_naming_an_unknown_base_model_type_is_one_line(tmp_path, packed):
     from dynamo.errors import UserError
-    from dynamo.export.guard import KEY
+    from dynamo.packed.format import KEY
 
     folder = _copy(packed[0], tmp_path)
     config = json.loads((folder / "config.json").read_text())

@@ -14,6 +14,7 @@ import torch
 
 from ..adapters import moe_layers
 from ..calibration.stats import ExpertGroupStats
+from ..switching.base import SwitchSummary
 
 GIB = 1024 ** 3
 
@@ -87,12 +88,10 @@ class MemoryModel:
 
 
 def dqs_device_nbytes(switching: dict) -> int:
-    """The DQS bytes a run's record (`switching`) says stay on the model's device: the paper policy's
-    channel cache and the BQ copy for the way back; the adaptive policy's slot budget (its master
-    copy of the experts is kept on the host, `master_location`)."""
-    if switching["policy"] == "paper":
-        return switching["cache"]["nbytes"] + switching["bq_copy_nbytes"]
-    return switching["budget_nbytes"]
+    """The DQS bytes a run's record (`switching`) says stay on the model's device: `resident_nbytes`, a field
+    of every policy's SwitchSummary (the paper policy's channel cache and the BQ copy for the way back; the
+    adaptive policy's slot budget, its master copy of the experts being on the host)."""
+    return SwitchSummary.of_record(switching).resident_nbytes
 
 
 def memory_model(model, *, calib_tokens: int, hidden: int, dqs_cache: int, bytes_per_param: int = 2) -> MemoryModel:

@@ -1,7 +1,8 @@
 """Quantized models for other tools: quant.export=packed|dequantized|gptqmodel at the end of a run.
 
 One registry (`EXPORTERS`) maps each format to its check, run before any work so a run that
-cannot export fails in seconds, and its writer, run after every evaluation. Both get the config
+cannot export fails in seconds, its writer, run after every evaluation, and optionally a dataclass of
+its own settings (quant.export_params, read with `export_params(quant)`; registry.parse_params). Both get the config
 nodes they read (quant, model, and analysis for the check), not the whole config. README: "Using the
 quantized model elsewhere".
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..config import AnalysisConfig, ExportFormat, ModelConfig, QuantConfig
 from ..errors import UserError
+from ..registry import parse_params
 from . import dequantized, gptqmodel, packed
 
 
@@ -22,6 +24,7 @@ class Exporter:
     check: Callable[[QuantConfig, ModelConfig, AnalysisConfig, object], None]  # (..., model) -> raises UserError
     write: Callable[[object, object, QuantConfig, ModelConfig, Path], dict]    # (loaded, stage, ..., run_dir)
                                                                                #   -> record["export"]
+    params: type | None = None                                                 # its settings' dataclass
 
 
 EXPORTERS: dict[ExportFormat, Exporter] = {
@@ -49,8 +52,16 @@ def check_export(quant: QuantConfig, model_cfg: ModelConfig, analysis: AnalysisC
         if quant.export_dataset not in sources:
             raise UserError(f"quant.export_dataset={quant.export_dataset} is not a dataset of '{suite}' "
                             f"(available: {sorted(sources)})")
+    export_params(quant)
     if quant.export != ExportFormat.none:
         EXPORTERS[quant.export].check(quant, model_cfg, analysis, model)
+
+
+def export_params(quant: QuantConfig) -> Any:
+    """quant.export_params as the chosen format's dataclass (None when it declares none), or one UserError."""
+    exporter = EXPORTERS.get(quant.export)
+    return parse_params(exporter.params if exporter else None, getattr(quant, "export_params", None),
+                        "quant.export_params", f"quant.export={quant.export.value}")
 
 
 def write_export(loaded, stage, quant: QuantConfig, model_cfg: ModelConfig, run_dir: Path) -> dict:

@@ -3,7 +3,7 @@
 At the end of a run (after every evaluation, which runs on the fake-quantized model), the
 switcher (if any) goes back to BQ, the codes kept by the quantizer are packed with the DQS
 channel rows (dynamo.packed.model), the packed layers replace the dense experts, and the model
-and tokenizer are saved to run_dir/packed_model, behind the loading guard (guard.py: without this
+and tokenizer are saved to run_dir/packed_model, behind the loading guard (dynamo/packed/format.py: without this
 project, transformers refuses it instead of loading random experts), written to a temporary folder
 first so a failure leaves nothing half-written. `python run.py model=local model.path=<that folder>
 quant=fp16` evaluates the packed model with the same protocol.
@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..registry import QUANTIZERS
 from .files import atomic_dir, carry_training_record, nbytes, training_record
 from ..switching.slotset import SLOT_SETS_DIR, packed_fingerprint, save_slot_set
-from .guard import guard_checkpoint
+from ..packed.format import guard_checkpoint
 
 EXPORT_DIR = "packed_model"
 LOADING_NOTE = """# Packed DynaMo checkpoint
@@ -33,7 +33,7 @@ it. No tool can load it with randomly initialised experts.
 
 With the harness on the Python path (no remote code needed):
 
-    from dynamo.packed.hf_quantizer import load_packed
+    from dynamo.packed.format import load_packed
     model = load_packed("<this folder>")
 
 or evaluate it with `python run.py model=local model.path=<this folder> quant=fp16`.

@@ -9,7 +9,7 @@ Two ways, from the same packed layers:
     #    replace the dense expert parameters; the model saves and reloads with them
     attach_packed(model, packed)
     model.save_pretrained(path)                           # + quantization_config "dynamo"
-    model = load_packed(path)                             # dynamo.packed.hf_quantizer
+    model = load_packed(path)                             # dynamo.packed.format
 
     # 2. temporary (any family, remote-code ModuleList ones included)
     release_dense_experts(model)                          # optional: drop the dense expert copies
@@ -31,7 +31,7 @@ switch rewrites them in place (`dynamo.packed.switching`).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 from torch import nn
@@ -46,24 +46,36 @@ from ..adapters import PROJECTIONS, MoELayer, moe_layers
 from ..adapters.compute import expert_compute
 from ..errors import UserError
 from ..quant.rtn import QuantizedWeight
-from ..switching.cache import SLICES, ChannelCache
+from .attached import attached_packed, check_fused, install_packed, packed_modules, use_packed_implementation
+from .format import DynamoPackedConfig
 from .weight import pack_weight
 
+# attached_packed, packed_modules, install_packed, use_packed_implementation: imported from here by callers
+# written before dynamo.packed.attached existed
+__all__ = ["CodeKey", "ChannelSource", "attach_packed", "attached_packed", "install_packed", "pack_experts",
+           "pack_layer", "packed_forward", "packed_modules", "release_dense_experts", "use_packed_implementation",
+           "write_dequantized"]
+
 CodeKey = tuple[int, int | str, str]  # (layer index, expert, projection), as in QuantReport.codes
-IMPLEMENTATION = "dynamo_packed"
-ATTRIBUTE = "packed"  # the experts module's child that holds an attached packed layer
+RowIndex = dict[str, torch.Tensor]    # projection -> [experts, k] output-row indices of one layer
 
 
-def _channel_rows(layer: MoELayer, cache: ChannelCache) -> ChannelRows:
-    if any(axis != 0 for _, axis in SLICES[cache.unit].values()):
-        raise UserError(f"a packed model keeps cached channels as output rows; this cache's unit is "
-                        f"'{cache.unit}' (a neuron's down slice is a column). Build it with analysis.channel_unit=row")
-    index = {p: cache.index[layer.index][SLICES[cache.unit][p][0]].long().to(layer.weight(0, p).device)
-             for p in PROJECTIONS}
+class ChannelSource(Protocol):
+    """What packing reads of a DQS channel cache (dynamo.switching.cache.ChannelCache is one): which
+    output rows of each expert a layer keeps at the model's dtype. A protocol, so the packed layout
+    depends on no switching policy; the policy's cache depends on it."""
+
+    def output_rows(self, model: nn.Module) -> dict[int, RowIndex]:
+        """Per MoE layer, per projection, the kept rows; refuses (UserError) a model it does not fit."""
+        ...
+
+
+def _channel_rows(layer: MoELayer, rows: RowIndex) -> ChannelRows:
+    index = {p: rows[p].long().to(layer.weight(0, p).device) for p in PROJECTIONS}
     return ChannelRows.from_weights(index, lambda e, p: layer.weight(e, p).detach())
 
 
-def pack_layer(layer: MoELayer, codes: dict[CodeKey, QuantizedWeight], cache: ChannelCache | None = None
+def pack_layer(layer: MoELayer, codes: dict[CodeKey, QuantizedWeight], rows: RowIndex | None = None
                ) -> PackedExperts:
     weights: dict[str, list[ExpertWeight]] = {p: [] for p in PROJECTIONS}
     for expert in range(layer.n_experts):
@@ -72,19 +84,18 @@ def pack_layer(layer: MoELayer, codes: dict[CodeKey, QuantizedWeight], cache: Ch
             q = codes.get((layer.index, expert, projection))
             weights[projection].append(pack_weight(q).to(dense.device) if q is not None
                                        else dense.detach().clone())
-    channels = _channel_rows(layer, cache) if cache is not None else None
+    channels = _channel_rows(layer, rows) if rows is not None else None
     return PackedExperts.build(weights["gate"], weights["up"], weights["down"], layer.activation(), channels)
 
 
-def pack_experts(model: nn.Module, codes: dict[CodeKey, QuantizedWeight], cache: ChannelCache | None = None
+def pack_experts(model: nn.Module, codes: dict[CodeKey, QuantizedWeight], cache: ChannelSource | None = None
                  ) -> dict[int, PackedExperts]:
     """Every MoE layer's routed experts, packed from `QuantReport.codes` (16-bit ones kept dense).
 
     With a channel cache, each layer also keeps the cache's rows as the model holds them now.
     """
-    if cache is not None:
-        cache.validate(model)
-    return {layer.index: pack_layer(layer, codes, cache) for layer in moe_layers(model)}
+    rows = cache.output_rows(model) if cache is not None else {}
+    return {layer.index: pack_layer(layer, codes, rows.get(layer.index)) for layer in moe_layers(model)}
 
 
 def write_dequantized(model: nn.Module, packed: dict[int, PackedExperts]) -> None:
@@ -128,53 +139,16 @@ def packed_forward(model: nn.Module, packed: dict[int, PackedExperts], *,
         yield layers
 
 
-# --- attached (persistent) packed layers ---------------------------------------------------------
-
-
-def _packed_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                            top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers experts implementation "dynamo_packed": the module's attached packed layer."""
-    return moe_experts(getattr(self, ATTRIBUTE).experts(), hidden_states, top_k_index, top_k_weights)
-
-
-def use_packed_implementation(model: nn.Module) -> None:
-    """Route every attached layer's experts through `_packed_experts_forward` (registered once)."""
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _packed_experts_forward)
-    model.set_experts_implementation(IMPLEMENTATION)
-
-
-def _check_fused(layer: MoELayer) -> None:
-    if layer.adapter.storage != "fused_3d":
-        raise UserError(f"attach_packed needs fused 3-D experts (transformers-5 MoE classes); layer {layer.index} "
-                        f"keeps its experts in a ModuleList. Run it with `packed_forward` instead")
-
-
-def install_packed(layer: MoELayer, module: PackedExpertsModule) -> None:
-    """Replace the layer's dense expert parameters with `module` (the packed experts' parameters)."""
-    _check_fused(layer)
-    experts = layer.experts
-    for name in ("gate_up_proj", "down_proj"):
-        if hasattr(experts, name):
-            delattr(experts, name)
-    setattr(experts, ATTRIBUTE, module)
-    # transformers (re-)initialises modules it believes were not loaded; its initialiser for this
-    # class would look for the dense parameters that are gone.
-    experts._is_hf_initialized = True
-
+# --- attached (persistent) packed layers (the mechanics: dynamo.packed.attached) -------------------
 
 @torch.no_grad()
 def attach_packed(model: nn.Module, packed: dict[int, PackedExperts]) -> None:
     """Make the packed layers part of the model: their tensors become the experts' parameters (the dense
     ones are dropped), the model's forward runs them, and `save_pretrained` writes them with a
-    quantization config that `dynamo.packed.hf_quantizer.load_packed` (or from_pretrained) reads back."""
-    from .hf_quantizer import DynamoPackedConfig
-
+    quantization config that `dynamo.packed.format.load_packed` (or from_pretrained) reads back."""
     layers = list(moe_layers(model))
     for layer in layers:
-        _check_fused(layer)
+        check_fused(layer)
         if layer.index not in packed:
             raise UserError(f"no packed experts for MoE layer {layer.index}; pack_experts covers {sorted(packed)}")
     modules = {layer.index: PackedExpertsModule(packed[layer.index]) for layer in layers}
@@ -183,16 +157,3 @@ def attach_packed(model: nn.Module, packed: dict[int, PackedExperts]) -> None:
     use_packed_implementation(model)
     model.config.quantization_config = DynamoPackedConfig(
         layers={str(i): module.layout for i, module in modules.items()})
-
-
-def attached_packed(layer: MoELayer) -> PackedExpertsModule | None:
-    """The packed layer that `attach_packed` put in place of the layer's dense expert weights, if any."""
-    return getattr(layer.experts, ATTRIBUTE, None) if layer.adapter.storage == "fused_3d" else None
-
-
-def packed_modules(model: nn.Module) -> dict[int, PackedExpertsModule]:
-    """The attached packed layers of a model, by MoE layer index."""
-    found = {layer.index: attached_packed(layer) for layer in moe_layers(model)}
-    if not found or any(m is None for m in found.values()):
-        raise UserError("the model has no attached packed experts (see dynamo.packed.model.attach_packed)")
-    return found

@@ -15,7 +15,8 @@ the control every allocation rule must beat.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -37,6 +38,7 @@ class LayerInput:
     counts: torch.Tensor | None = None        # needs="routing": routed tokens per expert [E]
     errors: torch.Tensor | None = None        # error_table=True: relative RTN error [E, len(cfg.widths)], float64
     generator: torch.Generator | None = None  # seeded from cfg.seed once per allocation, layers in index order
+    params: Any = None                        # the rule's own settings: its `params` dataclass, from cfg.params
 
 
 def rule_of(cfg) -> AllocationRule:
@@ -89,10 +91,11 @@ def allocate(plan: QuantPlan, layers: list, cfg, significance=None, counts: dict
         raise UserError(f"quant.allocation.method={rule.name} needs the analysis stage's significance")
     if rule.needs == "routing" and counts is None:
         raise UserError(f"quant.allocation.method={rule.name} needs the routed-token counts of a calibration pass")
+    params = ALLOCATIONS.params_of(cfg)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     out = {}
     for layer in sorted(layers, key=lambda layer: layer.index):
-        given = LayerInput(layer.index, layer.n_experts, generator=generator)
+        given = LayerInput(layer.index, layer.n_experts, generator=generator, params=params)
         if rule.needs == "routing":
             given.counts = counts[layer.index]
         if rule.needs == "significance":
@@ -110,6 +113,8 @@ def allocate(plan: QuantPlan, layers: list, cfg, significance=None, counts: dict
         if rule.needs == "significance":
             out[layer.index] = {"fused": given.shares, "spread": spread, "bits": bits}
     provenance = {"allocation": rule.name}
+    if params is not None:  # the rule's own settings as it used them, defaults filled in
+        provenance["params"] = asdict(params)
     if rule.needs == "significance":
         provenance.update(fuse=cfg.fuse.value, widths=[int(w) for w in cfg.widths], metric=significance.metric,
                           unit=significance.unit, datasets=significance.datasets)

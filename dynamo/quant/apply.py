@@ -3,15 +3,18 @@
 The model ends up fake-quantized (each expert weight replaced by its dequantized value, what
 evaluation needs); with keep_codes=True the integer codes, scales and zeros are returned too
 (what the kernels pack). Attention, routers, embeddings and lm_head are left alone.
-GPTQ needs calibration statistics with Hessians. An expert falls back to RTN when it has no
-calibration signal at all (a zero Hessian: GPTQ would have nothing to work with) or when the
-calibration's `rtn_fallback` policy marked it; the report lists every fallback.
+Each matrix goes to the per-matrix step the plan's method registered (dynamo.registry.QUANTIZERS,
+`matrix`). A method registered with calibration=True (GPTQ) needs calibration statistics with
+Hessians; an expert falls back to RTN when it has no calibration signal at all (a zero Hessian:
+GPTQ would have nothing to work with) or when the calibration's `rtn_fallback` policy marked it;
+the report lists every fallback.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +23,7 @@ from ..adapters import SHARED, MoELayer, moe_layers
 from ..calibration import CalibrationStats, LayerStats, capture_sequential
 from ..errors import UserError
 from ..offload import HOME, offload_of
-from .gptq import quantize_gptq
+from ..registry import QUANTIZERS
 from .plan import QuantPlan
 from .rtn import QuantizedWeight, quantize_rtn
 
@@ -40,6 +43,7 @@ class GPTQOptions:
     damp: float = 0.01
     act_order: bool = False
     rtn_below_tokens: int = 0   # experts with fewer routed tokens use RTN (the rtn_fallback policy)
+    params: Any = None          # the quantizer's own settings (quant.params as its registered dataclass)
 
 
 def _expert_matrices(layer: MoELayer, stats: LayerStats | None):
@@ -55,23 +59,23 @@ def _expert_matrices(layer: MoELayer, stats: LayerStats | None):
 
 def quantize_layer(layer: MoELayer, plan: QuantPlan, stats: LayerStats | None, report: QuantReport,
                    options: GPTQOptions, forced_rtn: set, keep_codes: bool) -> None:
+    quantizer = QUANTIZERS.get(plan.method)
     for expert, projection, weight, hessian, tokens in _expert_matrices(layer, stats):
         spec = plan.spec_for(layer.index, expert, projection)
         if spec.is_float:
             continue
-        use_rtn = (plan.method == "rtn" or hessian is None or not bool((torch.diag(hessian) > 0).any())
-                   or tokens < options.rtn_below_tokens or (layer.index, expert) in forced_rtn)
-        if use_rtn:
-            q = quantize_rtn(weight, spec)
-            if plan.method == "gptq" and (layer.index, expert) not in report.rtn_fallback:
-                report.rtn_fallback.append((layer.index, expert))
+        no_signal = quantizer.calibration and (
+            hessian is None or not bool((torch.diag(hessian) > 0).any()) or tokens < options.rtn_below_tokens
+            or (layer.index, expert) in forced_rtn)
+        if no_signal:
+            q, loss = quantize_rtn(weight, spec), float("nan")
         else:
-            q, loss = quantize_gptq(weight, hessian, spec, damp=options.damp, act_order=options.act_order)
-            if loss != loss:  # NaN: quantize_gptq fell back to RTN itself (its Hessian was unusable); count it
-                if (layer.index, expert) not in report.rtn_fallback:
-                    report.rtn_fallback.append((layer.index, expert))
-            else:
-                report.gptq_loss += loss
+            q, loss = quantizer.matrix(weight, hessian if quantizer.calibration else None, spec, options)
+        if loss is not None and loss != loss:  # NaN: RTN instead (here, or the step fell back itself); count it
+            if (layer.index, expert) not in report.rtn_fallback:
+                report.rtn_fallback.append((layer.index, expert))
+        elif loss is not None:
+            report.gptq_loss += loss
         weight.copy_(q.dequantize().to(weight.dtype))
         report.matrices += 1
         if keep_codes:
@@ -90,9 +94,9 @@ def apply_plan(model: nn.Module, plan: QuantPlan, stats: CalibrationStats | None
                options: GPTQOptions | None = None, keep_codes: bool = False) -> QuantReport:
     """One shot: every MoE layer quantized with the statistics given (RTN needs none)."""
     options = options or GPTQOptions()
-    if plan.method == "gptq" and (stats is None or not stats.layers
-                                  or next(iter(stats.layers.values())).routed.hessian_in is None):
-        raise UserError("GPTQ needs calibration statistics with Hessians (calib.hessians=true)")
+    if QUANTIZERS.get(plan.method).calibration and (stats is None or not stats.layers
+                                                    or next(iter(stats.layers.values())).routed.hessian_in is None):
+        raise UserError(f"quant.method={plan.method} needs calibration statistics with Hessians (calib.hessians=true)")
     report = QuantReport()
     forced = set(stats.rtn_fallback) if stats is not None else set()
     for layer in _check_plan(model, plan):

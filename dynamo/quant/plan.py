@@ -23,10 +23,10 @@ from pathlib import Path
 from ..adapters.base import PROJECTIONS, SHARED
 from ..errors import UserError
 from ..records import write_json_atomic
+from ..registry import QUANTIZERS
 from .spec import QSpec
 
 SCHEMA_VERSION = 1
-METHODS = ("rtn", "gptq")
 TOP_KEYS = {"schema_version", "model", "created_by", "defaults", "layers", "fp16_modules"}
 
 
@@ -42,8 +42,10 @@ class QuantPlan:
     fp16_modules: tuple[str, ...] = ("attention", "router", "embeddings", "lm_head")
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise UserError(f"unknown quantization method '{self.method}'; choose one of {', '.join(METHODS)}")
+        # the plan quantizers of dynamo.registry.QUANTIZERS (rtn, gptq and any plugin's), not a list kept here
+        methods = [name for name in QUANTIZERS.names if QUANTIZERS.get(name).plan]
+        if self.method not in methods:
+            raise UserError(f"unknown quantization method '{self.method}'; choose one of {', '.join(methods)}")
 
     def spec_for(self, layer: int, expert: int | str, projection: str) -> QSpec:
         bits = self.bits.get((layer, expert, projection))

@@ -18,7 +18,9 @@ from .allocation import allocate, rule_of
 from .apply import GPTQOptions, QuantReport, apply_plan, quantize_sequential
 from .bits import bit_accounting
 from .bnb import FORMATS, apply_bnb
+from .gptq import quantize_gptq
 from .plan import QuantPlan
+from .rtn import quantize_rtn
 from .spec import QSpec
 
 log = logging.getLogger(__name__)
@@ -62,12 +64,20 @@ def needs_analysis(cfg: QuantConfig) -> bool:
 QUANTIZERS.register("none", Quantizer("none", None), __name__)  # the 16-bit reference: nothing to quantize
 
 
-@register_quantizer("rtn", plan=True)
+def rtn_matrix(weight, hessian, spec, options: GPTQOptions):
+    return quantize_rtn(weight, spec), None
+
+
+def gptq_matrix(weight, hessian, spec, options: GPTQOptions):
+    return quantize_gptq(weight, hessian, spec, damp=options.damp, act_order=options.act_order)
+
+
+@register_quantizer("rtn", plan=True, matrix=rtn_matrix)
 def rtn(model, plan, windows, calib: CalibConfig, options: GPTQOptions, keep_codes: bool):
     return apply_plan(model, plan, options=options, keep_codes=keep_codes), None
 
 
-@register_quantizer("gptq", plan=True, calibration=True)
+@register_quantizer("gptq", plan=True, calibration=True, matrix=gptq_matrix)
 def gptq(model, plan, windows, calib: CalibConfig, options: GPTQOptions, keep_codes: bool):
     return quantize_sequential(model, plan, windows, batch_size=calib.batch_size,
                                hessian_weighting=calib.hessian_weighting.value, min_tokens=calib.min_tokens,
@@ -91,7 +101,7 @@ def quantize(model, tokens: RunTokens, known: list[str], cfg: QuantConfig, calib
     if not quantizer.plan:
         return QuantResult(quantizer.fn(model, cfg), None, None)
     plan = plan_from_config(cfg, model, model_name)
-    options = GPTQOptions(damp=cfg.damp, act_order=cfg.act_order)
+    options = GPTQOptions(damp=cfg.damp, act_order=cfg.act_order, params=QUANTIZERS.params_of(cfg))
     rule = rule_of(cfg.allocation)
     routing = rule.needs == "routing" and not cfg.plan
     needs_data = quantizer.calibration or routing

@@ -54,6 +54,7 @@ from ..calibration import capture_sequential
 from ..errors import UserError
 from ..quant.rtn import quantize_rtn
 from ..quant.spec import QSpec
+from .base import Switcher, SwitchSummary
 from .master import VALUE_BYTES, ExpertMaster
 from .slotset import SlotSet
 from .store import Key
@@ -251,7 +252,7 @@ def lowrank_components(d: torch.Tensor, g: torch.Tensor, hessian: torch.Tensor |
     return a * scale[:, None], (b / scale[None, :]).T, gains
 
 
-class AdaptiveSwitcher:
+class AdaptiveSwitcher(Switcher):
     """Holds a BQ-quantized model (fake-quantized, or packed with slot tables); a switch restores the
     slots its new data needs most."""
 
@@ -630,10 +631,11 @@ class AdaptiveSwitcher:
                               select_s=select_s, write_s=write_s, experts_changed=active.experts_changed(),
                               exact_bits=self.exact_bits(), weights_rewritten=written)
 
-    def summary(self) -> dict:
-        return {"policy": "adaptive", "candidates": self.candidates, "scoring": self.scoring, "slot_bits": self.slot_bits,
+    def summary(self) -> SwitchSummary:
+        return SwitchSummary("adaptive", self.candidates, self.budget_nbytes, "slot budget", extra={
+                "candidates": self.candidates, "scoring": self.scoring, "slot_bits": self.slot_bits,
                 "budget_frac": self.budget_frac, "budget_nbytes": self.budget_nbytes,
                 "expert_fp16_nbytes": self.fp16_nbytes, "master_nbytes": self.master.nbytes if self.master else 0,
                 "master_location": self.master.location if self.master else "none", "model_form": self.target.form,
-                "slot_sets": str(self.folder) if self.folder is not None else None}
+                "slot_sets": str(self.folder) if self.folder is not None else None})
 

@@ -128,6 +128,15 @@ class ChannelCache:
         index, axis = self.slice_of(layer.index, expert, projection)
         write_slice(weight, index.to(weight.device), axis, values.to(weight.device))
 
+    def output_rows(self, model) -> dict[int, dict[str, torch.Tensor]]:
+        """Per MoE layer and projection, the [experts, k] output rows it caches: what a packed model keeps at
+        its dtype (dynamo.packed.model.ChannelSource). Row unit only: a neuron's down slice is a column."""
+        if any(axis != 0 for _, axis in SLICES[self.unit].values()):
+            raise UserError(f"a packed model keeps cached channels as output rows; this cache's unit is '{self.unit}' "
+                            "(a neuron's down slice is a column). Build it with analysis.channel_unit=row")
+        self.validate(model)
+        return {i: {p: self.index[i][SLICES[self.unit][p][0]] for p in PROJECTIONS} for i in self.layers}
+
     def cached_count(self, layer: int, projection: str) -> int:
         """Cached weight values of one expert in one projection (k * slice length)."""
         t = self.values[layer][projection]

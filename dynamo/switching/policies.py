@@ -1,16 +1,19 @@
 """The DQS policies (`quant.switching.policy`), registered in dynamo.registry.SWITCH_POLICIES.
 
-A policy has two steps, each given the config nodes it reads (quant, analysis): `prepare` runs on
+A policy has a check and two steps, each given the config nodes it reads (quant, analysis): `check`
+refuses settings it cannot use before any model work (UserError, one line); `prepare` runs on
 the FP16 model before it is quantized (what a switch will restore from: the paper's channel cache,
 or our FP16 master copy) and `build` makes the switcher once BQ is in the model. A switcher offers `switch_to(windows)` (a report with
-`to_dict()`, `experts_changed`, `total_s`, `profile_s`, `exact_bits`), `restore_bq()` and
-`summary()` (the record's `switching` block).
+`to_dict()`, `experts_changed`, `total_s`, `profile_s`, `exact_bits`), `restore_bq()`, the
+`switched(...)` / `restored()` contexts, and `summary()`: a dynamo.switching.base.SwitchSummary (the
+record's `switching` block), the same fields for every policy (dynamo/switching/base.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
 from ..registry import ALLOCATIONS, register_policy
 
 
@@ -19,6 +22,13 @@ class AdaptivePolicy:
     """Ours: slots chosen per dataset from its calib split, restored from an FP16 master copy."""
 
     name = "adaptive"
+
+    @staticmethod
+    def check(quant, analysis) -> None:
+        sw = quant.switching
+        if not 0.0 < sw.budget_frac < 1.0:
+            raise UserError(f"quant.switching.budget_frac must be in (0, 1) (a share of the routed experts' FP16 "
+                            f"bytes), got {sw.budget_frac}")
 
     @staticmethod
     def prepare(model, quant, analysis, significance, run_dir: Path):
@@ -47,6 +57,15 @@ class PaperPolicy:
     datasets), re-allocated on the new dataset's shares (`mix`), rewritten for the experts that changed."""
 
     name = "paper"
+
+    @staticmethod
+    def check(quant, analysis) -> None:
+        sw = quant.switching
+        if sw.channel_mode.value == "requant" and analysis.channel_unit.value == "neuron":
+            raise UserError("quant.switching.channel_mode=requant needs analysis.channel_unit=row (a neuron's down "
+                            "column shares its quantization groups); use channel_mode=fp16")
+        if not 0.0 <= sw.mix <= 1.0:
+            raise UserError(f"quant.switching.mix must be in [0, 1], got {sw.mix}")
 
     @staticmethod
     def prepare(model, quant, analysis, significance, run_dir: Path):

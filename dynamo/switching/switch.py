@@ -54,6 +54,7 @@ from ..quant.plan import QuantPlan
 from ..quant.rtn import quantize_rtn
 from ..quant.spec import QSpec
 from ..registry import ALLOCATIONS
+from .base import Switcher, SwitchSummary
 from .cache import ChannelCache
 from .store import ChannelStore, DenseChannelStore, Key
 
@@ -122,7 +123,7 @@ class SwitchReport:
         return out
 
 
-class DynamicSwitcher:
+class DynamicSwitcher(Switcher):
     """Holds a BQ-quantized model and switches its cached channels to the data it is given."""
 
     def __init__(self, model, plan: QuantPlan, significance: Significance, cache: ChannelCache, allocation, *,
@@ -150,6 +151,7 @@ class DynamicSwitcher:
         self.widths = [int(w) for w in allocation.widths]
         self.allocation = allocation
         self.rule = rule_of(allocation)
+        self.params = ALLOCATIONS.params_of(allocation)  # the rule's own settings, as BQ's allocation had them
         self._check_setup()
         self.layers = {layer.index: layer for layer in moe_layers(model)}
         self.bq: dict[Key, int] = {(i, e, p): plan.spec_for(i, e, p).bits
@@ -213,7 +215,7 @@ class DynamicSwitcher:
             if new.shape != self.fused[i].shape:
                 raise UserError(f"layer {i}: {new.numel()} new shares for {layer.n_experts} experts")
             mixed = (1.0 - self.mix) * self.fused[i] + self.mix * new
-            given = LayerInput(i, layer.n_experts, shares=mixed, errors=self.cache.rtn_error.get(i))
+            given = LayerInput(i, layer.n_experts, shares=mixed, errors=self.cache.rtn_error.get(i), params=self.params)
             widths[i] = layer_widths(self.rule, given, self.allocation)
             mixed_by_layer[i] = mixed
         return widths, mixed_by_layer
@@ -307,9 +309,11 @@ class DynamicSwitcher:
 
     # --- accounting ------------------------------------------------------------------------
 
-    def summary(self) -> dict:
-        return {"policy": "paper", "channel_mode": self.channel_mode, "mix": self.mix, "cache": self.cache.summary(),
-                "bq_copy_nbytes": self.bq_copy_nbytes, "artifact": "channel_cache"}
+    def summary(self) -> SwitchSummary:
+        resident = self.cache.nbytes + self.bq_copy_nbytes
+        return SwitchSummary("paper", self.channel_mode, resident, "channel cache + BQ copy",
+                             extra={"channel_mode": self.channel_mode, "mix": self.mix, "cache": self.cache.summary(),
+                                    "bq_copy_nbytes": self.bq_copy_nbytes, "artifact": "channel_cache"})
 
     @staticmethod
     def _expert_width(widths: dict[Key, int], layer: int, expert: int) -> int:

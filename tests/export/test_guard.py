@@ -71,9 +71,8 @@ def python(args: list[str], cwd: Path, pythonpath: str | None) -> subprocess.Com
 
 def test_the_harness_loads_a_guarded_checkpoint_without_remote_code(tmp_path):
     from dynamo.config import ModelConfig
-    from dynamo.export.guard import MODEL_TYPE
     from dynamo.models import load_model
-    from dynamo.packed.hf_quantizer import load_packed
+    from dynamo.packed.format import MODEL_TYPE, load_packed
 
     path, ids, expected = packed_checkpoint(tmp_path)
     config = json.loads((path / "config.json").read_text())
@@ -84,6 +83,16 @@ def test_the_harness_loads_a_guarded_checkpoint_without_remote_code(tmp_path):
         assert torch.equal(load_packed(path).eval()(ids).logits, expected)
         loaded = load_model(ModelConfig(name="packed", path=str(path), device="cpu", dtype="float32"))
         assert torch.equal(loaded.model(ids).logits, expected)  # model=local, trust_remote_code=false
+
+
+def test_the_import_paths_that_checkpoints_exported_before_the_format_moved_still_use():
+    """Their shipped dynamo_packed.py calls dynamo.export.guard.base_config and
+    dynamo.packed.hf_quantizer.load_packed: both are the format's own functions."""
+    from dynamo.export import guard
+    from dynamo.packed import format as packed_format, hf_quantizer
+
+    assert guard.base_config is packed_format.base_config and guard.KEY == packed_format.KEY
+    assert hf_quantizer.load_packed is packed_format.load_packed
 
 
 @pytest.mark.slow

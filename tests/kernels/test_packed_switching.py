@@ -13,7 +13,7 @@ from switching_setup import LOW, VOCAB, logits, quantized, tokens
 
 from dynamo.errors import UserError
 from dynamo.switching import DynamicSwitcher
-from dynamo.packed.hf_quantizer import load_packed
+from dynamo.packed.format import load_packed
 from dynamo.packed.model import attach_packed, pack_experts, packed_modules, write_dequantized
 from dynamo.packed.switching import PackedChannelStore
 

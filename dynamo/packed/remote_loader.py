@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 
 HOW = ("This is a packed DynaMo checkpoint: its routed experts are packed low-bit codes that only the DynaMo "
        "harness reads. Put the harness on the Python path (PYTHONPATH=<harness checkout>) and load it with "
-       "dynamo.packed.hf_quantizer.load_packed(path), or python run.py model=local model.path=<checkpoint> quant=fp16. "
+       "dynamo.packed.format.load_packed(path), or python run.py model=local model.path=<checkpoint> quant=fp16. "
        "For a checkpoint any tool loads, export the run with quant.export=dequantized.")
 
 
@@ -19,11 +19,10 @@ def _harness():
     # missing harness gets this message instead of transformers' "pip install <module>" advice (the
     # harness is no PyPI package)
     try:
-        from dynamo.export import guard
-        from dynamo.packed.hf_quantizer import load_packed
+        from dynamo.packed import format as packed_format
     except ImportError as err:
         raise ImportError(f"{HOW} (import failed: {err})") from None
-    return guard, load_packed
+    return packed_format
 
 
 class DynamoPackedConfig(PretrainedConfig):
@@ -33,8 +32,7 @@ class DynamoPackedConfig(PretrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        guard, _ = _harness()
-        return guard.base_config(config_dict, **kwargs)
+        return _harness().base_config(config_dict, **kwargs)
 
 
 class DynamoPackedForCausalLM:
@@ -42,5 +40,4 @@ class DynamoPackedForCausalLM:
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):
-        _, load_packed = _harness()
-        return load_packed(path, *args, **kwargs)
+        return _harness().load_packed(path, *args, **kwargs)
