@@ -405,8 +405,13 @@ class AdaptiveSwitcher(Switcher):
                 return False
             t = time.perf_counter()
             layer_candidates, err = self._layer_candidates(self.layers[index], stats.routed)
-            merged = layer_candidates if state["best"] is None else Candidates.cat(
-                [state["best"].to(layer_candidates.gain.device), layer_candidates])
+            before = state["best"].to(layer_candidates.gain.device) if state["best"] is not None else None
+            merged = layer_candidates if before is None else Candidates.cat([before, layer_candidates])
+            if LOWRANK in self.kinds:  # row/column gains where the provisional choice also takes low-rank components
+                provisional = merged.best_of_each_kind(KEEP * self.budget_nbytes).greedy_within(self.budget_nbytes)
+                layer_candidates = self._rescore_after_lowrank(self.layers[index], stats.routed, layer_candidates,
+                                                               provisional)
+                merged = layer_candidates if before is None else Candidates.cat([before, layer_candidates])
             state["best"] = merged.best_of_each_kind(KEEP * self.budget_nbytes)
             self._keep_factors_of(state["best"])
             state["total"] += err
@@ -468,20 +473,11 @@ class AdaptiveSwitcher(Switcher):
         for e, n in enumerate(routed.tokens.tolist()):
             if n == 0:
                 continue
-            second = {}
-            for name, h, diag in (("in", routed.hessian_in, wsq["input"]), ("mid", routed.hessian_mid, wsq["neuron"])):
-                hess = h[e].to(dtype) if self.scoring == "hessian" else None
-                second[name] = (hess, torch.diagonal(hess) if hess is not None else diag[e])
             down_master = self.master.get((layer.index, e, "down")).to(device, dtype)
             expert_err, expert_err8, expert_extra = 0.0, 0.0, 0
             for p in PROJECTIONS:
                 key = (layer.index, e, p)
-                master = down_master if p == "down" else self.master.get(key).to(device, dtype)
-                d = master - self.target.bq(key).to(device, dtype)
-                gain = None
-                if p != "down" and self.scoring != "local":
-                    gain = down_master.square().sum(0) * wsq["neuron"][e] / wsq[p][e].clamp_min(1e-12)
-                hess, diag = second["mid" if p == "down" else "in"]
+                master, d, hess, diag, gain = self._matrix_terms(layer.index, routed, wsq, e, p, down_master)
                 g = d @ hess if hess is not None else d * diag[None, :]
                 row_red, col_red, err = _reductions(d, g, diag, gain)
                 if LOWRANK in self.kinds:
@@ -521,6 +517,49 @@ class AdaptiveSwitcher(Switcher):
                                        torch.tensor([-1], device=device)))
         parts += lowrank
         return (Candidates.cat(parts) if parts else Candidates.empty(device)), total
+
+    def _matrix_terms(self, index: int, routed, wsq: dict, e: int, p: str, down_master: torch.Tensor):
+        """(master, error d = master - BQ, H or None, H's diagonal, per-row output weight or None) of one matrix:
+        what every candidate of it is scored with. Gate/up rows are weighted by how far their error reaches the
+        expert's output (first order: ||W_down[:, r]||^2 E[h_r^2] / E[y_r^2])."""
+        device, dtype = down_master.device, down_master.dtype
+        key = (index, e, p)
+        master = down_master if p == "down" else self.master.get(key).to(device, dtype)
+        d = master - self.target.bq(key).to(device, dtype)
+        gain = None
+        if p != "down" and self.scoring != "local":
+            gain = down_master.square().sum(0) * wsq["neuron"][e] / wsq[p][e].clamp_min(1e-12)
+        h, diag = ((routed.hessian_mid, wsq["neuron"]) if p == "down" else (routed.hessian_in, wsq["input"]))
+        hess = h[e].to(dtype) if self.scoring == "hessian" else None
+        return master, d, hess, (torch.diagonal(hess) if hess is not None else diag[e]), gain
+
+    def _rescore_after_lowrank(self, layer, routed, mine: Candidates, provisional: Candidates) -> Candidates:
+        """Rows and columns of this layer's matrices that the provisional choice also corrects by low rank,
+        scored again on the error the low-rank path leaves (the order the slot table applies them in): scored on
+        the full error, a row counts again what the components already removed. `mine`: the layer's candidates;
+        `provisional`: the greedy choice over the running set with this layer in it."""
+        lr = provisional.take((provisional.kind == LOWRANK) & (provisional.layer == layer.index))
+        if not len(lr) or not ({ROW, COLUMN} & set(self.kinds)):
+            return mine
+        device, dtype = routed.tokens.device, self.score_dtype
+        wsq = {u: routed.channels[u]["wsq"].to(dtype) for u in ("input", "neuron", "gate", "up")}
+        ranks: dict[tuple[int, int], int] = {}
+        for e, pi, k in zip(lr.expert.tolist(), lr.proj.tolist(), lr.index.tolist()):
+            ranks[(e, pi)] = max(ranks.get((e, pi), 0), k + 1)
+        gains = mine.gain.clone()
+        for (e, pi), rank in ranks.items():
+            p = PROJECTIONS[pi]
+            down_master = self.master.get((layer.index, e, "down")).to(device, dtype)
+            _, d, hess, diag, gain = self._matrix_terms(layer.index, routed, wsq, e, p, down_master)
+            a, bt = (t[:rank].to(device, torch.float32) for t in self._factors[(layer.index, e, p)])
+            d = d - (self._as_held(bt).T @ self._as_held(a)).to(dtype)
+            g = d @ hess if hess is not None else d * diag[None, :]
+            row_red, col_red, _ = _reductions(d, g, diag, gain)
+            for kind, red in ((ROW, row_red), (COLUMN, col_red)):
+                which = (mine.expert == e) & (mine.proj == pi) & (mine.kind == kind)
+                gains[which] = red[mine.index[which].long()].float()
+        mine = Candidates(gains, *(getattr(mine, f) for f in Candidates.FIELDS[1:]))
+        return mine.take(mine.gain > 0)
 
     # --- the slot set -----------------------------------------------------------------------
 
