@@ -152,7 +152,9 @@ class SwitchCandidates(Enum):
     rows = "rows"              # output rows of every projection
     rows_cols = "rows_cols"    # rows and input columns under one budget
     experts8 = "experts8"      # whole experts raised to 8 bits
-    all = "all"                # all three
+    lowrank = "lowrank"        # rank-1 components of the Hessian-weighted error per matrix (EoRA-like)
+    rows_cols_lowrank = "rows_cols_lowrank"  # what a packed model can serve: rows, columns, low-rank
+    all = "all"                # all four under one budget
 
 
 class SwitchScoring(Enum):

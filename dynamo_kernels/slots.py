@@ -7,9 +7,12 @@ layer keeps them apart, in a `SlotTable`, as *corrections* of the BQ weight:
     row slot (r, delta [K]):  y[:, r] += x @ delta          (output row r of W gets W_bq[r] + delta)
     column slot (j, delta [N]): y += x[:, j] * delta        (input column j gets W_bq[:, j] + delta)
 
-so the packed layer computes x @ (W_bq + P_R D_R + D_C P_C)^T, exactly what the fake-quantized
-model holds after the switch wrote the same deltas into its dense weight (rows first, then
-columns; a column's delta was measured after the rows were applied). The codes are never
+    low-rank component (a [K], b [N]): y += (x @ a) b   (W gets W_bq + b a^T; an expert's
+                                                      components: W_bq + B A, a rank-r path)
+
+so the packed layer computes x @ (W_bq + B A + P_R D_R + D_C P_C)^T, exactly what the fake-quantized
+model holds after the switch wrote the same corrections into its dense weight (low-rank first, then
+rows, then columns; each measured after the ones before it were applied). The codes are never
 touched: a switch replaces the table's small tensors, a switch back to BQ empties it.
 
 Deltas are stored as 8-bit codes with an fp16 scale and zero per group along the slot
@@ -26,7 +29,7 @@ import torch
 
 from .projections import PROJECTIONS
 
-KINDS = ("rows", "cols")
+KINDS = ("rows", "cols", "lowrank")
 GATHER_ELEMENTS = 1 << 24  # delta values gathered per chunk of routed rows (64 MiB in fp32)
 SLOT_BITS = (8, 16)
 
@@ -127,6 +130,11 @@ class SlotGroup:
                    group_size, torch.cumsum(counts, 0) - counts, counts, int(counts.max()) if counts.numel() else 0)
 
     @property
+    def values(self) -> int:
+        """Weights the slots hold (for exact bits)."""
+        return int(self.codes.numel())
+
+    @property
     def nbytes(self) -> int:
         """Device bytes: the codes (or values), scales and zeros, and one int32 index a slot."""
         payload = sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros) if t is not None)
@@ -221,11 +229,100 @@ class SlotGroup:
 
 
 @dataclass
+class LowRankGroup:
+    """The low-rank corrections of one projection of a layer: per expert, components (a_k [K], b_k [N]) that add
+    b_k (a_k . x) to the output, W_bq + B_e A_e. Stored as two slot groups sharing (expert, component index)
+    order: `a` holds the input factors (rows of A, length K), `b` the output factors (columns of B, length N);
+    each factor is quantized like a slot, so a rank-1 component costs one K-slot plus one N-slot."""
+
+    a: SlotGroup
+    b: SlotGroup
+
+    @classmethod
+    def build(cls, n_experts: int, expert: torch.Tensor, index: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              bits: int, group_size: int) -> LowRankGroup:
+        """From unsorted components: expert [S], component index [S] (unique per expert), a [S, K], b [S, N]."""
+        return cls(SlotGroup.build(n_experts, expert, index, a, bits, group_size),
+                   SlotGroup.build(n_experts, expert, index, b, bits, group_size))
+
+    @property
+    def expert(self) -> torch.Tensor:
+        return self.a.expert
+
+    @property
+    def index(self) -> torch.Tensor:
+        return self.a.index
+
+    @property
+    def values(self) -> int:
+        return self.a.values + self.b.values
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return ({f"a_{k}": t for k, t in self.a.tensors().items()} |
+                {f"b_{k}": t for k, t in self.b.tensors().items() if k not in ("expert", "index")})
+
+    @classmethod
+    def from_tensors(cls, n_experts: int, tensors: dict[str, torch.Tensor], group_size: int) -> LowRankGroup:
+        a = {k[2:]: t for k, t in tensors.items() if k.startswith("a_")}
+        b = {k[2:]: t for k, t in tensors.items() if k.startswith("b_")} | {"expert": a["expert"], "index": a["index"]}
+        return cls(SlotGroup.from_tensors(n_experts, a, group_size), SlotGroup.from_tensors(n_experts, b, group_size))
+
+    def to(self, device) -> LowRankGroup:
+        return LowRankGroup(self.a.to(device), self.b.to(device))
+
+    def factors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One expert's (A [r, K], B^T [r, N]) in float32, or None when it has no component here."""
+        a, b = self.a._expert_deltas(expert), self.b._expert_deltas(expert)
+        return None if a is None else (a[1], b[1])
+
+    def fold(self, expert: int, weight: torch.Tensor) -> None:
+        found = self.factors(expert)
+        if found is not None:
+            weight += found[1].T @ found[0]
+
+    def add_expert(self, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        found = self.factors(expert) if x.shape[0] else None
+        if found is not None:
+            y += ((x.float() @ found[0].T) @ found[1]).to(y.dtype)
+
+    def add_to(self, experts: torch.Tensor, x: torch.Tensor, in_div: int, out: torch.Tensor, col_offset: int,
+               width: int) -> None:
+        """Every routed row at once, as SlotGroup.add_to: gathered factors per row for decode-sized batches,
+        a matmul pair per expert past one chunk."""
+        widest, length = self.a.widest, self.a.length + self.b.length
+        if not widest or not experts.numel():
+            return
+        target = out[:, col_offset:col_offset + width]
+        if experts.numel() * widest * length > GATHER_ELEMENTS:
+            xs = x[torch.arange(experts.numel(), device=x.device) // in_div]
+            for e in torch.unique(experts).tolist():
+                rows = torch.nonzero(experts == e).squeeze(1)
+                part = target[rows]
+                self.add_expert(e, xs[rows], part)
+                target[rows] = part
+            return
+        step = max(1, GATHER_ELEMENTS // (widest * length))
+        for start in range(0, experts.numel(), step):
+            stop = min(start + step, experts.numel())
+            rows = torch.arange(start, stop, device=experts.device)
+            xs = x[rows // in_div].float()
+            _, _, a = self.a._gather(experts[start:stop])      # [R, widest, K], zero where invalid
+            _, _, b = self.b._gather(experts[start:stop])      # [R, widest, N]
+            coef = torch.bmm(a, xs.unsqueeze(-1))              # [R, widest, 1]
+            target[start:stop] += torch.bmm(coef.transpose(1, 2), b).squeeze(1).to(out.dtype)
+
+
+@dataclass
 class SlotTable:
-    """A packed layer's active slots: per projection, row slots and column slots (either may be None)."""
+    """A packed layer's active slots: per projection, row slots, column slots and low-rank components (any may
+    be absent)."""
 
     n_experts: int
-    groups: dict[tuple[str, str], SlotGroup]   # (projection, kind) -> slots
+    groups: dict[tuple[str, str], SlotGroup | LowRankGroup]   # (projection, kind) -> slots
 
     def __post_init__(self):
         for (p, kind) in self.groups:
@@ -244,22 +341,30 @@ class SlotTable:
         """The projection's slot corrections for every routed row (row r's expert: experts[r])."""
         for kind in KINDS:
             group = self.groups.get((projection, kind))
-            if group is not None:
+            if isinstance(group, LowRankGroup):
+                group.add_to(experts, x, in_div, out, col_offset, width)
+            elif group is not None:
                 group.add_to(kind, experts, x, in_div, out, col_offset, width)
 
     def add_expert(self, projection: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """One expert's corrections on its own rows x [m, K] -> y [m, N]."""
         for kind in KINDS:
             group = self.groups.get((projection, kind))
-            if group is not None:
+            if isinstance(group, LowRankGroup):
+                group.add_expert(expert, x, y)
+            elif group is not None:
                 group.add_expert(kind, expert, x, y)
 
     def covers(self, projection: str, expert: int) -> bool:
-        return any(g._expert_deltas(expert) is not None for (p, _), g in self.groups.items() if p == projection)
+        return any((g.a if isinstance(g, LowRankGroup) else g)._expert_deltas(expert) is not None
+                   for (p, _), g in self.groups.items() if p == projection)
 
     def fold(self, projection: str, expert: int, weight: torch.Tensor) -> None:
-        """The corrections added into a dense float32 weight: rows first, then columns (as they were measured)."""
+        """The corrections added into a dense float32 weight (all additive: the order only matters for how
+        each was measured, low-rank, then rows, then columns)."""
         for kind in KINDS:
             group = self.groups.get((projection, kind))
-            if group is not None:
+            if isinstance(group, LowRankGroup):
+                group.fold(expert, weight)
+            elif group is not None:
                 group.fold(kind, expert, weight)

@@ -9,16 +9,20 @@ read by slice from the checkpoint on disk). On the device: BQ, plus slots worth 
 `budget_frac` of the routed experts' FP16 bytes. A slot is an additive *correction* of BQ
 (dynamo_kernels/slots.py): a row r gets W_bq[r] + delta, an input column j gets W[:, j] + delta
 (measured after the rows were applied), deltas held as RTN-8 codes with an fp16 scale and zero per
-group (`slot_bits=8`, about one byte a value) or fp16 values (16) + an int32 index each; an expert
-raised to 8 bits (`candidates=experts8|all`, fake-quantized models only) costs the extra bytes of
-its 8-bit codes over its BQ codes.
+group (`slot_bits=8`, about one byte a value) or fp16 values (16) + an int32 index each; a low-rank
+component (`candidates=lowrank|rows_cols_lowrank|all`) adds b (a . x) to the output, the pair (a [K],
+b [N]) held like a K-slot and an N-slot (EoRA's construction: the rank-r optimum of the same output
+error the rows are scored with); an expert raised to 8 bits (`candidates=experts8|all`, fake-quantized
+models only) costs the extra bytes of its 8-bit codes over its BQ codes. Every kind competes for one
+byte budget by reduction per byte.
 
 `switch_to(windows)`, one MoE layer at a time (memory flat in depth):
 1. profile the layer on the windows (`capture_sequential`: the model as it is, quantized), with
    per-expert router-weighted Hessians H = sum r x x^T of the routed inputs of gate/up and of down;
 2. score every candidate of the layer by the output-error reduction of restoring it, with
    D = W_master - W_bq: row r: d_r H d_r^T; column j: sum_r (2 d_rj (d_r H)_j - d_rj^2 H_jj);
-   a whole expert at 8 bits: its error at BQ minus its error at RTN-8. `scoring=output`/`local`
+   a whole expert at 8 bits: its error at BQ minus its error at RTN-8; low-rank component k of a matrix:
+   its exact marginal reduction (`lowrank_components`). `scoring=output`/`local`
    keep H's diagonal only (far cheaper); with `output` (and `hessian`) errors of gate/up rows are
    carried to the expert's output (first order: ||W_down[:, r]||^2 E[h_r^2] / E[y_r^2]);
 3. merge the layer's candidates into the running best set (per kind, sorted by reduction per byte and cut
@@ -26,7 +30,8 @@ its 8-bit codes over its BQ codes.
    statistics: nothing of size [I, I] outlives its layer. After the last layer, ONE global byte budget
    is filled greedily from that set (a piece that no longer fits is skipped, smaller ones go on);
    rows and columns of an expert raised to 8 bits whole are dropped and the budget refilled;
-4. compute the chosen slots' deltas from the master (one matrix at a time) into a `SlotSet`, and
+4. compute the chosen slots' deltas from the master (one matrix at a time; low-rank factors were kept from
+   the profile for the running set's components only) into a `SlotSet`, and
    write it: on a fake-quantized model into the dense weights (BQ slices backed up per matrix,
    batched), on a packed model into each layer's slot table (the codes are never touched). Every
    value is computed before any write; a failed write puts every touched slice back.
@@ -42,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from dynamo_kernels.slots import SlotTable, dequantize_deltas, quantize_deltas, slot_nbytes
+from dynamo_kernels.slots import LowRankGroup, SlotTable, dequantize_deltas, quantize_deltas, slot_nbytes
 
 from ..adapters import PROJECTIONS, moe_layers
 from ..calibration import capture_sequential
@@ -58,11 +63,17 @@ from .targets import PackedTarget, target_for
 
 __all__ = ["AdaptiveReport", "AdaptiveSwitcher", "Candidates", "ExpertMaster", "CANDIDATES", "SCORINGS"]
 
-CANDIDATES = ("rows", "rows_cols", "experts8", "all")
+ROW, COLUMN, EXPERT, LOWRANK = 0, 1, 2, 3
+KIND_NAMES = ("row", "column", "expert8", "lowrank")
+CANDIDATES = {"rows": (ROW,), "rows_cols": (ROW, COLUMN), "experts8": (EXPERT,), "lowrank": (LOWRANK,),
+              "rows_cols_lowrank": (ROW, COLUMN, LOWRANK), "all": (ROW, COLUMN, EXPERT, LOWRANK)}
 SCORINGS = ("hessian", "output", "local")
-ROW, COLUMN, EXPERT = 0, 1, 2
 KEEP = 2  # the running set holds each kind's global best prefix of KEEP x the budget: room for the greedy's skips
-KIND_NAMES = ("row", "column", "expert8")
+# Low-rank components scored per matrix: at most this many (a truncated SVD past it; at Mixtral's width 1% of an
+# expert's bytes buys rank ~30 per matrix, so 128 leaves the running set room), and the damping of H before its
+# Cholesky factor (GPTQ's 1% of the mean diagonal: directions the profile barely saw are not amplified).
+LOWRANK_MAX_RANK = 128
+LOWRANK_DAMP = 0.01
 
 
 @dataclass
@@ -74,8 +85,8 @@ class Candidates:
     layer: torch.Tensor     # int32
     expert: torch.Tensor    # int32
     proj: torch.Tensor      # int8 index into PROJECTIONS (-1: every projection of an 8-bit expert)
-    kind: torch.Tensor      # int8 ROW / COLUMN / EXPERT
-    index: torch.Tensor     # int32 row or column (-1 for a whole expert)
+    kind: torch.Tensor      # int8 ROW / COLUMN / EXPERT / LOWRANK
+    index: torch.Tensor     # int32 row, column or low-rank component (-1 for a whole expert)
 
     FIELDS = ("gain", "cost", "layer", "expert", "proj", "kind", "index")
 
@@ -124,9 +135,9 @@ class Candidates:
         return ranked.take(torch.cumsum(ranked.cost, 0) <= budget)
 
     def best_of_each_kind(self, budget: int) -> Candidates:
-        """Per kind (row, column, 8-bit expert), the best prefix that fits `budget`: a kind of big pieces
-        cannot crowd the small ones out of the running set."""
-        parts = [self.take(self.kind == k).best_within(budget) for k in (ROW, COLUMN, EXPERT)]
+        """Per kind (row, column, 8-bit expert, low-rank component), the best prefix that fits `budget`: a kind
+        of big pieces cannot crowd the small ones out of the running set."""
+        parts = [self.take(self.kind == k).best_within(budget) for k in range(len(KIND_NAMES))]
         return Candidates.cat(parts)
 
     def greedy_within(self, budget: int, max_rounds: int = 64) -> Candidates:
@@ -152,7 +163,7 @@ class Candidates:
 
 @dataclass
 class AdaptiveReport:
-    slots: dict[str, int]             # rows / columns / experts8 written
+    slots: dict[str, int]             # rows / columns / low-rank components / experts8 written
     extra_nbytes: int                 # device-resident slot bytes
     budget_nbytes: int
     expected_reduction: float         # share of the scored BQ error the chosen set removes (profile's estimate)
@@ -175,18 +186,70 @@ class AdaptiveReport:
         return {**asdict(self), "total_s": self.total_s}
 
 
-def _reductions(d: torch.Tensor, hessian: torch.Tensor | None, diag: torch.Tensor, gain: torch.Tensor | None):
-    """(per-row, per-column reductions, total error) of restoring rows/columns of error matrix d [out, in].
+def _reductions(d: torch.Tensor, g: torch.Tensor, diag: torch.Tensor, gain: torch.Tensor | None):
+    """(per-row, per-column reductions, total error) of restoring rows/columns of error matrix d [out, in],
+    with g = d H (H: the input Hessian, or its diagonal for the diagonal scorings).
 
     Output error of d over the profiled tokens: sum_r d_r^T H d_r. Restoring row r removes
     d_r^T H d_r; restoring column j removes sum_r (2 d_rj (d_r H)_j - d_rj^2 H_jj). Without H
     (diagonal scorings) both are sums of d^2 a with a = H's diagonal."""
-    g = d @ hessian if hessian is not None else d * diag[None, :]
     dg = d * g
     w = gain[:, None] if gain is not None else 1.0
     rows = (dg * w).sum(1)
     cols = ((2 * dg - d.square() * diag[None, :]) * w).sum(0)
     return rows, cols, float(rows.sum())
+
+
+def lowrank_components(d: torch.Tensor, g: torch.Tensor, hessian: torch.Tensor | None, diag: torch.Tensor,
+                       gain: torch.Tensor | None, max_rank: int, damp: float = LOWRANK_DAMP):
+    """The best rank-r corrections of error d [N, K] for the output error tr(W d H d^T) (W = diag(gain), or 1),
+    EoRA's construction with a Cholesky factor instead of an eigendecomposition: with H + damp I = L L^T, the
+    SVD  W^1/2 d L = P S Q^T  gives components b_k = W^-1/2 p_k s_k^1/2, a_k = s_k^1/2 q_k^T L^-1, and
+    sum_{k<r} b_k a_k is the rank-r optimum of the damped objective (exactly the optimum for damp = 0).
+
+    Returns (A [q, K], B^T [q, N], marginal gains [q]) with q <= max_rank. The gains are exact for the
+    undamped H and for prefixes (what the greedy takes, components of one matrix costing the same): gain_k =
+    2 c_k - 2 sum_{j<k} U_jk V_jk - U_kk V_kk with c = diag(B^T W g A^T), U = B^T W B, V = A H A^T; with
+    damp = 0 they are the squared singular values."""
+    n, k = d.shape
+    w = gain if gain is not None else torch.ones(n, dtype=d.dtype, device=d.device)
+    diag_h = torch.diagonal(hessian) if hessian is not None else diag
+    lam = damp * float(diag_h.mean()) if diag_h.numel() else 0.0
+    if hessian is not None:
+        damped = hessian + lam * torch.eye(k, dtype=d.dtype, device=d.device)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info):  # not positive definite in this precision: damp further (a rank-deficient profile)
+            chol = torch.linalg.cholesky(damped + (lam + 1e-6 * float(diag_h.abs().max()) + 1e-12) *
+                                         torch.eye(k, dtype=d.dtype, device=d.device))
+        m = (w.sqrt()[:, None] * d) @ chol
+    else:
+        root = (diag + lam).clamp_min(1e-30).sqrt()
+        m = w.sqrt()[:, None] * d * root[None, :]
+    q = min(max_rank, n, k)
+    if q <= 0:
+        empty = d.new_zeros(0, k)
+        return empty, d.new_zeros(0, n), d.new_zeros(0)
+    if min(n, k) <= 4 * q or min(n, k) <= 1024:
+        p_, s, vh = torch.linalg.svd(m, full_matrices=False)
+        p_, s, v = p_[:, :q], s[:q], vh[:q].T
+    else:  # real widths: a randomized truncated SVD (the top q only)
+        p_, s, v = torch.svd_lowrank(m, q=q, niter=4)
+    root_s = s.clamp_min(0).sqrt()
+    inv_w = torch.where(w > 0, w.clamp_min(1e-30).rsqrt(), torch.zeros_like(w))
+    b = inv_w[:, None] * p_ * root_s[None, :]                                   # [N, q]
+    if hessian is not None:
+        a = torch.linalg.solve_triangular(chol.T, v * root_s[None, :], upper=True).T   # [q, K]
+        ah = a @ hessian
+    else:
+        a = (v * root_s[None, :]).T / root[None, :]
+        ah = a * diag[None, :]
+    c = ((w[:, None] * b) * (g @ a.T)).sum(0)
+    u = b.T @ (w[:, None] * b)
+    uv = u * (ah @ a.T)
+    gains = 2 * c - 2 * torch.triu(uv, diagonal=1).sum(0) - torch.diagonal(uv)
+    # the same product with factors of equal norm: both halves keep their precision in fp16 and on an 8-bit grid
+    scale = (b.norm(dim=0) / a.norm(dim=1).clamp_min(1e-30)).clamp_min(1e-30).sqrt()
+    return a * scale[:, None], (b / scale[None, :]).T, gains
 
 
 class AdaptiveSwitcher(Switcher):
@@ -207,9 +270,9 @@ class AdaptiveSwitcher(Switcher):
             master.validate(model)
         self.model, self.master = model, master
         self.target = target_for(model, plan)
-        if candidates in ("experts8", "all") and isinstance(self.target, PackedTarget):
-            raise UserError(f"quant.switching.candidates={candidates}: a packed model serves row and column slots "
-                            "only (whole 8-bit experts would need a second packed copy); use rows or rows_cols")
+        if EXPERT in CANDIDATES[candidates] and isinstance(self.target, PackedTarget):
+            raise UserError(f"quant.switching.candidates={candidates}: a packed model serves row, column and low-rank "
+                            "slots only (whole 8-bit experts would need a second packed copy); use rows_cols_lowrank")
         self.candidates, self.scoring, self.batch_size = candidates, scoring, batch_size
         self.score_dtype = torch.float32  # float64 picks the same set (tests/switching/test_adaptive.py)
         self.budget_frac, self.slot_bits = float(budget_frac), int(slot_bits)
@@ -225,8 +288,16 @@ class AdaptiveSwitcher(Switcher):
         self.history: dict[str, SlotSet] = {}   # the sets `remember` kept, by dataset name (host memory)
         self.folder: Path | None = None         # saved slot sets to switch to by name (for_saved_sets)
         self._fingerprint: str | None = None    # the packed model's, for saved sets (its codes never change)
+        # the low-rank factors of the running set's components, per matrix (host, fp16): a switch's profile
+        # is gone when the set is built, so the factors computed with it are kept (at most KEEP x the budget)
+        self._factors: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --- state ------------------------------------------------------------------------------
+
+    @property
+    def kinds(self) -> tuple[int, ...]:
+        """The candidate kinds a switch scores (ROW, COLUMN, EXPERT, LOWRANK)."""
+        return CANDIDATES[self.candidates]
 
     @property
     def slots(self) -> SlotSet | None:
@@ -301,6 +372,7 @@ class AdaptiveSwitcher(Switcher):
         chosen, expected, held, select_s = self._select_streaming(windows)
         t1 = time.perf_counter()
         slot_set = self.build_set(chosen)
+        self._factors = {}
         written = self.target.apply(slot_set)
         self.active = slot_set
         t2 = time.perf_counter()
@@ -326,19 +398,27 @@ class AdaptiveSwitcher(Switcher):
         """Profile and score one MoE layer at a time, keeping only the running best set."""
         state = {"best": None, "total": 0.0, "select_s": 0.0}
         held: list[int] = []
+        self._factors = {}
 
         def on_layer(index: int, stats) -> bool:
             if stats is None:
                 return False
             t = time.perf_counter()
             layer_candidates, err = self._layer_candidates(self.layers[index], stats.routed)
-            merged = layer_candidates if state["best"] is None else Candidates.cat(
-                [state["best"].to(layer_candidates.gain.device), layer_candidates])
+            before = state["best"].to(layer_candidates.gain.device) if state["best"] is not None else None
+            merged = layer_candidates if before is None else Candidates.cat([before, layer_candidates])
+            if LOWRANK in self.kinds:  # row/column gains where the provisional choice also takes low-rank components
+                provisional = merged.best_of_each_kind(KEEP * self.budget_nbytes).greedy_within(self.budget_nbytes)
+                layer_candidates = self._rescore_after_lowrank(self.layers[index], stats.routed, layer_candidates,
+                                                               provisional)
+                merged = layer_candidates if before is None else Candidates.cat([before, layer_candidates])
             state["best"] = merged.best_of_each_kind(KEEP * self.budget_nbytes)
+            self._keep_factors_of(state["best"])
             state["total"] += err
             hessians = sum(h.numel() * h.element_size() for h in (stats.routed.hessian_in, stats.routed.hessian_mid)
                            if h is not None)
-            held.append(hessians + layer_candidates.nbytes + state["best"].nbytes)
+            factors = sum(t.numel() * t.element_size() for pair in self._factors.values() for t in pair)
+            held.append(hessians + layer_candidates.nbytes + state["best"].nbytes + factors)
             state["select_s"] += time.perf_counter() - t
             return False
 
@@ -350,6 +430,17 @@ class AdaptiveSwitcher(Switcher):
         best = self._without_raised_experts_pieces(kept, kept.greedy_within(self.budget_nbytes))
         expected = float(best.gain.sum()) / state["total"] if state["total"] > 0 else 0.0
         return best, expected, held, state["select_s"] + time.perf_counter() - t
+
+    def _keep_factors_of(self, kept: Candidates) -> None:
+        """Drop the low-rank factors of components the running set no longer holds (each matrix keeps its
+        components up to the highest one still in the set)."""
+        lr = kept.take(kept.kind == LOWRANK)
+        top: dict[Key, int] = {}
+        for i, e, p, k in zip(lr.layer.tolist(), lr.expert.tolist(), lr.proj.tolist(), lr.index.tolist()):
+            key = (i, e, PROJECTIONS[p])
+            top[key] = max(top.get(key, -1), k)
+        self._factors = {key: (a[:top[key] + 1], bt[:top[key] + 1]) for key, (a, bt) in self._factors.items()
+                         if key in top}
 
     def _without_raised_experts_pieces(self, kept: Candidates, chosen: Candidates) -> Candidates:
         """The greedy choice again without the rows/columns of experts it raised to 8 bits whole (they would
@@ -376,33 +467,38 @@ class AdaptiveSwitcher(Switcher):
         shapes = {p: layer.shape(p) for p in PROJECTIONS}
         rows = {p: torch.zeros(n_experts, shapes[p][0], dtype=torch.float32, device=device) for p in PROJECTIONS}
         cols = {p: torch.zeros(n_experts, shapes[p][1], dtype=torch.float32, device=device) for p in PROJECTIONS}
-        raised, total = [], 0.0
+        raised, total, lowrank = [], 0.0, []
+        rank_cap = min(LOWRANK_MAX_RANK, max(1, KEEP * self.budget_nbytes //
+                                             min(self.lowrank_nbytes(*shapes[p]) for p in PROJECTIONS)))
         for e, n in enumerate(routed.tokens.tolist()):
             if n == 0:
                 continue
-            second = {}
-            for name, h, diag in (("in", routed.hessian_in, wsq["input"]), ("mid", routed.hessian_mid, wsq["neuron"])):
-                hess = h[e].to(dtype) if self.scoring == "hessian" else None
-                second[name] = (hess, torch.diagonal(hess) if hess is not None else diag[e])
             down_master = self.master.get((layer.index, e, "down")).to(device, dtype)
             expert_err, expert_err8, expert_extra = 0.0, 0.0, 0
             for p in PROJECTIONS:
                 key = (layer.index, e, p)
-                master = down_master if p == "down" else self.master.get(key).to(device, dtype)
-                d = master - self.target.bq(key).to(device, dtype)
-                gain = None
-                if p != "down" and self.scoring != "local":
-                    gain = down_master.square().sum(0) * wsq["neuron"][e] / wsq[p][e].clamp_min(1e-12)
-                hess, diag = second["mid" if p == "down" else "in"]
-                row_red, col_red, err = _reductions(d, hess, diag, gain)
+                master, d, hess, diag, gain = self._matrix_terms(layer.index, routed, wsq, e, p, down_master)
+                g = d @ hess if hess is not None else d * diag[None, :]
+                row_red, col_red, err = _reductions(d, g, diag, gain)
+                if LOWRANK in self.kinds:
+                    a, bt, lr_gain = lowrank_components(d, g, hess, diag, gain, rank_cap)
+                    del g
+                    keep = lr_gain > 0
+                    if bool(keep.any()):  # gains of a prefix: stop at the first component that removes nothing
+                        count = int(keep.int().cumprod(0).sum())
+                        self._factors[key] = (a[:count].to("cpu", torch.float16), bt[:count].to("cpu", torch.float16))
+                        lowrank.append(Candidates.of(lr_gain[:count], self.lowrank_nbytes(*shapes[p]), layer.index, e,
+                                                     PROJECTIONS.index(p), LOWRANK,
+                                                     torch.arange(count, device=device)))
                 rows[p][e] = row_red
                 cols[p][e] = col_red
                 total += err
                 expert_err += err
                 bits = self.target.bq_bits(key)
-                if self.candidates in ("experts8", "all") and bits < 8:
+                if EXPERT in self.kinds and bits < 8:
                     d8 = master - quantize_rtn(master, spec8).dequantize().to(dtype)
-                    expert_err8 += _reductions(d8, hess, diag, gain)[2]
+                    g8 = d8 @ hess if hess is not None else d8 * diag[None, :]
+                    expert_err8 += _reductions(d8, g8, diag, gain)[2]
                     out, inp = shapes[p]
                     expert_extra += (8 - bits) * out * inp // 8   # 8-bit codes replace the BQ codes in place
             if expert_extra > 0 and expert_err > expert_err8:
@@ -410,8 +506,8 @@ class AdaptiveSwitcher(Switcher):
         parts = []
         for pi, p in enumerate(PROJECTIONS):
             out, inp = shapes[p]
-            kinds = [(ROW, rows[p], self.slot_nbytes(inp))] if self.candidates in ("rows", "rows_cols", "all") else []
-            if self.candidates in ("rows_cols", "all"):
+            kinds = [(ROW, rows[p], self.slot_nbytes(inp))] if ROW in self.kinds else []
+            if COLUMN in self.kinds:
                 kinds.append((COLUMN, cols[p], self.slot_nbytes(out)))
             for kind, gains, cost in kinds:
                 expert, index = torch.nonzero(gains > 0, as_tuple=True)
@@ -419,13 +515,58 @@ class AdaptiveSwitcher(Switcher):
         for e, reduction, extra in raised:
             parts.append(Candidates.of(torch.tensor([reduction], device=device), extra, layer.index, e, -1, EXPERT,
                                        torch.tensor([-1], device=device)))
+        parts += lowrank
         return (Candidates.cat(parts) if parts else Candidates.empty(device)), total
+
+    def _matrix_terms(self, index: int, routed, wsq: dict, e: int, p: str, down_master: torch.Tensor):
+        """(master, error d = master - BQ, H or None, H's diagonal, per-row output weight or None) of one matrix:
+        what every candidate of it is scored with. Gate/up rows are weighted by how far their error reaches the
+        expert's output (first order: ||W_down[:, r]||^2 E[h_r^2] / E[y_r^2])."""
+        device, dtype = down_master.device, down_master.dtype
+        key = (index, e, p)
+        master = down_master if p == "down" else self.master.get(key).to(device, dtype)
+        d = master - self.target.bq(key).to(device, dtype)
+        gain = None
+        if p != "down" and self.scoring != "local":
+            gain = down_master.square().sum(0) * wsq["neuron"][e] / wsq[p][e].clamp_min(1e-12)
+        h, diag = ((routed.hessian_mid, wsq["neuron"]) if p == "down" else (routed.hessian_in, wsq["input"]))
+        hess = h[e].to(dtype) if self.scoring == "hessian" else None
+        return master, d, hess, (torch.diagonal(hess) if hess is not None else diag[e]), gain
+
+    def _rescore_after_lowrank(self, layer, routed, mine: Candidates, provisional: Candidates) -> Candidates:
+        """Rows and columns of this layer's matrices that the provisional choice also corrects by low rank,
+        scored again on the error the low-rank path leaves (the order the slot table applies them in): scored on
+        the full error, a row counts again what the components already removed. `mine`: the layer's candidates;
+        `provisional`: the greedy choice over the running set with this layer in it."""
+        lr = provisional.take((provisional.kind == LOWRANK) & (provisional.layer == layer.index))
+        if not len(lr) or not ({ROW, COLUMN} & set(self.kinds)):
+            return mine
+        device, dtype = routed.tokens.device, self.score_dtype
+        wsq = {u: routed.channels[u]["wsq"].to(dtype) for u in ("input", "neuron", "gate", "up")}
+        ranks: dict[tuple[int, int], int] = {}
+        for e, pi, k in zip(lr.expert.tolist(), lr.proj.tolist(), lr.index.tolist()):
+            ranks[(e, pi)] = max(ranks.get((e, pi), 0), k + 1)
+        gains = mine.gain.clone()
+        for (e, pi), rank in ranks.items():
+            p = PROJECTIONS[pi]
+            down_master = self.master.get((layer.index, e, "down")).to(device, dtype)
+            _, d, hess, diag, gain = self._matrix_terms(layer.index, routed, wsq, e, p, down_master)
+            a, bt = (t[:rank].to(device, torch.float32) for t in self._factors[(layer.index, e, p)])
+            d = d - (self._as_held(bt).T @ self._as_held(a)).to(dtype)
+            g = d @ hess if hess is not None else d * diag[None, :]
+            row_red, col_red, _ = _reductions(d, g, diag, gain)
+            for kind, red in ((ROW, row_red), (COLUMN, col_red)):
+                which = (mine.expert == e) & (mine.proj == pi) & (mine.kind == kind)
+                gains[which] = red[mine.index[which].long()].float()
+        mine = Candidates(gains, *(getattr(mine, f) for f in Candidates.FIELDS[1:]))
+        return mine.take(mine.gain > 0)
 
     # --- the slot set -----------------------------------------------------------------------
 
     def build_set(self, chosen: Candidates) -> SlotSet:
-        """The chosen pieces' values: per (layer, projection) the row deltas, then the column deltas measured
-        after the rows were applied; whole 8-bit matrices for raised experts."""
+        """The chosen pieces' values, per matrix in the order the slot table adds them: the low-rank components
+        (their factors from the profile), then the row deltas measured after them, then the column deltas
+        measured after the rows; whole 8-bit matrices for raised experts."""
         chosen = chosen.to("cpu")
         slot_set = SlotSet(group_size=self.group_size, slot_bits=self.slot_bits)
         spec8 = QSpec(8, self.group_size)
@@ -437,32 +578,44 @@ class AdaptiveSwitcher(Switcher):
                 for p in PROJECTIONS:
                     slot_set.experts8[(i, e, p)] = quantize_rtn(self.master.get((i, e, p)).float(), spec8)
             for pi, p in enumerate(PROJECTIONS):
-                mine = here.take(here.proj == pi)
+                mine = here.take((here.proj == pi) & (here.kind != EXPERT))
                 if not len(mine):
                     continue
-                row_parts, col_parts = [], []
+                parts = {"rows": [], "cols": [], "lowrank": []}
                 for e in sorted(set(mine.expert.tolist())):
                     key = (i, e, p)
                     bq = self.target.bq(key)
                     master = self.master.get(key).to(bq.device, torch.float32)
-                    rows = mine.index[(mine.expert == e) & (mine.kind == ROW)].long().sort().values.to(bq.device)
-                    cols = mine.index[(mine.expert == e) & (mine.kind == COLUMN)].long().sort().values.to(bq.device)
+                    which = {kind: mine.index[(mine.expert == e) & (mine.kind == kind)].long().sort().values.to(bq.device)
+                             for kind in (ROW, COLUMN, LOWRANK)}
+                    if which[LOWRANK].numel():
+                        a, bt = (t.to(bq.device, torch.float32)[which[LOWRANK]] for t in self._factors[key])
+                        parts["lowrank"].append((e, which[LOWRANK], a, bt))
+                        bq += self._as_held(bt).T @ self._as_held(a)
+                    rows, cols = which[ROW], which[COLUMN]
                     row_deltas = master[rows] - bq[rows]
-                    # the columns see the rows as the slot table will hold them (quantized per slot, so the
-                    # group built below holds exactly these values)
-                    bq[rows] += dequantize_deltas(*quantize_deltas(row_deltas, self.slot_bits, self.group_size),
-                                                  self.group_size)
-                    row_parts.append((e, rows, row_deltas))
-                    col_parts.append((e, cols, (master[:, cols] - bq[:, cols]).T))
-                rows_group = self._group(layer.n_experts, row_parts)
-                cols_group = self._group(layer.n_experts, col_parts)
-                if rows_group is not None:
-                    groups[(p, "rows")] = rows_group
-                if cols_group is not None:
-                    groups[(p, "cols")] = cols_group
+                    # the columns see the rows as the slot table will hold them
+                    bq[rows] += self._as_held(row_deltas)
+                    parts["rows"].append((e, rows, row_deltas))
+                    parts["cols"].append((e, cols, (master[:, cols] - bq[:, cols]).T))
+                for kind in ("rows", "cols"):
+                    group = self._group(layer.n_experts, parts[kind])
+                    if group is not None:
+                        groups[(p, kind)] = group
+                if parts["lowrank"]:
+                    lr = parts["lowrank"]
+                    device = lr[0][1].device
+                    groups[(p, "lowrank")] = LowRankGroup.build(
+                        layer.n_experts, torch.cat([torch.full((idx.numel(),), e, device=device) for e, idx, _, _ in lr]),
+                        torch.cat([idx for _, idx, _, _ in lr]), torch.cat([a for _, _, a, _ in lr]),
+                        torch.cat([bt for _, _, _, bt in lr]), self.slot_bits, self.group_size)
             if groups:
                 slot_set.tables[i] = SlotTable(layer.n_experts, groups)
         return slot_set
+
+    def _as_held(self, values: torch.Tensor) -> torch.Tensor:
+        """Slot values [S, L] as the slot table will hold them (quantized per slot): what later pieces see."""
+        return dequantize_deltas(*quantize_deltas(values, self.slot_bits, self.group_size), self.group_size)
 
     def _group(self, n_experts: int, parts: list):
         """One SlotGroup from per-expert (expert, indices, deltas [n, L]) parts; None when they hold no slot."""
@@ -481,6 +634,10 @@ class AdaptiveSwitcher(Switcher):
     def slot_nbytes(self, length: int) -> int:
         """Device bytes of one row/column slot of `length` values, as the slot table holds it."""
         return slot_nbytes(length, self.slot_bits, self.group_size)
+
+    def lowrank_nbytes(self, out: int, inp: int) -> int:
+        """Device bytes of one rank-1 component of an [out, inp] matrix: an input and an output factor slot."""
+        return self.slot_nbytes(inp) + self.slot_nbytes(out)
 
     def extra_nbytes(self) -> int:
         """Device bytes of the active slots (raised experts: their codes' bytes over BQ's)."""

@@ -1,7 +1,7 @@
 """A dataset's slot set: what the adaptive switch chose and computed for it, as one typed artifact.
 
-`SlotSet` holds, per MoE layer, a `dynamo_kernels.slots.SlotTable` (row and column corrections
-of the BQ weights, 8-bit codes or fp16) and, for `candidates=experts8|all`, whole matrices at 8 bits
+`SlotSet` holds, per MoE layer, a `dynamo_kernels.slots.SlotTable` (row, column and low-rank
+corrections of the BQ weights, 8-bit codes or fp16) and, for `candidates=experts8|all`, whole matrices at 8 bits
 (fake-quantized models only). It is all a switch needs: a switch computes one from new windows and
 the master copy; a switch "by name" copies a saved one into the model, no master needed.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dynamo_kernels.slots import KINDS, SlotGroup, SlotTable
+from dynamo_kernels.slots import KINDS, LowRankGroup, SlotGroup, SlotTable
 
 from ..errors import UserError
 from ..quant.rtn import QuantizedWeight
@@ -49,7 +49,8 @@ class SlotSet:
     def counts(self) -> dict[str, int]:
         n = {kind: sum(int(g.index.numel()) for t in self.tables.values() for (_, k), g in t.groups.items()
                        if k == kind) for kind in KINDS}
-        return {"rows": n["rows"], "columns": n["cols"], "experts8": len({k[:2] for k in self.experts8})}
+        return {"rows": n["rows"], "columns": n["cols"], "lowrank": n["lowrank"],
+                "experts8": len({k[:2] for k in self.experts8})}
 
     def experts_changed(self) -> int:
         touched = {(i, int(e)) for i, t in self.tables.items() for g in t.groups.values()
@@ -57,8 +58,8 @@ class SlotSet:
         return len(touched | {k[:2] for k in self.experts8})
 
     def slot_values(self) -> int:
-        """Weights a slot covers (row and column values, whole 8-bit matrices): for exact_bits."""
-        return sum(int(g.codes.numel()) for t in self.tables.values() for g in t.groups.values())
+        """Values the slots hold (row and column values, low-rank factors): for exact_bits."""
+        return sum(g.values for t in self.tables.values() for g in t.groups.values())
 
     def to(self, device) -> SlotSet:
         return SlotSet({i: t.to(device) for i, t in self.tables.items()},
@@ -93,8 +94,9 @@ class SlotSet:
         for i, by_group in groups.items():
             if i not in n_experts:
                 raise ValueError(f"layer {i} is not an MoE layer of this model")
-            tables[i] = SlotTable(n_experts[i], {key: SlotGroup.from_tensors(n_experts[i], t, group_size)
-                                                 for key, t in by_group.items()})
+            tables[i] = SlotTable(n_experts[i], {
+                key: (LowRankGroup if key[1] == "lowrank" else SlotGroup).from_tensors(n_experts[i], t, group_size)
+                for key, t in by_group.items()})
         spec = QSpec(8, group_size)
         experts8 = {k: QuantizedWeight(t["codes"], t["scales"], t["zeros"], spec) for k, t in eight.items()}
         return cls(tables, experts8, group_size, slot_bits)

@@ -2,9 +2,10 @@
 model's slot tables. Both take a whole `SlotSet` (or None: back to BQ) and either apply all of it or
 leave the model as it was.
 
-- `DenseTarget`: a row slot is written as W[r] = W_bq[r] + delta, then a column slot as
-  W[:, j] += delta (one `index_copy_` per matrix and kind); the BQ slices it covers are backed up
-  per matrix, so going back restores them exactly.
+- `DenseTarget`: low-rank components are added to the whole matrix (W = W_bq + B A), then a row slot
+  is written as W[r] += delta, then a column slot as W[:, j] += delta (one `index_copy_` per matrix
+  and kind); the BQ slices it covers (the whole matrix under a low-rank path) are backed up per
+  matrix, so going back restores them exactly.
 - `PackedTarget`: each packed layer's `slot_table` is replaced (dynamo_kernels/slots.py); the packed
   codes are never touched, so BQ is simply "no table".
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from dynamo_kernels.packing import PackedWeight
-from dynamo_kernels.slots import SlotTable
+from dynamo_kernels.slots import LowRankGroup, SlotTable
 
 from ..adapters import PROJECTIONS, moe_layers
 from ..errors import UserError
@@ -35,20 +36,30 @@ class Change:
     cols: torch.Tensor                  # [c] int64
     col_deltas: torch.Tensor            # [N, c]
     full: torch.Tensor | None = None    # [N, K] whole matrix (an expert raised to 8 bits)
+    lowrank: tuple | None = None        # (A [r, K], B^T [r, N]): W += B A before the rows and columns
 
     @classmethod
     def of(cls, device, rows: tuple | None = None, cols: tuple | None = None,
-           full: torch.Tensor | None = None) -> Change:
+           full: torch.Tensor | None = None, lowrank: tuple | None = None) -> Change:
         """From (indices [n], deltas [n, L]) of the rows and of the columns (None: no slot of that kind)."""
         none = (torch.empty(0, dtype=torch.int64), torch.empty(0, 0))
         (r, row_deltas), (c, col_deltas) = rows or none, cols or none
+        if lowrank is not None:
+            lowrank = tuple(t.to(device, torch.float32) for t in lowrank)
         return cls(r.to(device), row_deltas.to(device, torch.float32), c.to(device),
-                   col_deltas.T.to(device, torch.float32), full)
+                   col_deltas.T.to(device, torch.float32), full, lowrank)
+
+    @property
+    def whole(self) -> bool:
+        """The change touches every value of the matrix (backed up whole)."""
+        return self.full is not None or self.lowrank is not None
 
     @property
     def values(self) -> int:
-        return int(self.full.numel()) if self.full is not None else int(self.row_deltas.numel() +
-                                                                           self.col_deltas.numel())
+        if self.full is not None:
+            return int(self.full.numel())
+        factors = sum(int(t.numel()) for t in self.lowrank) if self.lowrank is not None else 0
+        return int(self.row_deltas.numel() + self.col_deltas.numel()) + factors
 
 
 def check_slot_set(slot_set: SlotSet, layers: dict) -> None:
@@ -59,13 +70,18 @@ def check_slot_set(slot_set: SlotSet, layers: dict) -> None:
             raise UserError(f"the slot set has slots for layer {i}, which is not an MoE layer of this model")
         for (p, kind), group in table.groups.items():
             n, k = layer.shape(p)
-            length, limit = (k, n) if kind == "rows" else (n, k)
-            s = int(group.index.numel())
-            if (group.length != length or table.n_experts != layer.n_experts or group.expert.numel() != s or
-                    group.codes.shape[0] != s or (s and (int(group.index.max()) >= limit or int(group.index.min()) < 0
-                                                         or int(group.expert.max()) >= layer.n_experts))):
-                raise UserError(f"the slot set's layer {i} {p} {kind} do not fit this model ({s} slots of "
-                                f"{group.length} values; the model's matrices are [{n}, {k}])")
+            if isinstance(group, LowRankGroup):  # components: a of length K, b of length N, any index
+                parts = [(group.a, k, 1 << 62), (group.b, n, 1 << 62)]
+            else:
+                parts = [(group, *((k, n) if kind == "rows" else (n, k)))]
+            for part, length, limit in parts:
+                s = int(part.index.numel())
+                if (part.length != length or table.n_experts != layer.n_experts or part.expert.numel() != s or
+                        part.codes.shape[0] != s or (s and (int(part.index.max()) >= limit or
+                                                            int(part.index.min()) < 0 or
+                                                            int(part.expert.max()) >= layer.n_experts))):
+                    raise UserError(f"the slot set's layer {i} {p} {kind} do not fit this model ({s} slots of "
+                                    f"{part.length} values; the model's matrices are [{n}, {k}])")
     for (i, e, p) in slot_set.experts8:
         if i not in layers or not 0 <= e < layers[i].n_experts or p not in PROJECTIONS:
             raise UserError(f"the slot set raises layer {i} expert {e} {p}, which this model does not have")
@@ -77,6 +93,10 @@ def changes_of(slot_set: SlotSet, device_of) -> dict[Key, Change]:
     for i, table in slot_set.tables.items():
         for p in PROJECTIONS:
             parts = {}
+            lowrank = table.groups.get((p, "lowrank"))
+            if lowrank is not None:
+                for e in torch.unique(lowrank.expert).tolist():
+                    parts.setdefault(e, {})["lowrank"] = lowrank.factors(e)
             for kind in ("rows", "cols"):
                 group = table.groups.get((p, kind))
                 if group is None:
@@ -86,7 +106,8 @@ def changes_of(slot_set: SlotSet, device_of) -> dict[Key, Change]:
                     if count:
                         parts.setdefault(e, {})[kind] = (group.index[start:start + count], deltas[start:start + count])
             for e, kinds in parts.items():
-                changes[(i, e, p)] = Change.of(device_of((i, e, p)), kinds.get("rows"), kinds.get("cols"))
+                changes[(i, e, p)] = Change.of(device_of((i, e, p)), kinds.get("rows"), kinds.get("cols"),
+                                               lowrank=kinds.get("lowrank"))
     for key, q in slot_set.experts8.items():
         device = device_of(key)
         changes[key] = Change.of(device, full=q.to(device).dequantize())
@@ -98,6 +119,9 @@ def _write_matrix(weight: torch.Tensor, change: Change) -> None:
     if change.full is not None:
         weight.copy_(change.full.to(weight.dtype))
         return
+    if change.lowrank is not None:
+        a, bt = change.lowrank
+        weight.copy_((weight.float() + bt.T @ a).to(weight.dtype))
     if change.rows.numel():
         weight.index_copy_(0, change.rows, (weight[change.rows].float() + change.row_deltas).to(weight.dtype))
     if change.cols.numel():
@@ -171,7 +195,8 @@ class DenseTarget:
             parts = [b for b in (old, new) if b is not None]
             rows = torch.cat([b.rows for b in parts]).unique()
             cols = torch.cat([b.cols for b in parts]).unique()
-            snapshots[key] = _Backup.of(self.weight(key), rows, cols, any(b.full is not None for b in parts))
+            whole = (old is not None and old.full is not None) or (new is not None and new.whole)
+            snapshots[key] = _Backup.of(self.weight(key), rows, cols, whole)
         backups, written = {}, 0
         try:
             for key in touched:
@@ -180,7 +205,7 @@ class DenseTarget:
                     self.backup[key].restore(weight)
                 change = changes.get(key)
                 if change is not None:
-                    backups[key] = _Backup.of(weight, change.rows, change.cols, change.full is not None)
+                    backups[key] = _Backup.of(weight, change.rows, change.cols, change.whole)
                     _write_matrix(weight, change)
                     written += change.values
         except BaseException:
@@ -234,11 +259,12 @@ class PackedTarget:
         if slot_set is not None:
             check_slot_set(slot_set, self.layers)
             if slot_set.experts8:
-                raise UserError("a packed model serves row and column slots only; this set raises whole experts")
+                raise UserError("a packed model serves row, column and low-rank slots only; this set raises whole "
+                                "experts")
             tables.update({i: t.to(self.device((i, 0, "gate"))) for i, t in slot_set.tables.items()})
         for i, table in tables.items():
             self.modules[i].slot_table = table
-        return sum(int(g.codes.numel()) for t in tables.values() if t is not None for g in t.groups.values())
+        return sum(g.values for t in tables.values() if t is not None for g in t.groups.values())
 
 
 def target_for(model, plan):

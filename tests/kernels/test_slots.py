@@ -1,5 +1,5 @@
-"""Slot tables on packed experts: a layer with row and column corrections equals the dense layer whose
-weights were corrected the same way (rows first, then columns), on every path that runs it."""
+"""Slot tables on packed experts: a layer with low-rank, row and column corrections equals the dense layer whose
+weights were corrected the same way (W_bq + B A, rows, then columns), on every path that runs it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import dynamo_kernels.slots as slots_module
 from dynamo_kernels.experts import PackedExperts
 from dynamo_kernels.moe import moe_experts as moe_grouped
 from dynamo_kernels.reference import grouped_dequant_matmul_ref, moe_experts_ref
-from dynamo_kernels.slots import SlotGroup, SlotTable, dequantize_deltas, quantize_deltas, slot_nbytes
+from dynamo_kernels.slots import LowRankGroup, SlotGroup, SlotTable, dequantize_deltas, quantize_deltas, slot_nbytes
 from random_experts import dense_moe, dequantized, random_experts, skewed_routing
 
 GEN = torch.Generator().manual_seed(5)
@@ -29,6 +29,11 @@ def random_table(bits: int) -> SlotTable:
                 index += torch.randperm(limit, generator=GEN)[:count].tolist()
             deltas = 0.1 * torch.randn(len(index), length, generator=GEN)
             groups[(p, kind)] = SlotGroup.build(E, torch.tensor(experts), torch.tensor(index), deltas, bits, 8)
+        ranks = [2, 0, 1, 3, 0]  # components per expert, unsorted on purpose
+        experts = torch.tensor([e for e, r in enumerate(ranks) for _ in range(r)]).flip(0)
+        index = torch.tensor([c for r in ranks for c in range(r)]).flip(0)
+        groups[(p, "lowrank")] = LowRankGroup.build(E, experts, index, 0.3 * torch.randn(len(index), k, generator=GEN),
+                                                    0.3 * torch.randn(len(index), n, generator=GEN), bits, 8)
     return SlotTable(E, groups)
 
 
@@ -36,6 +41,9 @@ def dense_corrected(experts: PackedExperts, table: SlotTable, hidden, index, wei
     """Token by token in float64 from dequantized weights with the deltas added: rows, then columns."""
     def dense(e: int, p: str) -> torch.Tensor:
         w = dequantized(experts, e, p)
+        lowrank = table.groups[(p, "lowrank")]
+        mine = lowrank.expert == e
+        w += lowrank.b.deltas()[mine].double().T @ lowrank.a.deltas()[mine].double()
         for kind in ("rows", "cols"):
             g = table.groups[(p, kind)]
             mine = g.expert == e
@@ -85,3 +93,15 @@ def test_slot_groups_sort_by_expert_and_count_their_bytes():
     assert group.nbytes == 4 * slot_nbytes(16, 8, 8)        # what a switch's budget spends per slot
     with pytest.raises(ValueError, match="unknown slot group"):
         SlotTable(4, {("gate", "diagonal"): group})
+
+
+def test_a_low_rank_group_pairs_its_factors_and_costs_one_slot_of_each_length():
+    a, b = torch.randn(3, 16, generator=GEN), torch.randn(3, 12, generator=GEN)
+    group = LowRankGroup.build(4, torch.tensor([3, 0, 3]), torch.tensor([1, 0, 0]), a, b, 16, 8)
+    assert group.expert.tolist() == [0, 3, 3] and group.index.tolist() == [0, 0, 1]
+    assert group.nbytes == 3 * (slot_nbytes(16, 16, 8) + slot_nbytes(12, 16, 8))
+    factors = group.factors(3)
+    assert torch.allclose(factors[0], a[[2, 0]], atol=1e-3) and torch.allclose(factors[1], b[[2, 0]], atol=1e-3)
+    assert group.factors(1) is None
+    back = LowRankGroup.from_tensors(4, group.tensors(), 8)
+    assert torch.equal(back.b.codes, group.b.codes) and torch.equal(back.a.index, group.a.index)

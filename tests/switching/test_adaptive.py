@@ -29,18 +29,23 @@ def setup(family: str, **kwargs):
 
 
 def slot_positions(sw: AdaptiveSwitcher) -> dict:
-    """Per matrix key: the (rows, cols) the active slot set covers, or "full" for a raised expert."""
+    """Per matrix key: the (rows, cols, low-rank product or None) the active slot set covers, or "full" for a
+    raised expert."""
     out = {k: "full" for k in sw.slots.experts8}
     for i, table in sw.slots.tables.items():
         for (p, kind), g in table.groups.items():
-            for e, idx in zip(g.expert.tolist(), g.index.tolist()):
-                rows, cols = out.setdefault((i, e, p), (set(), set()))
-                (rows if kind == "rows" else cols).add(idx)
+            for e in torch.unique(g.expert).tolist():
+                rows, cols, _ = out.setdefault((i, e, p), (set(), set(), None))
+                if kind == "lowrank":
+                    a, bt = g.factors(e)
+                    out[(i, e, p)] = (rows, cols, bt.T @ a)
+                else:
+                    (rows if kind == "rows" else cols).update(g.index[g.expert == e].tolist())
     return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("candidates", ["rows_cols", "experts8", "all"])
+@pytest.mark.parametrize("candidates", ["rows_cols", "experts8", "lowrank", "all"])
 def test_switch_restores_master_values_into_chosen_slots_only_within_budget(family, candidates):
     s, fp16, sw = setup(family, budget_frac=0.05, candidates=candidates, slot_bits=16)  # fp16 deltas
     bq = {(layer.index, e, p): layer.weight(e, p).clone() for layer in moe_layers(s.model)
@@ -56,11 +61,17 @@ def test_switch_restores_master_values_into_chosen_slots_only_within_budget(fami
         if where[key] == "full":
             assert torch.equal(now, quantize_rtn(master, QSpec(8, s.plan.default.group_size)).dequantize()), key
             continue
-        rows, cols = (sorted(x) for x in where[key])
+        rows, cols, product = where[key]
+        rows, cols = sorted(rows), sorted(cols)
         untouched = torch.ones_like(w, dtype=torch.bool)
         untouched[rows] = False
         untouched[:, cols] = False
-        assert torch.equal(now[untouched], w[untouched]), key
+        if product is None:
+            assert torch.equal(now[untouched], w[untouched]), key
+        else:  # BQ + B A where no row or column slot overwrote it (fp16 factors: their rounding)
+            assert torch.allclose(now[untouched], (w + product)[untouched], rtol=0,
+                                  atol=2 ** -10 * float(product.abs().max()) + 1e-6), key
+            assert not torch.allclose(now, w), key
         # a restored slice holds the master's values up to the fp16 rounding of its delta
         scale = float((master - w).abs().max()) * 2 ** -10 + 1e-7
         assert torch.allclose(now[:, cols], master[:, cols], rtol=0, atol=scale), key
@@ -69,7 +80,9 @@ def test_switch_restores_master_values_into_chosen_slots_only_within_budget(fami
     if candidates == "rows_cols":
         assert counts["experts8"] == 0 and counts["rows"] + counts["columns"] > 0
     if candidates == "experts8":
-        assert counts["experts8"] > 0 and counts["rows"] + counts["columns"] == 0
+        assert counts["experts8"] > 0 and counts["rows"] + counts["columns"] + counts["lowrank"] == 0
+    if candidates == "lowrank":
+        assert counts["lowrank"] > 0 and counts["rows"] + counts["columns"] + counts["experts8"] == 0
     assert report.exact_bits > sum(s.plan.spec_for(*k).bits * w.numel() for k, w in bq.items()) / \
         sum(w.numel() for w in bq.values())
 

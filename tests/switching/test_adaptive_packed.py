@@ -45,14 +45,15 @@ def packed_tensors(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("slot_bits", [8, 16])
-def test_packed_slots_compute_what_the_fake_quantized_model_holds(family, slot_bits):
-    dense, packed = dense_and_packed(family, slot_bits=slot_bits)
+@pytest.mark.parametrize("slot_bits,candidates", [(8, "rows_cols"), (16, "rows_cols"), (8, "rows_cols_lowrank"),
+                                                  (16, "lowrank")])
+def test_packed_slots_compute_what_the_fake_quantized_model_holds(family, slot_bits, candidates):
+    dense, packed = dense_and_packed(family, slot_bits=slot_bits, candidates=candidates)
     assert isinstance(packed.target, PackedTarget)
     ids = tokens(LOW, 2, 16, seed=9)
     codes = packed_tensors(packed.model)
     report = dense.switch_to(tokens(HIGH, 3, 16, seed=4))
-    assert sum(report.slots.values()) > 0
+    assert sum(report.slots.values()) > 0 and (report.slots["lowrank"] > 0) == ("lowrank" in candidates)
     packed.switch_to_set(dense.slots, "high")
     for layer in moe_layers(packed.model):  # per matrix: BQ + the same deltas
         for e in range(layer.n_experts):
@@ -81,12 +82,12 @@ def test_a_packed_model_profiles_and_selects_the_same_slots_itself(family):
 
 def test_packed_models_refuse_whole_8_bit_experts():
     dense, packed = dense_and_packed("olmoe")
-    with pytest.raises(UserError, match="row and column slots only"):
+    with pytest.raises(UserError, match="row, column and low-rank slots only"):
         AdaptiveSwitcher(packed.model, None, packed.master, candidates="experts8")
 
 
 def test_saved_slot_sets_round_trip_and_switch_by_a_copy(tmp_path):
-    dense, packed = dense_and_packed("qwen2_moe")
+    dense, packed = dense_and_packed("qwen2_moe", candidates="rows_cols_lowrank")
     n_experts = {i: layer.n_experts for i, layer in packed.layers.items()}
     for name, span, seed in (("low", LOW, 1), ("high", HIGH, 2)):
         dense.switch_to(tokens(span, 3, 16, seed=seed))
