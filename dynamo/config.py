@@ -190,7 +190,7 @@ class SwitchingConfig:
 
 
 class ExportFormat(Enum):
-    """What a quantized run also writes at its end (dynamo/export/, README "Using the quantized model elsewhere")."""
+    """What a quantized run also writes at its end (dynamo/export/, docs/export.md)."""
     none = "none"
     packed = "packed"            # packed_model/: packed low-bit experts; loads with this harness only
     dequantized = "dequantized"  # dequantized_model/: a standard checkpoint holding the quantized values

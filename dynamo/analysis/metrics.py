@@ -4,7 +4,7 @@ A metric maps one dataset's routed capture of one MoE layer to S_ch [n_experts, 
 unit (gate, up, down: output rows; neuron: an intermediate neuron). A metric that needs a running
 sum the capture does not keep registers it with `register_statistic` and names it in
 `register_metric(..., statistic=...)`: captures for that metric accumulate it (and the analysis
-cache keys them apart); see README "Write your own ablation".
+cache keys them apart); see docs/extending.md, "Write your own ablation".
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 One registry (`EXPORTERS`) maps each format to its check, run before any work so a run that
 cannot export fails in seconds, its writer, run after every evaluation, and optionally a dataclass of
 its own settings (quant.export_params, read with `export_params(quant)`; registry.parse_params). Both get the config
-nodes they read (quant, model, and analysis for the check), not the whole config. README: "Using the
-quantized model elsewhere".
+nodes they read (quant, model, and analysis for the check), not the whole config. docs/export.md: "Using
+the quantized model elsewhere".
 """
 
 from __future__ import annotations

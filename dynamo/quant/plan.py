@@ -131,7 +131,7 @@ class QuantPlan:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UserError(f"cannot read plan {path}: {err}") from None
         if not isinstance(data, dict):
-            raise UserError(f"{path}: a plan is a JSON object (see README 'Write your own ablation')")
+            raise UserError(f"{path}: a plan is a JSON object (see docs/extending.md, 'Write your own ablation')")
         return cls.from_dict(data, where=str(path))
 
     def validate_against(self, layers: dict[int, int], shared_layers: set[int]) -> None:

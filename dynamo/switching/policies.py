@@ -29,6 +29,9 @@ class AdaptivePolicy:
         if not 0.0 < sw.budget_frac < 1.0:
             raise UserError(f"quant.switching.budget_frac must be in (0, 1) (a share of the routed experts' FP16 "
                             f"bytes), got {sw.budget_frac}")
+        if quant.export.value == "packed" and sw.candidates.value in ("experts8", "all"):
+            raise UserError(f"quant.switching.candidates={sw.candidates.value} raises whole experts to 8 bits, which a "
+                            "packed export's slot tables cannot hold; use candidates=rows_cols_lowrank (or lowrank)")
 
     @staticmethod
     def prepare(model, quant, analysis, significance, run_dir: Path):
