@@ -64,3 +64,20 @@ def test_the_diagonal_scorings_use_the_diagonal_only():
     assert error(residual, torch.diag(diag), w) == pytest.approx(optimum(d, torch.diag(diag), w, 4), rel=1e-9)
     assert float(gains.sum()) == pytest.approx(error(d, torch.diag(diag), w) - error(residual, torch.diag(diag), w),
                                                rel=1e-9)
+
+
+@pytest.mark.parametrize("candidates", ["all", "experts8"])
+def test_a_packed_export_refuses_whole_8_bit_experts_before_any_model_work(candidates):
+    from dynamo.errors import UserError
+    from dynamo.pipeline import check_switching
+    from dynamo.config import register_hydra
+    from dynamo.preflight import compose_checked
+
+    register_hydra()
+    cfg, = compose_checked(["quant=dynamo_3bit", "quant.export=packed", f"quant.switching.candidates={candidates}"],
+                           multirun=False)
+    with pytest.raises(UserError, match="rows_cols_lowrank"):
+        check_switching(cfg)
+    ok, = compose_checked(["quant=dynamo_3bit", "quant.export=packed", "quant.switching.candidates=rows_cols_lowrank"],
+                          multirun=False)
+    check_switching(ok)
