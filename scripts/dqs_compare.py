@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dynamo.diagnostics.compare_report import budget_key, figure, markdown, summarize
-from dynamo.diagnostics.dqs import Bench, fmt
+from dynamo.diagnostics.dqs import FULL, QUICK, Bench, fmt
 from dynamo.errors import UserError
 from dynamo.records import device_info, package_versions, write_json_atomic
 
@@ -35,8 +35,6 @@ POLICIES = {  # name -> switcher spec (dynamo.diagnostics.dqs.Bench.switcher); a
 }
 BUDGETS = [0.005, 0.01, 0.02]
 MODELS = ["testbed-qwen-moe", "tiny-olmoe"]
-QUICK = {"calib_eval_windows": 2, "test_windows": 3,
-         "overrides": ("calib.windows=2", "analysis.windows=2", "quant.switching.sample_windows=2")}
 
 
 def main() -> None:
@@ -47,13 +45,17 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
     parser.add_argument("--domains", nargs="+", default=None, help="default: every domain of the suite")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the full GPTQ re-quantization per domain")
+    parser.add_argument("--test-windows", type=int, default=FULL["test_windows"],
+                        help="test windows per domain, evenly spaced (0: all)")
+    parser.add_argument("--calib-eval-windows", type=int, default=FULL["calib_eval_windows"],
+                        help="held-out calib windows per domain (the choice is made on them)")
     parser.add_argument("--quick", action="store_true", help="a few windows everywhere (a smoke test, not a result)")
     parser.add_argument("--out-dir", type=Path, default=Path("results") / "diagnostics")
     args = parser.parse_args()
     for b in args.budgets:
         if not 0.0 < b < 1.0:
             parser.error(f"--budgets: {b} is not a fraction in (0, 1)")
-    sizes = QUICK if args.quick else {"calib_eval_windows": 8, "test_windows": 30}
+    sizes = QUICK if args.quick else {"calib_eval_windows": args.calib_eval_windows, "test_windows": args.test_windows}
     out = args.out_dir / f"dqs_compare_{args.model}.json"
     threads = os.environ.get("OMP_NUM_THREADS")
     command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python scripts/dqs_compare.py " + " ".join(sys.argv[1:])
@@ -81,21 +83,24 @@ def main() -> None:
             if not args.no_ceiling:
                 rows[d]["gptq_ceiling"], _ = bench.gptq_ceiling(d, realized=True)
                 print(f"{d:>10} GPTQ ceiling test {fmt(rows[d]['gptq_ceiling']['test']['damage_removed'])}", flush=True)
-        summary = {
-            "script": "scripts/dqs_compare.py", "command": command, "model": args.model, "quant": args.quant,
-            "quick": args.quick, "budgets": args.budgets, "policies": {n: POLICIES[n] for n in args.policies},
-            "skipped": skipped, "domains": bench.domains, "known": bench.known, "novel": bench.novel,
-            "protocol": bench.protocol(), "expert_fp16_nbytes": bench.master.fp16_nbytes,
-            "paper_cache_nbytes": bench.cache.nbytes, "bq_digest": bench.bq_digest, "bq_restored_bitwise": True,
-            "domains_report": rows, "wall_s": bench.wall_s, "threads": torch.get_num_threads(),
-            "device": device_info(torch.device("cpu")), "versions": package_versions(),
-        }
-    summary["summary"] = summarize(summary)
-    write_json_atomic(out, summary)
-    out.with_suffix(".md").write_text(markdown(summary))
-    print(figure(summary, out.with_suffix(".png")))
+            # written after every domain: a run stopped early still leaves what it measured (marked partial)
+            save(out, {
+                "script": "scripts/dqs_compare.py", "command": command, "model": args.model, "quant": args.quant,
+                "quick": args.quick, "complete": list(rows) == bench.domains, "budgets": args.budgets,
+                "policies": {n: POLICIES[n] for n in args.policies}, "skipped": skipped, "domains": list(rows),
+                "planned_domains": bench.domains, "known": bench.known, "novel": [n for n in bench.novel if n in rows],
+                "protocol": bench.protocol(), "expert_fp16_nbytes": bench.master.fp16_nbytes,
+                "paper_cache_nbytes": bench.cache.nbytes, "bq_digest": bench.bq_digest, "bq_restored_bitwise": True,
+                "domains_report": rows, "wall_s": bench.wall_s, "threads": torch.get_num_threads(),
+                "device": device_info(torch.device("cpu")), "versions": package_versions()})
     print(f"-> {out}")
 
+
+def save(out: Path, record: dict) -> None:
+    record["summary"] = summarize(record)
+    write_json_atomic(out, record)
+    out.with_suffix(".md").write_text(markdown(record))
+    print(figure(record, out.with_suffix(".png")), flush=True)
 
 if __name__ == "__main__":
     main()

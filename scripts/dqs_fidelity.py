@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dynamo import stats
-from dynamo.diagnostics.dqs import Bench, fmt
+from dynamo.diagnostics.dqs import QUICK, Bench, fmt
 from dynamo.records import device_info, package_versions, write_json_atomic
 
 # (candidates, scoring, slot_bits)
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--test-windows", type=int, default=30, help="test windows per domain, evenly spaced (0: all)")
     parser.add_argument("--domains", nargs="+", default=None, help="default: the suite's novel domains")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="a few short windows everywhere (a smoke test)")
     parser.add_argument("--variants", nargs="+", default=None,
                         help="adaptive variants as candidates/scoring/slot_bits (default: all of ADAPTIVE)")
     parser.add_argument("--baseline", type=Path, default=None,
@@ -51,8 +52,8 @@ def main() -> None:
     specs.update({f"adaptive/{c}/{s}/{b}": {"policy": "adaptive", "candidates": c, "scoring": s, "slot_bits": b}
                   for c, s, b in chosen})
 
-    with Bench(args.model, args.quant, args.domains, novel_only=args.domains is None,
-               calib_eval_windows=args.calib_eval_windows, test_windows=args.test_windows) as bench:
+    sizes = QUICK if args.quick else {"calib_eval_windows": args.calib_eval_windows, "test_windows": args.test_windows}
+    with Bench(args.model, args.quant, args.domains, novel_only=args.domains is None, **sizes) as bench:
         report = {d: {"bq": bench.bq_row(d)} for d in bench.domains}
         for d in bench.domains:
             kl = {}
@@ -77,8 +78,8 @@ def main() -> None:
             "design_choice": {"criterion": "mean damage removed over domains on held-out calib windows",
                               "calib_mean_damage_removed": calib_mean, "chosen": max(calib_mean, key=calib_mean.get)},
             "ceilings_quoted_by_issue": CEILINGS, "target_damage_removed": TARGET_DAMAGE_REMOVED,
-            "domains_report": report, "wall_s": bench.wall_s, "threads": torch.get_num_threads(), "device": device_info(torch.device("cpu")),
-            "versions": package_versions(),
+            "domains_report": report, "wall_s": bench.wall_s, "threads": torch.get_num_threads(),
+            "device": device_info(torch.device("cpu")), "versions": package_versions(),
         }
     if args.baseline is not None:
         summary["vs_baseline"] = against_baseline(report, args.baseline)

@@ -69,6 +69,9 @@ def markdown(summary: dict) -> str:
              f"{summary['protocol']['fit_windows']} calib windows of the domain (never the held-out ones) at BQ's bits.",
              "realized = share of the routed experts' output error (router-weighted, vs FP16) removed on the held-out "
              "calib windows; realized / estimated divides it by the switch's expected_reduction.", ""]
+    if not summary.get("complete", True):
+        lines += [f"**Partial: {len(summary['domains'])} of the {len(summary['planned_domains'])} planned domains "
+                  f"({summary['planned_domains']}) measured; the run was stopped.**", ""]
     if summary["quick"]:
         lines += ["**--quick: a smoke test on a few windows, not a result.**", ""]
     for name, why in summary["skipped"].items():

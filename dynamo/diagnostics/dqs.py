@@ -98,6 +98,12 @@ def fmt(iv: dict, pct: bool = True) -> str:
     return f"{f(iv['estimate'])} [{f(iv['low'])}, {f(iv['high'])}]"
 
 
+# --quick: a smoke test of the whole protocol in seconds (a few short windows everywhere), never a result
+QUICK = {"calib_eval_windows": 2, "test_windows": 2,
+         "overrides": ("calib.windows=2", "analysis.windows=2", "quant.switching.sample_windows=2", "eval.seqlen=128",
+                       "analysis.seqlen=128", "calib.seqlen=128")}
+FULL = {"calib_eval_windows": 8, "test_windows": 30}
+
 SWITCH_KEYS = ("total_s", "profile_s", "experts_changed", "exact_bits", "extra_nbytes", "slots", "expected_reduction",
                "bytes_moved")
 
