@@ -143,6 +143,8 @@ class Bench:
         self.bos_id = bos_id_for(cfg.model, tokenizer)  # windows as the model was trained (model.bos_windows)
         self.windows = {d: self._windows(tokenizer, d) for d in self.domains}
         self.fp16 = {(d, s): self.evaluate(d, s, record=True) for d in self.domains for s in SPLITS}
+        # whole copies of the model (FP16 and BQ): the ceiling re-quantizes from FP16 and puts BQ back; the bench is
+        # for the embedded models (tens of MB), not real-width ones
         self.fp16_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         tokens = RunTokens(tokenizer, self.sources, self.bos_id)
         self.significance, _, _ = run_analysis(self.loaded, tokens, cfg, tmp)
@@ -209,6 +211,8 @@ class Bench:
         policy = spec.pop("policy")
         if policy == "paper":
             return PaperPolicy.build(self.model, self.plan, self.significance, self.cache, cfg.quant, cfg.analysis)
+        # built here, not by AdaptivePolicy.build: a spec may name a candidate kind the config schema does not list
+        # yet, and then the switcher's own check (a UserError) is what the caller reports
         sw = cfg.quant.switching
         kwargs = {"budget_frac": sw.budget_frac if budget_frac is None else budget_frac,
                   "candidates": sw.candidates.value, "scoring": sw.scoring.value, "slot_bits": sw.slot_bits,
