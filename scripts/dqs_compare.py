@@ -31,6 +31,7 @@ POLICIES = {  # name -> switcher spec (dynamo.diagnostics.dqs.Bench.switcher); a
     "rows_cols": {"policy": "adaptive", "candidates": "rows_cols"},
     "experts8": {"policy": "adaptive", "candidates": "experts8"},
     "lowrank": {"policy": "adaptive", "candidates": "lowrank"},
+    "rows_cols_lowrank": {"policy": "adaptive", "candidates": "rows_cols_lowrank"},   # what a packed model serves
     "all": {"policy": "adaptive", "candidates": "all"},
 }
 BUDGETS = [0.005, 0.01, 0.02]
