@@ -104,6 +104,23 @@ CASES = {
     "directory_as_data": (["dataset=local", "dataset.path={folder}", *FAST[:2]], "is a directory; give a data file"),
     "one_token_calib_file": (["dataset=local", "dataset.path={good}", "dataset.calib_path={one_token}",
                               "calib.enabled=true", *FAST[:2]], "less than one window of calib.seqlen=512"),
+    # names and paths that do not exist, data a run cannot use, exports a run cannot write (once each a
+    # `python run.py` subprocess in tests/test_run.py; its real-process check keeps one of them)
+    "unknown_model": (["model=nope"], "unknown model 'nope'; choose one of:"),
+    "unknown_dataset": (["dataset=wikitxt2"], "unknown dataset 'wikitxt2'"),
+    "no_checkpoint": (["model=local", "model.path=/no/such/checkpoint"], "no checkpoint there"),
+    "local_model_without_path": (["model=local"], "missing required value(s): model.path"),
+    "local_dataset_without_path": (["dataset=local"], "dataset 'local' has no sources; give a file with dataset.path="),
+    "empty_data_file": (["dataset=local", "dataset.path={empty}"], "no text"),
+    "seqlen_beyond_the_model": (["eval.seqlen=4096", "eval.datasets=[chat]"], "longer than testbed-qwen-moe allows"),
+    "hub_dataset_offline": (["dataset=wikitext2"], "could not load hub dataset"),
+    "eval_dataset_not_in_the_suite": (["eval.datasets=[klingon]"], "not in dataset 'embedded'"),
+    "packed_export_of_fp16": (["quant=fp16", "quant.export=packed"], "quant.export=packed needs integer codes"),
+    "replaced_export_key": (["quant.export_packed=true"], "quant.export_packed was replaced by quant.export=packed"),
+    "gptqmodel_export_of_dqs": (["quant.export=gptqmodel"], "use quant.export=dequantized"),
+    "export_dataset_unknown": (["quant.export=dequantized", "quant.export_dataset=klingon"],
+                               "quant.export_dataset=klingon is not a dataset"),
+    "calib_on_the_test_split": (["calib.enabled=true", "calib.split=test"], "would calibrate on the evaluation data"),
 }
 
 
