@@ -124,7 +124,24 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# The fast tier (-m "not slow") keeps every case refused while the config is composed (under 0.5 s each)
+# and one case of each kind refused inside the run; each of those costs about 1.3 s (Hydra composes the
+# config four times), so the others run in the full suite only.
+FAST_RUN_CASES = {"seqlen_zero", "non_utf8", "truncated_checkpoint", "packed_export_of_fp16", "empty_calib_file",
+                  "eval_dataset_not_in_the_suite"}
+COMPOSE_CASES = {"appended_unknown_key", "unknown_method", "misspelt_key", "unknown_top_key", "wrong_type",
+                 "sweep_without_m", "results_dir_is_a_file", "unknown_model", "unknown_dataset"}
+
+
+def test_the_fast_tier_names_only_cases_that_exist():
+    assert FAST_RUN_CASES | COMPOSE_CASES <= set(CASES), (FAST_RUN_CASES | COMPOSE_CASES) - set(CASES)
+
+
+def _tiered(cases, fast):
+    return [c if c in fast else pytest.param(c, marks=pytest.mark.slow) for c in sorted(cases)]
+
+
+@pytest.mark.parametrize("case", _tiered(CASES, FAST_RUN_CASES | COMPOSE_CASES))
 def test_bad_input_is_one_line_exit_2_no_folder_no_record_lost(case, cli, results, files):
     overrides, message = CASES[case]
     argv = [*SMOKE, f"results_dir={results}", *[o.format(**files) for o in overrides]]
@@ -133,7 +150,7 @@ def test_bad_input_is_one_line_exit_2_no_folder_no_record_lost(case, cli, result
     assert "+" not in line.split(":", 1)[1].replace("(0, 1]", ""), "the message must never suggest +key"
 
 
-@pytest.mark.parametrize("quant", ["fp16", "gptq_4bit", "dynamo_3bit"])
+@pytest.mark.parametrize("quant", _tiered(["fp16", "gptq_4bit", "dynamo_3bit"], {"dynamo_3bit"}))
 def test_nan_in_an_expert_weight_is_refused_naming_layer_expert_and_matrix(cli, results, nan_model, quant):
     status, _, err = cli(*SMOKE, f"results_dir={results}", "model=local", f"model.path={nan_model}", f"quant={quant}",
                          "eval=ppl", "eval.seqlen=64")
@@ -160,6 +177,7 @@ def test_a_read_only_results_dir_is_refused_before_hydra_starts(monkeypatch, tmp
         check_writable(tmp_path / "runs" / "deeper")
 
 
+@pytest.mark.slow  # two jobs
 def test_a_sweep_records_a_failed_job_and_goes_on(cli, results):
     status, out, err = cli("-m", *SMOKE, f"results_dir={results}", *FAST, "eval.max_windows=0,1")
     assert status == 1, err[-3000:]
