@@ -120,7 +120,7 @@ def test_routing_divergence_pairs_known_with_known_and_known_with_novel_per_laye
     """Routing made up per domain: in layer 0 the known domains share two experts and the novel ones the
     other two (disjoint: 1 bit), in layer 1 all domains route alike (0 bits). A pairing that mixed the
     groups, or a layer mix-up, moves these numbers."""
-    probe = _script("probe_sensitivity")
+    probe = sensitivity
     known = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
     novel = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
     routing = {**{d: known for d in probe.KNOWN}, **{d: novel for d in probe.NOVEL}}
