@@ -174,7 +174,8 @@ def test_force_recomputes_and_the_same_config_and_seed_give_identical_metrics(tm
 def test_new_bytes_at_the_same_data_path_do_not_match_the_old_record(tmp_path):
     """The check behind the three runs below, without the runs: the record written for a data file's old
     bytes is reused for them and not for new bytes at the same path."""
-    from dynamo.fingerprint import fingerprint_inputs, inputs_hash
+    from dynamo.fingerprint import fingerprint_inputs
+    from dynamo.records import inputs_hash
 
     data = tmp_path / "data.jsonl"
     data.write_text((REPO / "assets/data/code/test.jsonl").read_text())
