@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,43 @@ def _offline_environment(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the marker must be on the item by then
+def pytest_collection_modifyitems(items):
+    """A test that reads the session's smoke record pays for one whole run (about a minute) when it is the
+    first to ask for it: it is slow whether or not its author remembered the marker."""
+    for item in items:
+        if "smoke_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    """One `python run.py experiment=smoke` (the default model and method, a seconds-long protocol)."""
+
+    record_path: Path
+    record: dict
+    stdout: str
+    stderr: str
+
+    @property
+    def folder(self) -> Path:
+        return self.record_path.parent
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> SmokeRun:
+    """The smoke run, once per session, for every test that only reads its record, files or printout.
+    A real process, as a user starts it; its own analysis cache, so the record holds fresh (cache-miss)
+    capture times. Tests must not write into its folder."""
+    root = tmp_path_factory.mktemp("smoke_run")
+    cmd = [sys.executable, "run.py", f"results_dir={root / 'runs'}", "logger=none", "experiment=smoke",
+           f"analysis.cache_dir={root / 'analysis'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = sorted((root / "runs").rglob("result.json"))
+    return SmokeRun(path, json.loads(path.read_text()), proc.stdout, proc.stderr)
 
 
 @pytest.fixture(scope="session")

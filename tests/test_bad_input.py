@@ -104,10 +104,46 @@ CASES = {
     "directory_as_data": (["dataset=local", "dataset.path={folder}", *FAST[:2]], "is a directory; give a data file"),
     "one_token_calib_file": (["dataset=local", "dataset.path={good}", "dataset.calib_path={one_token}",
                               "calib.enabled=true", *FAST[:2]], "less than one window of calib.seqlen=512"),
+    # names and paths that do not exist, data a run cannot use, exports a run cannot write (once each a
+    # `python run.py` subprocess in tests/test_run.py; its real-process check keeps one of them)
+    "unknown_model": (["model=nope"], "unknown model 'nope'; choose one of:"),
+    "unknown_dataset": (["dataset=wikitxt2"], "unknown dataset 'wikitxt2'"),
+    "no_checkpoint": (["model=local", "model.path=/no/such/checkpoint"], "no checkpoint there"),
+    "local_model_without_path": (["model=local"], "missing required value(s): model.path"),
+    "local_dataset_without_path": (["dataset=local"], "dataset 'local' has no sources; give a file with dataset.path="),
+    "empty_data_file": (["dataset=local", "dataset.path={empty}"], "no text"),
+    "seqlen_beyond_the_model": (["eval.seqlen=4096", "eval.datasets=[chat]"], "longer than testbed-qwen-moe allows"),
+    "hub_dataset_offline": (["dataset=wikitext2"], "could not load hub dataset"),
+    "eval_dataset_not_in_the_suite": (["eval.datasets=[klingon]"], "not in dataset 'embedded'"),
+    "packed_export_of_fp16": (["quant=fp16", "quant.export=packed"], "quant.export=packed needs integer codes"),
+    "replaced_export_key": (["quant.export_packed=true"], "quant.export_packed was replaced by quant.export=packed"),
+    "gptqmodel_export_of_dqs": (["quant.export=gptqmodel"], "use quant.export=dequantized"),
+    "export_dataset_unknown": (["quant.export=dequantized", "quant.export_dataset=klingon"],
+                               "quant.export_dataset=klingon is not a dataset"),
+    "calib_on_the_test_split": (["calib.enabled=true", "calib.split=test"], "would calibrate on the evaluation data"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# Refused inside a run, each of these costs about 1.3 s (Hydra composes the config four times): the fast
+# tier (-m "not slow") keeps one case of each kind and every case refused while the config is composed
+# (under 0.5 s each); these run in the full suite only. A new case is fast unless it is listed here.
+SLOW_CASES = {"binary_dataset", "int_text_field", "null_text_field", "seqlen_negative", "max_windows_zero",
+              "dynamic_frac_zero", "dynamic_frac_above_one", "target_bits_above_widths", "directory_as_data",
+              "one_token_calib_file", "no_checkpoint", "local_model_without_path", "local_dataset_without_path",
+              "empty_data_file", "seqlen_beyond_the_model", "hub_dataset_offline", "replaced_export_key",
+              "gptqmodel_export_of_dqs", "export_dataset_unknown", "calib_on_the_test_split"}
+
+
+def tiered(cases, slow) -> list:
+    """`cases` as parameters, those in `slow` marked slow."""
+    return [pytest.param(c, marks=pytest.mark.slow) if c in slow else c for c in sorted(cases)]
+
+
+def test_the_slow_cases_exist():
+    assert SLOW_CASES <= set(CASES), SLOW_CASES - set(CASES)
+
+
+@pytest.mark.parametrize("case", tiered(CASES, SLOW_CASES))
 def test_bad_input_is_one_line_exit_2_no_folder_no_record_lost(case, cli, results, files):
     overrides, message = CASES[case]
     argv = [*SMOKE, f"results_dir={results}", *[o.format(**files) for o in overrides]]
@@ -116,7 +152,7 @@ def test_bad_input_is_one_line_exit_2_no_folder_no_record_lost(case, cli, result
     assert "+" not in line.split(":", 1)[1].replace("(0, 1]", ""), "the message must never suggest +key"
 
 
-@pytest.mark.parametrize("quant", ["fp16", "gptq_4bit", "dynamo_3bit"])
+@pytest.mark.parametrize("quant", tiered(["fp16", "gptq_4bit", "dynamo_3bit"], {"fp16", "gptq_4bit"}))
 def test_nan_in_an_expert_weight_is_refused_naming_layer_expert_and_matrix(cli, results, nan_model, quant):
     status, _, err = cli(*SMOKE, f"results_dir={results}", "model=local", f"model.path={nan_model}", f"quant={quant}",
                          "eval=ppl", "eval.seqlen=64")
@@ -143,6 +179,7 @@ def test_a_read_only_results_dir_is_refused_before_hydra_starts(monkeypatch, tmp
         check_writable(tmp_path / "runs" / "deeper")
 
 
+@pytest.mark.slow  # two jobs
 def test_a_sweep_records_a_failed_job_and_goes_on(cli, results):
     status, out, err = cli("-m", *SMOKE, f"results_dir={results}", *FAST, "eval.max_windows=0,1")
     assert status == 1, err[-3000:]

@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "device_checks.sh"
 
 
+@pytest.mark.slow  # every GPU step at toy shapes, kernels interpreted: ~30 s of CPU
 def test_dry_run_passes_every_step(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OUT=str(tmp_path), PYTHON=sys.executable)

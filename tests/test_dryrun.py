@@ -127,6 +127,7 @@ def _check_remote_code_dry_run(result: dict) -> None:
     assert switch["full"]["seconds"] > 0 and switch["full"]["peak_nbytes"] > switch["held_nbytes_peak"]
 
 
+@pytest.mark.slow  # a real-width layer through sequential GPTQ: ~25 s of CPU
 def test_qwen_moe_layer_at_real_width_runs_sequential_gptq_in_bf16():
     # vocabulary shrunk to 512 (the embedding is not what this test is about; the dry run keeps it)
     model = build_model("qwen-moe", 1, vocab_size=512, dtype=torch.bfloat16)

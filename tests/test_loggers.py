@@ -91,6 +91,7 @@ def test_summary_table_shows_roles_and_recorded_numbers():
     assert "dynamo_math_mc: acc=0.5000" in table
 
 
+@pytest.mark.slow  # a whole run before the tracker fails
 def test_a_tracker_failure_after_the_record_is_a_warning_and_exit_0(cli, tmp_path, tiny_model_dir, monkeypatch):
     """Issue 29: W&B failing after result.json was written (no network, WANDB_MODE= empty, an unwritable
     home) made a finished run exit 1; now the run succeeds and the record carries the warning."""

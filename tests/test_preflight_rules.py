@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from test_bad_input import SMOKE, assert_rejected, results  # noqa: F401  (the fixture)
+from test_bad_input import SMOKE, assert_rejected, results, tiered  # noqa: F401  (the fixture)
 
 TINY = "model=local", "eval=ppl", "eval.seqlen=64", "eval.datasets=[code]"
 
@@ -49,7 +49,16 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# about 1.1 s each (a run refused inside Hydra): the fast tier keeps one rule per config node
+SLOW_CASES = {"group_size", "bnb_format", "damp_negative", "damp_zero", "plan_without_bits", "device_meta",
+              "dense_model"}
+
+
+def test_the_slow_cases_exist():
+    assert SLOW_CASES <= set(CASES), SLOW_CASES - set(CASES)
+
+
+@pytest.mark.parametrize("case", tiered(CASES, SLOW_CASES))
 def test_a_rule_is_checked_before_the_model_is_loaded(case, cli, results, inputs, monkeypatch):  # noqa: F811
     import dynamo.pipeline
 

@@ -171,6 +171,24 @@ def test_force_recomputes_and_the_same_config_and_seed_give_identical_metrics(tm
     assert nll[0] == nll[1]
 
 
+def test_new_bytes_at_the_same_data_path_do_not_match_the_old_record(tmp_path):
+    """The check behind the three runs below, without the runs: the record written for a data file's old
+    bytes is reused for them and not for new bytes at the same path."""
+    from dynamo.fingerprint import fingerprint_inputs
+    from dynamo.records import inputs_hash
+
+    data = tmp_path / "data.jsonl"
+    data.write_text((REPO / "assets/data/code/test.jsonl").read_text())
+    cfg = _compose("experiment=smoke", "eval=ppl", f"results_dir={tmp_path / 'runs'}", "dataset=local",
+                   f"dataset.path={data}")
+    record = _record(tmp_path / "runs" / "a" / "result.json", config_hash(to_container(cfg)),
+                     inputs_hash=inputs_hash(fingerprint_inputs(cfg)))
+    assert reusable_record(cfg) == record
+    data.write_text((REPO / "assets/data/math/test.jsonl").read_text())
+    assert reusable_record(cfg) is None
+
+
+@pytest.mark.slow  # three runs
 def test_a_changed_data_file_at_the_same_path_is_not_reused(cli, tmp_path, tiny_model_dir):
     """The issue's case: resume keyed records by config only, so new text at the same path got the old
     record's PPL (old code: the second run printed 'reusing')."""

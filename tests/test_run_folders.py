@@ -83,6 +83,7 @@ def test_a_job_folder_outside_its_sweep_is_refused(tmp_path):
         check_contained(tmp_path / "sweep" / "link" / "x", tmp_path / "sweep", "the job folder")
 
 
+@pytest.mark.slow  # two sweeps
 def test_a_sweep_job_whose_folder_holds_a_record_is_refused_and_counted(cli, tmp_path, tiny_model_dir):
     """hydra.sweep.dir reused by hand: job 0's folder holds the first sweep's record. The second sweep
     (another config) must not overwrite it; the job is listed as failed and the sweep exits 1."""

@@ -61,6 +61,7 @@ def test_export_benchmark(tmp_path):
     assert report["ppl_packed_over_dequantized"] == pytest.approx(1, abs=1e-3)  # same values, fp16 scales
 
 
+@pytest.mark.slow
 def test_default_run_benchmark_refuses_a_baseline_without_its_source():
     proc = subprocess.run([sys.executable, "scripts/bench_default_run.py", "--no-run", "--suite-before", "1070"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -104,6 +104,7 @@ def test_the_bos_key_at_its_default_keeps_old_hashes():
     assert config_hash({**config, "model": {**config["model"], "bos_windows": True}}) != config_hash(config)
 
 
+@pytest.mark.slow  # a whole run; the BOS windows are checked fast above
 def test_a_bos_run_evaluates_fp16_and_quantized_on_the_same_windows(cli, tmp_path, tiny_model_dir, monkeypatch):
     """model.bos_windows=true end to end: the record says so, every split is tokenized once, and the
     FP16 reference and the quantized pass score the same windows, so their per-window losses pair up."""

@@ -18,6 +18,7 @@ def test_without_cuda_only_the_toy_runs(tmp_path, capsys):
     assert "CUDA device is needed" in capsys.readouterr().err and not (tmp_path / "d.json").exists()
 
 
+@pytest.mark.slow  # ~5 s of decoding; the packed forward with slots is checked fast in tests/kernels
 def test_toy_decode_fp16_packed_and_packed_with_full_slot_tables(tmp_path):
     assert bench_decode.main([*TOY, "--out", str(tmp_path / "d.json")]) == 0
     report = json.loads((tmp_path / "d.json").read_text())

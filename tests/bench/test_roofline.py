@@ -17,6 +17,7 @@ def test_distinct_experts():
     assert distinct_experts(8, 2, 1000) == pytest.approx(8)
 
 
+@pytest.mark.slow  # ~4 s
 def test_roofline_rows(tmp_path):
     out = tmp_path / "r.json"
     assert main(["--models", "olmoe", "--bits", "3", "--out", str(out)]) == 0

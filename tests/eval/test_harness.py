@@ -149,6 +149,22 @@ def test_rolling_and_mc_run_together(model, tokenizer, tmp_path):
     assert code["bits_per_byte"] == pytest.approx(math.log2(code["byte_perplexity"]), rel=1e-9)
 
 
+def test_unknown_task_raises_user_error_without_indexing_lm_evals_own_tasks(model, tokenizer, tmp_path, monkeypatch):
+    """The lookup below, with lm-eval's thousands of built-in tasks left out of the index (indexing them
+    takes tens of seconds): the name is missing from both indexes the harness builds, and the error says so."""
+    import lm_eval.tasks
+
+    real = lm_eval.tasks.TaskManager
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager",
+                        lambda include_path=None, include_defaults=True: real(include_path=include_path,
+                                                                                include_defaults=False))
+    build_local_tasks({"code": DOCS}, tmp_path)
+    with pytest.raises(UserError, match="lm-eval task 'no_such_task_xyz' not found") as err:
+        run_lm_eval(model, tokenizer, ["dynamo_code", "no_such_task_xyz"], tmp_path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
 def test_unknown_task_raises_user_error(model, tokenizer, tmp_path):
     build_local_tasks({"code": DOCS}, tmp_path)
     with pytest.raises(UserError, match="no_such_task_xyz") as err:

@@ -72,6 +72,7 @@ def big_vocab_model_dir(tmp_path_factory, tokenizer):
     return out
 
 
+@pytest.mark.slow  # a 152k-vocabulary checkpoint and a run; the refusal itself is checked fast above
 def test_run_refuses_before_the_fp16_pass_when_the_disk_is_full(cli, tmp_path, monkeypatch, big_vocab_model_dir):
     usage = namedtuple("usage", "total used free")
     real = shutil.disk_usage

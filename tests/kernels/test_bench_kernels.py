@@ -30,6 +30,7 @@ def test_without_cuda_it_says_so_and_writes_nothing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # every kernel under the interpreter in a subprocess; test_triton.py checks them in the fast tier
 def test_check_compares_every_kernel_with_its_reference(tmp_path):
     proc = run_bench("--check", "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

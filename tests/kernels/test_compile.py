@@ -111,6 +111,7 @@ def test_every_specialization_compiles(spec, request):
     _assert_compiles(spec)
 
 
+@pytest.mark.slow  # ptxas resource report, ~4 s
 def test_resource_report_quick(tmp_path):
     """dynamo.bench.compiled (scripts/kernels_compiled.py) --quick: one specialization per kernel and target, resources read off the cubin."""
     from dynamo.bench.compiled import main
@@ -126,6 +127,7 @@ def test_resource_report_quick(tmp_path):
         assert ("spill_reason" in row) == bool(row["spill_store_bytes"] or row["local_memory_bytes"])
 
 
+@pytest.mark.slow  # compiles several specializations
 def test_split_k_values_above_one_share_one_cubin():
     """Why the report compiles one SPLIT_K > 1 per class: the constant is only compared with 1 in the kernel."""
     spec = next(s for s in ALL if s.kernel == "dequant_matmul" and dict(s.constexprs)["SPLIT_K"] == 3)

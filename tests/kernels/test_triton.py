@@ -67,8 +67,14 @@ def test_dequant_matmul_matches_reference(bits, group_size, dtype):
     assert rel_err(y, dequant_matmul_ref(x, w)) <= TOLERANCE[dtype]
 
 
+def _fast_only(fast, values):
+    """Parameters with all but `fast` marked slow: the fast tier keeps one case of an interpreted test that
+    takes seconds per case."""
+    return [v if v == fast else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 @kernel_test
-@pytest.mark.parametrize("bits", PACKED_BITS)
+@pytest.mark.parametrize("bits", _fast_only(3, PACKED_BITS))  # 3: codes that straddle 32-bit words
 def test_zeros_over_several_words_and_tiles(bits):
     """72 zeros per group (more than one word in every plane, the last one padded) read by 3 column
     tiles, in 21 groups, with per-column and per-element zero loads."""
@@ -84,7 +90,7 @@ def test_zeros_over_several_words_and_tiles(bits):
 
 
 @kernel_test
-@pytest.mark.parametrize("bits", [3, 8])
+@pytest.mark.parametrize("bits", _fast_only(3, [3, 8]))
 def test_split_k_and_a_full_decode_batch(bits):
     from dynamo_kernels.triton_matmul import TileConfig, dequant_matmul_triton
 
@@ -142,6 +148,7 @@ def test_dispatcher_runs_the_kernel_here():
     assert torch.equal(dequant_matmul(x, w), dequant_matmul_triton(x, w))
 
 
+@pytest.mark.slow  # a whole model under the interpreter; the grouped kernel alone is checked above
 @kernel_test
 def test_packed_model_runs_the_grouped_kernels():
     """The tiny OLMoE, packed with mixed widths, through the model's forward on the Triton path."""
@@ -156,6 +163,7 @@ def test_packed_model_runs_the_grouped_kernels():
     assert rel_err(logits, fake.to(DEVICE)) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.slow
 @kernel_test
 def test_attached_packed_model_with_channel_rows_runs_the_grouped_kernels():
     """DQS channel rows patched over the grouped kernels' outputs, through an attached model's forward,
@@ -223,6 +231,7 @@ def test_kernels_refuse_cpu_tensors_without_the_interpreter():
         dequant_matmul_triton(torch.randn(1, 32), w)
 
 
+@pytest.mark.slow  # ptxas on four kernels, ~10 s
 @pytest.mark.skipif(INTERPRETED, reason="compiles the real kernels (the interpreter builds none)")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_kernels_compile_for_hopper():
@@ -251,10 +260,12 @@ def test_kernels_compile_for_hopper():
 
 
 @pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernel tests run in this process")
-def test_kernels_under_interpreter():
+def test_kernels_under_interpreter(request):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     parent_only = "not under_interpreter and not compile_for_hopper and not without_the_interpreter"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+    tier = request.config.getoption("markexpr")  # -m "not slow" here leaves the slow kernel cases out there too
+    marks = f"not gpu and ({tier})" if tier else "not gpu"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marks,
                            "-k", parent_only, str(Path(__file__))],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""

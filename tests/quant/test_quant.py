@@ -155,6 +155,7 @@ def test_apply_plan_fake_quantizes_experts_only_and_keeps_codes(method):
             assert torch.equal(p, before[name]), f"{name} changed"
 
 
+@pytest.mark.slow  # GPTQ over the embedded model; the GPTQ equations are checked in test_references.py
 def test_gptq_beats_rtn_on_every_expert_projection_of_the_embedded_model():
     from conftest import REPO
     from dynamo.config import ModelConfig

@@ -109,9 +109,26 @@ def test_probe_sensitivity_end_to_end(tiny_model_dir, tmp_path):
     ratio = result["gptq"]["3"]["ppl_ratio"]["code"]
     assert ratio["ci95"][0] <= ratio["estimate"] <= ratio["ci95"][1]
     assert set(result["salient_fp16"]["rtn3_damage_recovered"]) == {"salient", "random"}
-    assert result["routing_divergence"]["known_vs_novel"]["mean"] >= 0
+    for pairs in ("known_vs_known", "known_vs_novel"):  # one JSD per MoE layer, in bits: within [0, 1]
+        per_layer = result["routing_divergence"][pairs]["per_layer"]
+        assert len(per_layer) == 2 and all(0 <= v <= 1 for v in per_layer), (pairs, per_layer)
     assert set(result["targets"]) >= {"gptq3_geomean_ppl_increase", "layers_with_max_over_median_rms_ge_10",
                                       "salient_recovery", "rtn3_worse_than_gptq3_on_every_known_domain"}
+
+
+def test_routing_divergence_pairs_known_with_known_and_known_with_novel_per_layer(monkeypatch):
+    """Routing made up per domain: in layer 0 the known domains share two experts and the novel ones the
+    other two (disjoint: 1 bit), in layer 1 all domains route alike (0 bits). A pairing that mixed the
+    groups, or a layer mix-up, moves these numbers."""
+    probe = sensitivity
+    known = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    novel = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    routing = {**{d: known for d in probe.KNOWN}, **{d: novel for d in probe.NOVEL}}
+    monkeypatch.setattr(probe, "windows_of", lambda tok, domain, *args: domain)
+    monkeypatch.setattr(probe, "routing_frequencies", lambda model, domain, top_k, batch_size: routing[domain])
+    out = probe.routing_divergence(_tiny_model(), None, 16, 1, None, 1)
+    assert out["known_vs_known"] == {"per_layer": [0.0, 0.0], "mean": 0.0}
+    assert out["known_vs_novel"] == {"per_layer": [1.0, 0.0], "mean": 0.5} and out["unit"] == "bits"
 
 
 def test_model_card_judges_the_cost_targets_from_the_benchmark(tmp_path, monkeypatch):

@@ -50,6 +50,7 @@ def _train(sandbox, monkeypatch, root: str, **kwargs) -> None:
                    stop_after_minutes=None, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(sandbox, monkeypatch):
     torch.set_num_threads(1)  # float sums depend on the thread count
     _train(sandbox, monkeypatch, "straight")
