@@ -27,10 +27,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dynamo.records import write_json_atomic  # noqa: E402
+from dynamo.config import REPO_ROOT as REPO
+from dynamo.records import write_json_atomic
 
 OUT = REPO / "results" / "benchmarks" / "default_run.json"
 

@@ -12,8 +12,6 @@ import pytest
 from conftest import REPO
 
 ENTRY_POINTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-# scripts another change owned when the rest moved into the package; drop a name once its sys.path edit is gone
-SYS_PATH_PENDING = {"dqs_fidelity.py", "dqs_compare.py", "bench_default_run.py"}
 
 
 def _main_import(path) -> str | None:
@@ -48,4 +46,4 @@ def test_no_script_edits_sys_path():
                     and node.value.id == "sys"):
                 editing.append(path.name)
                 break
-    assert sorted(set(editing) - SYS_PATH_PENDING) == [], "import dynamo as installed (pip install -e .)"
+    assert editing == [], "import dynamo as installed (pip install -e .)"

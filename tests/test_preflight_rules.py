@@ -92,7 +92,7 @@ def test_gptq_falling_back_to_rtn_by_itself_is_counted(monkeypatch):
     """quantize_gptq returns RTN (loss NaN) when a Hessian is unusable: the report lists that expert."""
     import torch
 
-    from dynamo.quant import apply
+    from dynamo.quant import apply, stage
     from dynamo.quant.apply import GPTQOptions, QuantReport, quantize_layer
     from dynamo.quant.plan import QuantPlan
     from dynamo.quant.rtn import quantize_rtn
@@ -104,7 +104,8 @@ def test_gptq_falling_back_to_rtn_by_itself_is_counted(monkeypatch):
     weight = torch.randn(4, 8)
     layer = Layer()
     monkeypatch.setattr(apply, "_expert_matrices", lambda layer, stats: [(1, "gate", weight, torch.eye(8), 100)])
-    monkeypatch.setattr(apply, "quantize_gptq", lambda w, h, spec, **kw: (quantize_rtn(w, spec), float("nan")))
+    # the GPTQ step registered for method=gptq (dynamo.quant.stage.gptq_matrix) falling back by itself
+    monkeypatch.setattr(stage, "quantize_gptq", lambda w, h, spec, **kw: (quantize_rtn(w, spec), float("nan")))
     plan = QuantPlan(method="gptq", default=QSpec(bits=4, group_size=-1))
     report = QuantReport()
     quantize_layer(layer, plan, None, report, GPTQOptions(), set(), keep_codes=False)
