@@ -175,11 +175,12 @@ class SwitchingConfig:
     paper: the FP16 cache of channels fixed offline, re-allocated per dataset (channel_mode, mix)."""
     enabled: bool = False
     policy: str = "adaptive"                # dynamo.registry.SWITCH_POLICIES: adaptive (ours) or paper
-    # adaptive defaults: the best on held-out calib windows of the novel domains (scripts/dqs_fidelity.py)
+    # adaptive defaults: the best on held-out calib windows of the novel domains on both embedded models
+    # (scripts/dqs_compare.py, results/diagnostics/dqs_compare_<model>.md; scoring and slot_bits: dqs_fidelity.py)
     budget_frac: float = 0.01               # adaptive: device-resident slot bytes / routed experts' FP16 bytes
-    candidates: SwitchCandidates = SwitchCandidates.rows_cols
+    candidates: SwitchCandidates = SwitchCandidates.lowrank
     scoring: SwitchScoring = SwitchScoring.hessian
-    slot_bits: int = 8                      # adaptive: rows/columns restored as RTN-8 (8, half the bytes) or FP16 (16)
+    slot_bits: int = 8                      # adaptive: slots (rows, columns, low-rank factors) as RTN-8 (8) or FP16 (16)
     master: MasterLocation = MasterLocation.host  # adaptive: where the FP16 experts a switch restores from live
     channel_mode: ChannelMode = ChannelMode.fp16
     mix: float = 1.0                        # paper: weight of the new dataset's significance against the known

@@ -38,7 +38,8 @@ NO_CUDA = ("bench_decode: a CUDA device is needed for speed numbers and none was
 
 def fill_slot_tables(model, plan, master, device: torch.device) -> dict:
     """The adaptive switch on the packed model, to random windows: full slot tables at the default budget
-    (1% of the experts' FP16 bytes, 8-bit row and column slots), what a switched deployment serves."""
+    (1% of the experts' FP16 bytes, 8-bit slots of the default candidates: low-rank components), what a switched
+    deployment serves."""
     from ..switching.adaptive import AdaptiveSwitcher
 
     switcher = AdaptiveSwitcher(model, plan, master)

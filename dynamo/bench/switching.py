@@ -58,12 +58,17 @@ def packed_with_slots(bq_model, plan, bq_report, master, dense: AdaptiveSwitcher
                       windows: torch.Tensor, repeats: int) -> dict:
     """The same BQ as a packed model (attach_packed): a saved set switched into its slot tables (timed as
     above), its logits against the fake-quantized model holding the same set, and its forward with the
-    slot table full against without (CPU path), same windows, median of `repeats`."""
-    from ..packed.model import attach_packed, pack_experts, packed_modules
+    slot table full against without (CPU path), same windows, median of `repeats`. The fake-quantized side
+    holds the packed values (write_dequantized: the packed format's fp16 scales), so the comparison sees the
+    slot paths, not the scales' rounding."""
+    from ..packed.model import attach_packed, pack_experts, packed_modules, write_dequantized
 
     fp, n_experts = saved
     model = copy.deepcopy(bq_model)
     attach_packed(model, pack_experts(model, bq_report.codes))
+    reference = copy.deepcopy(bq_model)
+    write_dequantized(reference, pack_experts(reference, bq_report.codes))
+    dense = AdaptiveSwitcher(reference, plan, master, budget_frac=dense.budget_frac)
     packed = AdaptiveSwitcher(model, plan, master, budget_frac=dense.budget_frac)
 
     def forward_s() -> float:

@@ -128,19 +128,24 @@ def switch_held_nbytes(model, budget_nbytes: int = 0) -> dict:
     profiles and scores one MoE layer at a time, `held_nbytes_by_layer`); plus the running best set, which
     grows with the slot budget only: per kind (row, column, 8-bit expert) at most KEEP x the budget / the
     shortest slot (min(H, I) one-byte codes) records of CANDIDATE_NBYTES, a few % of the budget's own bytes
-    at real widths."""
-    from ..switching.adaptive import KEEP
+    at real widths. Low-rank candidates (the default) keep their factors in fp16 in HOST memory, not on the
+    device (`host_factors_bound`): the layer's (at most LOWRANK_MAX_RANK components of H + I values per matrix)
+    and the running set's (KEEP x the budget's one-byte values at two bytes each)."""
+    from ..switching.adaptive import KEEP, LOWRANK_MAX_RANK
 
     worst = {"hessians": 0, "candidates": 0}
+    factors = 0
     shortest = None
     for layer in moe_layers(model):
         e, h, i = layer.n_experts, layer.hidden_size, layer.intermediate_size
         here = {"hessians": e * (h * h + i * i) * 4, "candidates": e * 3 * (h + i) * CANDIDATE_NBYTES}
+        factors = max(factors, e * 3 * min(LOWRANK_MAX_RANK, h, i) * (h + i) * 2)
         shortest = min(h, i) if shortest is None else min(shortest, h, i)
         if sum(here.values()) > sum(worst.values()):
             worst = here
     best = 3 * KEEP * budget_nbytes * CANDIDATE_NBYTES // shortest if shortest else 0
-    return {**worst, "best_bound": best, "total": worst["hessians"] + worst["candidates"] + best}
+    return {**worst, "best_bound": best, "total": worst["hessians"] + worst["candidates"] + best,
+            "host_factors_bound": factors + 2 * KEEP * budget_nbytes}
 
 
 def switch_needs(per_layer_s: dict | None, held_nbytes: int, *, moe_layers_full: int, weights: int, budget: int,

@@ -256,7 +256,7 @@ class AdaptiveSwitcher(Switcher):
     """Holds a BQ-quantized model (fake-quantized, or packed with slot tables); a switch restores the
     slots its new data needs most."""
 
-    def __init__(self, model, plan, master, *, budget_frac: float = 0.01, candidates: str = "rows_cols",
+    def __init__(self, model, plan, master, *, budget_frac: float = 0.01, candidates: str = "lowrank",
                  scoring: str = "hessian", slot_bits: int = 8, batch_size: int = 8):
         if candidates not in CANDIDATES:
             raise UserError(f"unknown quant.switching.candidates '{candidates}'; choose one of {', '.join(CANDIDATES)}")

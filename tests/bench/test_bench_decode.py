@@ -26,6 +26,6 @@ def test_toy_decode_fp16_packed_and_packed_with_full_slot_tables(tmp_path):
     for variant in ("fp16", "bq", "bq_slots"):
         assert all(report["results"][variant][b]["tokens_per_s"] > 0 for b in ("1", "8"))
     tables = report["results"]["bq_slots"]["slot_tables"]
-    assert 0 < tables["slot_nbytes"] <= tables["budget_nbytes"] and tables["slots"]["rows"] > 0
+    assert 0 < tables["slot_nbytes"] <= tables["budget_nbytes"] and tables["slots"]["lowrank"] > 0  # the default
     assert set(report["speedup_vs_fp16"]) == {"bq", "bq_slots"}
     assert report["param_bytes"]["bq"] < report["param_bytes"]["fp16"]

@@ -44,6 +44,12 @@ def slot_positions(sw: AdaptiveSwitcher) -> dict:
     return out
 
 
+def chosen_pieces(sw: AdaptiveSwitcher) -> tuple[dict, dict]:
+    """Where the active slots are and which matrices take low-rank components (not the values), and the counts."""
+    where = {k: v if v == "full" else (v[0], v[1], v[2] is not None) for k, v in slot_positions(sw).items()}
+    return where, sw.slots.counts()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("candidates", ["rows_cols", "experts8", "lowrank", "all"])
 def test_switch_restores_master_values_into_chosen_slots_only_within_budget(family, candidates):
@@ -238,11 +244,11 @@ def test_float32_scoring_picks_the_float64_set(family):
     s, _, sw = setup(family, budget_frac=0.05)
     ids = tokens(HIGH, 2, 12, 5)
     sw.switch_to(ids)
-    chosen32 = slot_positions(sw)
+    chosen32 = chosen_pieces(sw)
     sw.restore_bq()
     sw.score_dtype = torch.float64
     sw.switch_to(ids)
-    assert slot_positions(sw) == chosen32
+    assert chosen_pieces(sw) == chosen32 and chosen32[1]["lowrank"] > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -257,10 +263,10 @@ def test_a_master_read_by_slice_from_disk_restores_what_the_host_copy_does(tmp_p
         assert torch.equal(disk.get(key).float(), host.master.get(key).float()), key
     ids = tokens(HIGH, 2, 12, 5)
     host.switch_to(ids)
-    chosen = slot_positions(host)
+    chosen = chosen_pieces(host)
     host.restore_bq()
     from_disk = AdaptiveSwitcher(s.model, s.plan, disk, budget_frac=0.05)
     from_disk.switch_to(ids)
-    assert slot_positions(from_disk) == chosen and from_disk.summary()["master_location"] == f"disk:{tmp_path}"
+    assert chosen_pieces(from_disk) == chosen and from_disk.summary()["master_location"] == f"disk:{tmp_path}"
     with pytest.raises(UserError, match="needs a local checkpoint folder with safetensors"):
         DiskMaster(tmp_path / "nowhere", s.model)

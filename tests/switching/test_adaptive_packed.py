@@ -139,14 +139,19 @@ def test_bad_saved_sets_are_one_error_and_leave_the_model_as_it_was(tmp_path, ca
     assert torch.equal(logits(packed.model, ids), before)
 
 
-def test_a_set_for_other_shapes_is_refused_before_any_table_changes():
-    dense, packed = dense_and_packed("olmoe")
+@pytest.mark.parametrize("candidates", ["rows_cols", "lowrank"])
+def test_a_set_for_other_shapes_is_refused_before_any_table_changes(candidates):
+    dense, packed = dense_and_packed("olmoe", candidates=candidates)
     dense.switch_to(tokens(HIGH, 3, 16, seed=2))
     good = dense.slots
     bad = copy.deepcopy(good)
     layer = next(iter(bad.tables.values()))
     group = next(iter(layer.groups.values()))
-    group.index[0] = 10_000  # beyond every matrix here
+    if candidates == "lowrank":
+        group.a.codes = group.a.codes[:, :-1]  # an input factor one value short of the matrix's width
+        group.a.scales = group.a.scales[:, :-1] if group.a.scales.shape[1] > 1 else group.a.scales
+    else:
+        group.index[0] = 10_000  # beyond every matrix here
     ids = tokens(LOW, 2, 16, seed=9)
     before = logits(packed.model, ids)
     with pytest.raises(UserError, match="do not fit this model"):
