@@ -151,10 +151,12 @@ def atomic_path(path: Path, suffix: str = ".tmp", replace: bool = True) -> Itera
         raise
 
 
-def write_json_atomic(path: Path, payload: dict, replace: bool = True) -> None:
+def write_json_atomic(path: Path, payload: dict, replace: bool = True, indent: int | None = 2) -> None:
+    """`indent=None`: one line, for large diagnostics (the tracked tree has a size limit)."""
     with atomic_path(path, replace=replace) as tmp, open(tmp, "w", encoding="utf-8") as f:
         # strict JSON: NaN/Infinity are not JSON, and a record holding them must never be written
-        json.dump(payload, f, indent=2, sort_keys=False, default=str, allow_nan=False)
+        json.dump(payload, f, indent=indent, sort_keys=False, default=str, allow_nan=False,
+                  separators=None if indent is not None else (",", ":"))
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

@@ -99,7 +99,7 @@ def main() -> None:
 
 def save(out: Path, record: dict) -> None:
     record["summary"] = summarize(record)
-    write_json_atomic(out, record)
+    write_json_atomic(out, record, indent=None)  # ~9,000 lines indented: one line keeps the tree small
     out.with_suffix(".md").write_text(markdown(record))
     print(figure(record, out.with_suffix(".png")), flush=True)
 
