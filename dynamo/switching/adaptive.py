@@ -439,8 +439,10 @@ class AdaptiveSwitcher(Switcher):
         for i, e, p, k in zip(lr.layer.tolist(), lr.expert.tolist(), lr.proj.tolist(), lr.index.tolist()):
             key = (i, e, PROJECTIONS[p])
             top[key] = max(top.get(key, -1), k)
-        self._factors = {key: (a[:top[key] + 1], bt[:top[key] + 1]) for key, (a, bt) in self._factors.items()
-                         if key in top}
+        # a copy where a matrix keeps fewer components: a slice would keep the whole tensor alive
+        self._factors = {key: (a, bt) if top[key] + 1 == len(a) else (a[:top[key] + 1].clone(),
+                                                                       bt[:top[key] + 1].clone())
+                         for key, (a, bt) in self._factors.items() if key in top}
 
     def _without_raised_experts_pieces(self, kept: Candidates, chosen: Candidates) -> Candidates:
         """The greedy choice again without the rows/columns of experts it raised to 8 bits whole (they would
