@@ -76,6 +76,17 @@ def dequantize_deltas(codes: torch.Tensor, scales: torch.Tensor | None, zeros: t
     return scales.float()[..., g] * (codes.float() - zeros.float()[..., g])
 
 
+def _add_per_expert(add_expert, experts: torch.Tensor, x: torch.Tensor, in_div: int, target: torch.Tensor) -> None:
+    """The routed rows grouped by expert, one `add_expert(e, x_e, y_e)` each (reads the experts on the host):
+    past one gathered chunk, a matmul per expert instead of its corrections repeated for each of its rows."""
+    xs = x[torch.arange(experts.numel(), device=x.device) // in_div]
+    for e in torch.unique(experts).tolist():
+        rows = torch.nonzero(experts == e).squeeze(1)
+        part = target[rows]
+        add_expert(e, xs[rows], part)
+        target[rows] = part
+
+
 @dataclass
 class SlotGroup:
     """The slots of one kind (rows or columns) of one projection of a layer, sorted by expert."""
@@ -205,13 +216,8 @@ class SlotGroup:
         if not self.widest or not experts.numel():
             return
         if experts.numel() * self.widest * self.length > GATHER_ELEMENTS:
-            xs = x[torch.arange(experts.numel(), device=x.device) // in_div]
-            target = out[:, col_offset:col_offset + width]
-            for e in torch.unique(experts).tolist():
-                rows = torch.nonzero(experts == e).squeeze(1)
-                part = target[rows]
-                self.add_expert(kind, e, xs[rows], part)
-                target[rows] = part
+            _add_per_expert(lambda e, xe, ye: self.add_expert(kind, e, xe, ye), experts, x, in_div,
+                            out[:, col_offset:col_offset + width])
             return
         step = max(1, GATHER_ELEMENTS // (self.widest * self.length))
         for start in range(0, experts.numel(), step):
@@ -298,12 +304,7 @@ class LowRankGroup:
             return
         target = out[:, col_offset:col_offset + width]
         if experts.numel() * widest * length > GATHER_ELEMENTS:
-            xs = x[torch.arange(experts.numel(), device=x.device) // in_div]
-            for e in torch.unique(experts).tolist():
-                rows = torch.nonzero(experts == e).squeeze(1)
-                part = target[rows]
-                self.add_expert(e, xs[rows], part)
-                target[rows] = part
+            _add_per_expert(self.add_expert, experts, x, in_div, target)
             return
         step = max(1, GATHER_ELEMENTS // (widest * length))
         for start in range(0, experts.numel(), step):
