@@ -252,6 +252,16 @@ def lowrank_components(d: torch.Tensor, g: torch.Tensor, hessian: torch.Tensor |
     return a * scale[:, None], (b / scale[None, :]).T, gains
 
 
+def _flat(parts: list[tuple]) -> tuple[torch.Tensor, ...]:
+    """Per-expert parts (expert, indices [n], values [n, L], ...) as flat tensors: an expert id per index, the
+    indices, then each kind of values (float32) concatenated. One layer's matrices share a device: no round trip
+    through the host."""
+    device = parts[0][1].device
+    expert = torch.cat([torch.full((part[1].numel(),), part[0], dtype=torch.int64, device=device) for part in parts])
+    values = [torch.cat([part[j].float() for part in parts]) for j in range(2, len(parts[0]))]
+    return (expert, torch.cat([part[1] for part in parts]), *values)
+
+
 class AdaptiveSwitcher(Switcher):
     """Holds a BQ-quantized model (fake-quantized, or packed with slot tables); a switch restores the
     slots its new data needs most."""
@@ -463,7 +473,7 @@ class AdaptiveSwitcher(Switcher):
         such freed memory: at OLMoE's real width the process grew by ~6 GiB per scored layer before)."""
         device = routed.tokens.device
         dtype = self.score_dtype
-        wsq = {u: routed.channels[u]["wsq"].to(dtype) for u in ("input", "neuron", "gate", "up")}
+        wsq = self._wsq(routed)
         spec8 = QSpec(8, self.group_size)
         n_experts = layer.n_experts
         shapes = {p: layer.shape(p) for p in PROJECTIONS}
@@ -520,6 +530,10 @@ class AdaptiveSwitcher(Switcher):
         parts += lowrank
         return (Candidates.cat(parts) if parts else Candidates.empty(device)), total
 
+    def _wsq(self, routed) -> dict[str, torch.Tensor]:
+        """The layer's per-expert mean squares of each projection's inputs and outputs, in the scoring dtype."""
+        return {u: routed.channels[u]["wsq"].to(self.score_dtype) for u in ("input", "neuron", "gate", "up")}
+
     def _matrix_terms(self, index: int, routed, wsq: dict, e: int, p: str, down_master: torch.Tensor):
         """(master, error d = master - BQ, H or None, H's diagonal, per-row output weight or None) of one matrix:
         what every candidate of it is scored with. Gate/up rows are weighted by how far their error reaches the
@@ -544,7 +558,7 @@ class AdaptiveSwitcher(Switcher):
         if not len(lr) or not ({ROW, COLUMN} & set(self.kinds)):
             return mine
         device, dtype = routed.tokens.device, self.score_dtype
-        wsq = {u: routed.channels[u]["wsq"].to(dtype) for u in ("input", "neuron", "gate", "up")}
+        wsq = self._wsq(routed)
         ranks: dict[tuple[int, int], int] = {}
         for e, pi, k in zip(lr.expert.tolist(), lr.proj.tolist(), lr.index.tolist()):
             ranks[(e, pi)] = max(ranks.get((e, pi), 0), k + 1)
@@ -605,12 +619,8 @@ class AdaptiveSwitcher(Switcher):
                     if group is not None:
                         groups[(p, kind)] = group
                 if parts["lowrank"]:
-                    lr = parts["lowrank"]
-                    device = lr[0][1].device
-                    groups[(p, "lowrank")] = LowRankGroup.build(
-                        layer.n_experts, torch.cat([torch.full((idx.numel(),), e, device=device) for e, idx, _, _ in lr]),
-                        torch.cat([idx for _, idx, _, _ in lr]), torch.cat([a for _, _, a, _ in lr]),
-                        torch.cat([bt for _, _, _, bt in lr]), self.slot_bits, self.group_size)
+                    groups[(p, "lowrank")] = LowRankGroup.build(layer.n_experts, *_flat(parts["lowrank"]),
+                                                                self.slot_bits, self.group_size)
             if groups:
                 slot_set.tables[i] = SlotTable(layer.n_experts, groups)
         return slot_set
@@ -625,11 +635,7 @@ class AdaptiveSwitcher(Switcher):
 
         if not any(idx.numel() for _, idx, _ in parts):
             return None
-        device = parts[0][1].device  # one layer's matrices share a device: no round trip through the host
-        expert = torch.cat([torch.full((idx.numel(),), e, dtype=torch.int64, device=device) for e, idx, _ in parts])
-        index = torch.cat([idx for _, idx, _ in parts])
-        deltas = torch.cat([d.float() for _, _, d in parts])
-        return SlotGroup.build(n_experts, expert, index, deltas, self.slot_bits, self.group_size)
+        return SlotGroup.build(n_experts, *_flat(parts), self.slot_bits, self.group_size)
 
     # --- accounting -------------------------------------------------------------------------
 
