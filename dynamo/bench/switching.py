@@ -27,6 +27,15 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def repeated_switch(switcher, windows: torch.Tensor, repeats: int, parts: tuple) -> tuple:
+    """`repeats` switches from BQ to `windows`: the last report and the median of each timed part."""
+    runs = []
+    for _ in range(repeats):
+        switcher.restore_bq()
+        runs.append(switcher.switch_to(windows))
+    return runs[-1], {p: statistics.median(getattr(r, p) for r in runs) for p in parts}
+
+
 def saved_set_switch(switcher: AdaptiveSwitcher, sets: dict, folder: Path, model: str, repeats: int):
     """A switch from a saved set, whole model: each domain's set saved (save_slot_set), then load_slot_set
     (size, sha256 and fingerprint checked) + switch_to_set timed; median over the domains x repeats."""
@@ -54,7 +63,7 @@ def saved_set_switch(switcher: AdaptiveSwitcher, sets: dict, folder: Path, model
              "within_target": med <= ADAPTIVE_TARGETS["saved_set_switch_s"]}, (fp, n_experts))
 
 
-def packed_with_slots(bq_model, plan, bq_report, master, dense: AdaptiveSwitcher, folder: Path, saved: tuple,
+def packed_with_slots(bq_model, plan, bq_report, master, budget_frac: float, folder: Path, saved: tuple,
                       windows: torch.Tensor, repeats: int) -> dict:
     """The same BQ as a packed model (attach_packed): a saved set switched into its slot tables (timed as
     above), its logits against the fake-quantized model holding the same set, and its forward with the
@@ -68,8 +77,8 @@ def packed_with_slots(bq_model, plan, bq_report, master, dense: AdaptiveSwitcher
     attach_packed(model, pack_experts(model, bq_report.codes))
     reference = copy.deepcopy(bq_model)
     write_dequantized(reference, pack_experts(reference, bq_report.codes))
-    dense = AdaptiveSwitcher(reference, plan, master, budget_frac=dense.budget_frac)
-    packed = AdaptiveSwitcher(model, plan, master, budget_frac=dense.budget_frac)
+    dense = AdaptiveSwitcher(reference, plan, master, budget_frac=budget_frac)
+    packed = AdaptiveSwitcher(model, plan, master, budget_frac=budget_frac)
 
     def forward_s() -> float:
         times = []

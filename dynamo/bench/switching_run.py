@@ -51,7 +51,8 @@ from ..switching import ChannelCache, DynamicSwitcher
 from ..switching.adaptive import AdaptiveSwitcher, ExpertMaster
 from ..tokens import RunTokens, bos_id_as_trained
 from .common import domain_windows
-from .switching import ADAPTIVE_PARTS, ADAPTIVE_TARGETS, PARTS, TARGETS, packed_with_slots, saved_set_switch, timed
+from .switching import (ADAPTIVE_PARTS, ADAPTIVE_TARGETS, PARTS, TARGETS, packed_with_slots, repeated_switch,
+                        saved_set_switch, timed)
 
 KNOWN, NOVEL = embedded_split()
 
@@ -158,12 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         ppl_bq = {d: ppl(model, d) for d in ppl_windows}
         domains = {}
         for d, w in novel.items():
-            runs = []
-            for _ in range(args.repeats):
-                switcher.restore_bq()
-                runs.append(switcher.switch_to(w))
-            last = runs[-1]
-            med = {p: statistics.median(getattr(r, p) for r in runs) for p in PARTS}
+            last, med = repeated_switch(switcher, w, args.repeats, PARTS)
             domains[d] = {
                 **{p: round(v, 5) for p, v in med.items()},
                 "switch_over_full_requant": med["total_s"] / full_s,
@@ -189,12 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     ppl_bq = {d: ppl(model, d) for d in ppl_windows}
     domains, sets = {}, {}
     for d, w in novel.items():
-        runs = []
-        for _ in range(args.repeats):
-            adaptive.restore_bq()
-            runs.append(adaptive.switch_to(w))
-        last = runs[-1]
-        med = {p: statistics.median(getattr(r, p) for r in runs) for p in ADAPTIVE_PARTS}
+        last, med = repeated_switch(adaptive, w, args.repeats, ADAPTIVE_PARTS)
         domains[d] = {**{p: round(v, 5) for p, v in med.items()},
                       "switch_over_full_requant": med["total_s"] / full_s,
                       "select_write_over_profile": (med["select_s"] + med["write_s"]) / med["profile_s"],
@@ -221,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         result["saved_set"] = saved
         fwd = torch.cat([ppl_windows[d][:1] for d in ppl_windows]) if ppl_windows else torch.cat(
             [w[:1] for w in novel.values()])
-        result["packed"] = packed_with_slots(bq_model, plan, bq_report, ExpertMaster(fp16_model), adaptive,
+        result["packed"] = packed_with_slots(bq_model, plan, bq_report, ExpertMaster(fp16_model), adaptive.budget_frac,
                                              Path(folder), names, fwd[:args.forward_windows], args.repeats)
     result.update(wall_s=round(time.perf_counter() - started, 1), threads=torch.get_num_threads(),
                   device=device_info(torch.device("cpu")), versions=package_versions())
